@@ -1,0 +1,5 @@
+import sys
+
+from aax.cli import main
+
+sys.exit(main())

@@ -1,0 +1,35 @@
+"""From a decoded image to the tensor the members take.
+
+Images are resized to ``size x size`` without keeping the aspect ratio, so that a map
+over the model input maps back onto the original image by one resize, with no padding
+to undo. Normalisation defaults to ImageNet's, so ImageNet checkpoints fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+def prepare(image: np.ndarray, size: int, mean: Sequence[float] = IMAGENET_MEAN,
+            std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """``[H, W, 3]`` float RGB in [0, 1] -> normalised ``[3, size, size]`` float32 tensor."""
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)
+    if x.shape[1:] != (size, size):
+        x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False,
+                          antialias=True)[0]
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (x - m) / s
+
+
+def resize_map(saliency: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bilinear resize of ``[B, h, w]`` maps to ``[B, height, width]`` (align_corners=False)."""
+    return F.interpolate(saliency[:, None], size=(height, width), mode="bilinear",
+                         align_corners=False)[:, 0]

@@ -1,0 +1,54 @@
+"""Monte Carlo Dropout on the head only (paper 3.2).
+
+Dropout sits after the global pool, so K stochastic passes of the head on the pooled
+features are exactly K stochastic passes of the whole network, at a fraction of the cost.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from aax.members.head import MCHead
+
+
+class MCSummary(NamedTuple):
+    """Per-image summary of K stochastic passes of one member."""
+
+    probs: torch.Tensor  # [B, C] mean class probabilities p_i
+    uncertainty: torch.Tensor  # [B] std over passes of the predicted class's probability u_i
+    predicted: torch.Tensor  # [B] argmax of probs
+
+
+def mc_probabilities(head: MCHead, pooled: torch.Tensor, passes: int) -> torch.Tensor:
+    """Softmax outputs of ``passes`` stochastic head passes: ``[K, B, C]``.
+
+    All passes run as one batched matrix product (each row draws its own dropout mask).
+    """
+    if passes < 1:
+        raise ValueError(f"passes must be >= 1, got {passes}")
+    b, f = pooled.shape
+    stacked = pooled.unsqueeze(0).expand(passes, b, f).reshape(passes * b, f)
+    logits = head.classify(stacked, stochastic=True)
+    return logits.softmax(dim=-1).view(passes, b, -1)
+
+
+def summarize(mc_probs: torch.Tensor) -> MCSummary:
+    """Mean probabilities, uncertainty and prediction from ``[K, B, C]`` MC outputs.
+
+    ``u`` is the population standard deviation (over the K passes) of the probability
+    of the class the member predicts; with two classes both columns give the same value.
+    """
+    probs = mc_probs.mean(dim=0)
+    predicted = probs.argmax(dim=-1)
+    index = predicted.view(1, -1, 1).expand(mc_probs.shape[0], -1, 1)
+    picked = mc_probs.gather(2, index).squeeze(2)  # [K, B]
+    uncertainty = picked.std(dim=0, correction=0)
+    return MCSummary(probs=probs, uncertainty=uncertainty, predicted=predicted)
+
+
+def variance_penalty(mc_probs: torch.Tensor) -> torch.Tensor:
+    """The training term ``Var``: variance of the softmax over passes, averaged over
+    batch and classes (paper 3.1, ``L = CE + lambda * Var``)."""
+    return mc_probs.var(dim=0, correction=0).mean()
