@@ -1,0 +1,104 @@
+"""The decision protocol (paper 3.3, Algorithm 1) and mask intersection.
+
+Pure NumPy: no torch, no I/O, so every branch is testable from a table.
+
+1. at least ``quorum`` members with ``u > theta``           -> review ("uncertain")
+2. else at least ``quorum`` confident members (``u <= theta``) predict the same positive
+   class                                                     -> that class ("consensus");
+   the mask is the intersection of those members' maps
+3. else at least ``quorum`` confident members predict the negative class
+                                                             -> negative ("consensus")
+4. else                                                      -> review ("no-consensus")
+
+Step 4 departs from the paper, whose pseudocode calls this case healthy: one uncertain
+member and two that disagree is not a consensus, so a person looks at it.
+A member predicts the class of its strictly highest mean probability; a member whose
+top probabilities tie predicts nothing (as the paper's ``p > 0.5`` rule for two classes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+UNCERTAIN = "uncertain"
+CONSENSUS = "consensus"
+NO_CONSENSUS = "no-consensus"
+NO_PREDICTION = -1
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The protocol's answer for one image.
+
+    ``label`` is a class index, or None when the image goes to review; ``agreeing`` are
+    the indices of the members whose maps form the mask (positive decisions only).
+    """
+
+    label: int | None
+    review: bool
+    reason: str
+    agreeing: tuple[int, ...] = ()
+
+
+def predicted_classes(probs: np.ndarray) -> np.ndarray:
+    """Each member's class: strict argmax of its mean probabilities, ``-1`` on a tie."""
+    probs = np.asarray(probs, dtype=float)
+    top = probs.max(axis=1, keepdims=True)
+    winners = probs == top
+    return np.where(winners.sum(axis=1) == 1, probs.argmax(axis=1), NO_PREDICTION)
+
+
+def decide(probs: np.ndarray, uncertainty: np.ndarray, theta: float, negative_index: int,
+           quorum: int = 2) -> Decision:
+    """Apply the protocol to one image.
+
+    Args:
+        probs: ``[M, C]`` mean MC probabilities of the M members.
+        uncertainty: ``[M]`` MC uncertainties.
+        theta: uncertainty threshold; a member is confident when ``u <= theta``.
+        negative_index: index of the negative class (e.g. healthy).
+        quorum: members needed to flag, or to agree (2 of 3 by default).
+    """
+    probs = np.asarray(probs, dtype=float)
+    uncertainty = np.asarray(uncertainty, dtype=float)
+    if probs.ndim != 2 or uncertainty.shape != (probs.shape[0],):
+        raise ValueError(f"probs must be [M, C] and uncertainty [M]; got {probs.shape}, {uncertainty.shape}")
+    if np.count_nonzero(uncertainty > theta) >= quorum:
+        return Decision(None, True, UNCERTAIN)
+    confident = uncertainty <= theta
+    predicted = predicted_classes(probs)
+    votes = {int(c): np.flatnonzero(confident & (predicted == c))
+             for c in np.unique(predicted[confident]) if c != NO_PREDICTION}
+    positive = {c: v for c, v in votes.items() if c != negative_index and len(v) >= quorum}
+    if positive:
+        most = max(len(v) for v in positive.values())
+        best = [c for c, v in positive.items() if len(v) == most]
+        if len(best) == 1:
+            return Decision(best[0], False, CONSENSUS, tuple(int(i) for i in positive[best[0]]))
+        return Decision(None, True, NO_CONSENSUS)  # two positive classes tie (M >= 4)
+    if len(votes.get(negative_index, ())) >= quorum:
+        return Decision(negative_index, False, CONSENSUS)
+    return Decision(None, True, NO_CONSENSUS)
+
+
+def intersect(maps: np.ndarray, tau: float) -> np.ndarray:
+    """Binary mask where every map exceeds ``tau``: ``min_i S_i > tau``.
+
+    Args:
+        maps: ``[M', H, W]`` saliency maps in [0, 1] of the agreeing members.
+        tau: threshold in [0, 1].
+    """
+    maps = np.asarray(maps)
+    if maps.ndim != 3 or maps.shape[0] == 0:
+        raise ValueError(f"maps must be a non-empty [M, H, W] stack, got shape {maps.shape}")
+    return maps.min(axis=0) > tau
+
+
+def map_class(probs: np.ndarray, negative_index: int) -> int:
+    """The class every member's saliency map shows: the positive class with the highest
+    mean probability over the members (with two classes, always the positive one)."""
+    mean = np.asarray(probs, dtype=float).mean(axis=0).copy()
+    mean[negative_index] = -np.inf
+    return int(mean.argmax())

@@ -1,0 +1,82 @@
+"""The decision protocol, branch by branch, from a table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from aax.decide import Decision, decide, intersect, map_class, predicted_classes
+
+H, D = [0.9, 0.1], [0.2, 0.8]  # healthy (index 0, negative) / diseased (index 1)
+TIE = [0.5, 0.5]
+THETA = 0.1
+
+CASES = [
+    # (id, probs, uncertainty, expected Decision)
+    ("all confident diseased", [D, D, D], [0.01, 0.02, 0.03], Decision(1, False, "consensus", (0, 1, 2))),
+    ("two confident diseased, one healthy", [D, D, H], [0.01, 0.02, 0.03], Decision(1, False, "consensus", (0, 1))),
+    ("two confident diseased, third uncertain", [D, H, D], [0.01, 0.5, 0.03], Decision(1, False, "consensus", (0, 2))),
+    ("all confident healthy", [H, H, H], [0.0, 0.0, 0.0], Decision(0, False, "consensus")),
+    ("two healthy one diseased", [H, D, H], [0.05, 0.05, 0.05], Decision(0, False, "consensus")),
+    ("two uncertain flag even if they agree", [D, D, D], [0.2, 0.3, 0.0], Decision(None, True, "uncertain")),
+    ("all uncertain", [H, H, H], [0.5, 0.5, 0.5], Decision(None, True, "uncertain")),
+    ("one uncertain, two disagree", [D, H, D], [0.01, 0.01, 0.5], Decision(None, True, "no-consensus")),
+    ("uncertain diseased does not vote", [D, D, H], [0.01, 0.5, 0.01], Decision(None, True, "no-consensus")),
+    # theta is inclusive for confidence: u == theta is confident, only u > theta flags
+    ("u equal to theta is confident", [D, D, H], [THETA, THETA, THETA], Decision(1, False, "consensus", (0, 1))),
+    ("u just over theta flags", [D, D, H], [THETA + 1e-9, THETA + 1e-9, 0.0], Decision(None, True, "uncertain")),
+    # a probability tie predicts nothing (the paper's strict p > 0.5)
+    ("tied member does not vote", [TIE, D, H], [0.0, 0.0, 0.0], Decision(None, True, "no-consensus")),
+    ("two ties, one diseased", [TIE, TIE, D], [0.0, 0.0, 0.0], Decision(None, True, "no-consensus")),
+    ("tie does not block a quorum", [TIE, D, D], [0.0, 0.0, 0.0], Decision(1, False, "consensus", (1, 2))),
+]
+
+
+@pytest.mark.parametrize("probs,uncertainty,expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_protocol_table(probs, uncertainty, expected):
+    assert decide(np.array(probs), np.array(uncertainty), THETA, negative_index=0) == expected
+
+
+A, B, N = [0.1, 0.8, 0.1], [0.1, 0.1, 0.8], [0.8, 0.1, 0.1]  # three classes, negative = 0
+MULTI = [
+    ("two agree on positive class 2", [B, B, A], [0, 0, 0], 2, Decision(2, False, "consensus", (0, 1))),
+    ("three positive classes differ", [A, B, N], [0, 0, 0], 2, Decision(None, True, "no-consensus")),
+    ("negative wins when positives split", [A, N, N], [0, 0, 0], 2, Decision(0, False, "consensus")),
+    ("four members, positive classes tie", [A, A, B, B], [0, 0, 0, 0], 2, Decision(None, True, "no-consensus")),
+    ("four members, quorum 3", [A, A, A, N], [0, 0, 0, 0], 3, Decision(1, False, "consensus", (0, 1, 2))),
+    ("four members, majority positive beats pair", [A, A, A, B], [0, 0, 0, 0], 2, Decision(1, False, "consensus", (0, 1, 2))),
+]
+
+
+@pytest.mark.parametrize("probs,uncertainty,quorum,expected", [c[1:] for c in MULTI], ids=[c[0] for c in MULTI])
+def test_protocol_multiclass(probs, uncertainty, quorum, expected):
+    assert decide(np.array(probs), np.array(uncertainty, float), THETA, 0, quorum=quorum) == expected
+
+
+def test_negative_class_need_not_be_index_zero():
+    # classes sorted: ["diseased", "healthy"]: the negative class is index 1
+    d, h = [0.8, 0.2], [0.1, 0.9]
+    assert decide(np.array([d, d, h]), np.zeros(3), THETA, negative_index=1) == Decision(0, False, "consensus", (0, 1))
+    assert decide(np.array([h, h, d]), np.zeros(3), THETA, negative_index=1) == Decision(1, False, "consensus")
+
+
+def test_shape_errors():
+    with pytest.raises(ValueError):
+        decide(np.zeros((3, 2)), np.zeros(2), THETA, 0)
+
+
+def test_predicted_classes_ties():
+    assert predicted_classes(np.array([H, D, TIE])).tolist() == [0, 1, -1]
+
+
+def test_intersect_is_min_over_maps():
+    maps = np.array([[[0.9, 0.6], [0.2, 0.51]], [[0.7, 0.4], [0.9, 0.6]]])
+    assert intersect(maps, 0.5).tolist() == [[True, False], [False, True]]
+    assert intersect(maps, 0.0).all() and not intersect(maps, 0.95).any()
+    with pytest.raises(ValueError):
+        intersect(np.zeros((0, 2, 2)), 0.5)
+
+
+def test_map_class_skips_negative():
+    assert map_class(np.array([H, H, H]), negative_index=0) == 1
+    assert map_class(np.array([N, B, A, B]), negative_index=0) == 2

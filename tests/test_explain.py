@@ -1,0 +1,102 @@
+"""XGrad-CAM on the head vs an independent hook-based XGrad-CAM of the whole network."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aax.explain import GradCAM, XGradCAM, head_gradient, xgrad_cam
+from aax.members import DEFAULT_MEMBERS, build_member
+
+
+def reference_xgrad_cam(model: torch.nn.Module, target_layer: torch.nn.Module,
+                        x: torch.Tensor, class_index: int) -> np.ndarray:
+    """XGrad-CAM as pytorch-grad-cam computes it: hooks on the target layer, one full
+    forward and backward pass of the whole network, NumPy for the weighting."""
+    store = {}
+
+    def forward_hook(module, inputs, output):
+        store["A"] = output.detach().cpu().numpy()
+        output.register_hook(lambda grad: store.__setitem__("G", grad.detach().cpu().numpy()))
+
+    handle = target_layer.register_forward_hook(forward_hook)
+    try:
+        model.zero_grad()
+        logits = model(x.clone().requires_grad_(True))
+        logits[:, class_index].sum().backward()
+    finally:
+        handle.remove()
+    a, g = store["A"], store["G"]
+    sum_a = a.sum(axis=(2, 3))
+    weights = (g * a / (sum_a[:, :, None, None] + 1e-7)).sum(axis=(2, 3))
+    cam = np.maximum((weights[:, :, None, None] * a).sum(axis=1), 0)
+    cam = F.interpolate(torch.from_numpy(cam)[:, None], size=x.shape[-2:], mode="bilinear",
+                        align_corners=False)[:, 0].numpy()
+    cam = cam - cam.min(axis=(1, 2), keepdims=True)
+    return cam / (cam.max(axis=(1, 2), keepdims=True) + 1e-7)
+
+
+@pytest.fixture(scope="module")
+def random_members():
+    torch.manual_seed(0)
+    members = {}
+    for name in DEFAULT_MEMBERS:
+        m = build_member(name, num_classes=2)
+        m.train()
+        with torch.no_grad():  # settle batch-norm statistics so eval activations are sane
+            for _ in range(3):
+                m(torch.randn(8, 3, 96, 96))
+        members[name] = m.eval()
+    return members
+
+
+@pytest.mark.parametrize("name", DEFAULT_MEMBERS)
+def test_xgrad_cam_matches_hook_reference(random_members, name):
+    member = random_members[name]
+    x = torch.randn(3, 3, 96, 96)
+    peaks = []
+    for cls in (0, 1):
+        ours = xgrad_cam(member, x, cls).numpy()
+        ref = reference_xgrad_cam(member, member.target_layer, x, cls)
+        assert ours.shape == (3, 96, 96)
+        assert ours.min() >= 0 and ours.max() <= 1
+        np.testing.assert_allclose(ours, ref, atol=1e-4)
+        peaks.append(ref.max())
+    assert max(peaks) > 0.99  # at least one class gives a non-degenerate map to compare
+
+
+@pytest.mark.parametrize("name", DEFAULT_MEMBERS)
+def test_closed_form_gradient_equals_autograd(random_members, name):
+    member = random_members[name]
+    with torch.no_grad():
+        features = member.features(torch.randn(2, 3, 96, 96))
+    index = torch.tensor([0, 1])
+    closed = head_gradient(member.head, features, index, closed_form=True)
+    auto = head_gradient(member.head, features, index, closed_form=False)
+    torch.testing.assert_close(closed, auto, rtol=1e-5, atol=1e-9)
+    maps_closed = XGradCAM(member, closed_form=True)(torch.zeros(2, 3, 96, 96), index, features)
+    maps_auto = XGradCAM(member, closed_form=False)(torch.zeros(2, 3, 96, 96), index, features)
+    torch.testing.assert_close(maps_closed, maps_auto, rtol=1e-5, atol=1e-6)
+
+
+def test_cam_reuses_given_features_and_classes_differ(random_members):
+    member = random_members["resnet50"]
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        features = member.features(x)
+    np.testing.assert_allclose(xgrad_cam(member, x, 1, features=features), xgrad_cam(member, x, 1), atol=1e-6)
+    # per-image class indices pick per-image gradients
+    mixed = xgrad_cam(member, x, torch.tensor([0, 1]), features=features)
+    np.testing.assert_allclose(mixed[0], xgrad_cam(member, x, 0, features=features)[0], atol=1e-6)
+    np.testing.assert_allclose(mixed[1], xgrad_cam(member, x, 1, features=features)[1], atol=1e-6)
+    # Grad-CAM weighs channels differently, so its map is another map
+    assert not torch.allclose(GradCAM(member)(x, 1, features), mixed[1:].expand(2, -1, -1))
+
+
+def test_cam_is_zero_for_inactive_features():
+    member = build_member("resnet50", 2).eval()
+    features = torch.zeros(1, member.feature_dim, 3, 3)
+    maps = xgrad_cam(member, torch.zeros(1, 3, 96, 96), 1, features=features)
+    assert torch.count_nonzero(maps) == 0
