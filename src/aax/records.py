@@ -20,7 +20,7 @@ class MemberResult:
     name: str
     probs: list[float]  # mean class probabilities over the K MC passes (p_i)
     uncertainty: float  # std over passes of the predicted class's probability (u_i)
-    predicted: str  # class name of argmax(probs)
+    predicted: str | None  # class of the strictly highest probability; None on a tie
 
     def to_json(self) -> dict:
         return {"name": self.name, "probs": self.probs, "uncertainty": self.uncertainty,
@@ -48,6 +48,7 @@ class AnnotationRecord:
     size: tuple[int, int] | None = None  # (height, width) of the original image
     label: str | None = None  # ground-truth class, when the input carries one
     mask_path: str | None = None  # set by the store, relative to its folder
+    preview: np.ndarray | None = None  # small uint8 RGB copy of the image, for overlays
 
     @property
     def flagged(self) -> bool:

@@ -1,0 +1,315 @@
+"""The annotation core (paper 3.2-3.4): batches of images in, one record per image out.
+
+Per batch and member, the backbone runs once. From its feature map ``A``:
+- MC Dropout re-runs only the head, K times, on the pooled features (``p_i``, ``u_i``);
+- XGrad-CAM weighs ``A`` with the head's gradient in closed form (``S_i``).
+The protocol (:mod:`aax.decide`) then turns the members' answers into a decision and,
+for positive decisions, the mask ``min_i S_i > tau`` at the image's own size.
+
+Decoding and resizing run in DataLoader workers so that they overlap with compute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+
+from aax.decide import NO_PREDICTION, decide, intersect, map_class, predicted_classes
+from aax.explain import XGradCAM, normalise, upsample
+from aax.records import REVIEW, AnnotationRecord, MemberResult
+from aax.uncertainty import mc_probabilities, summarize
+
+if TYPE_CHECKING:  # pragma: no cover
+    from aax.ensemble import Ensemble
+
+PREVIEW_SIDE = 256  # longest side of the copy of each image kept for saliency overlays
+
+
+@dataclass(frozen=True)
+class AnnotateSettings:
+    """Everything that changes an annotation; a store refuses to mix two of these."""
+
+    theta: float
+    tau: float
+    mc_passes: int
+    quorum: int
+
+    @classmethod
+    def from_ensemble(cls, ensemble: Ensemble, theta: float | None = None, tau: float | None = None,
+                      mc_passes: int | None = None) -> AnnotateSettings:
+        return cls(theta=float(ensemble.theta if theta is None else theta),
+                   tau=float(ensemble.tau if tau is None else tau),
+                   mc_passes=int(ensemble.mc_passes if mc_passes is None else mc_passes),
+                   quorum=int(ensemble.quorum))
+
+
+@dataclass
+class InputItem:
+    """One image to annotate: its path and, when the input carries one, its label."""
+
+    path: Path
+    label: str | None = None
+
+
+def as_items(images: Iterable[Any]) -> list[InputItem]:
+    """Paths, ``InputItem``s or dataset samples (with ``.image``, ``.label``) as items."""
+    items = []
+    for entry in images:
+        if isinstance(entry, InputItem):
+            items.append(entry)
+        elif hasattr(entry, "image"):
+            items.append(InputItem(Path(entry.image), getattr(entry, "label", None)))
+        else:
+            items.append(InputItem(Path(entry)))
+    return items
+
+
+class _Decoded(TorchDataset):
+    """Reads and prepares images in DataLoader workers; a bad file becomes an error entry."""
+
+    def __init__(self, items: Sequence[InputItem], size: int, mean: Sequence[float],
+                 std: Sequence[float], preview: bool) -> None:
+        self.items, self.size, self.mean, self.std, self.preview = items, size, mean, std, preview
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        from aax.data import read_image
+        from aax.data.transforms import prepare
+
+        try:
+            image = read_image(self.items[i].path)
+        except Exception as exc:  # noqa: BLE001 - any failure is this file's, not the run's
+            return {"index": i, "error": getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"}
+        out = {"index": i, "x": prepare(image, self.size, self.mean, self.std), "size": image.shape[:2]}
+        if self.preview:
+            out["preview"] = _thumbnail(image)
+        return out
+
+
+def _thumbnail(image: np.ndarray) -> np.ndarray:
+    h, w = image.shape[:2]
+    scale = min(1.0, PREVIEW_SIDE / max(h, w))
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
+    if scale < 1.0:
+        x = torch.nn.functional.interpolate(x, size=(max(1, round(h * scale)), max(1, round(w * scale))),
+                                            mode="bilinear", antialias=True, align_corners=False)
+    return (x[0].permute(1, 2, 0).clamp(0, 1).numpy() * 255).astype(np.uint8)
+
+
+def _collate(batch: list[dict]) -> dict:
+    ok = [b for b in batch if "x" in b]
+    return {
+        "x": torch.stack([b["x"] for b in ok]) if ok else None,
+        "index": [b["index"] for b in ok],
+        "size": [tuple(int(v) for v in b["size"]) for b in ok],
+        "preview": [b.get("preview") for b in ok],
+        "errors": [(b["index"], b["error"]) for b in batch if "error" in b],
+    }
+
+
+def default_workers() -> int:
+    """DataLoader workers: enough to hide decoding, leaving cores to compute."""
+    cpus = os.cpu_count() or 1
+    return 1 if cpus <= 2 else min(4, cpus // 2)
+
+
+@torch.no_grad()
+def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[int, int]],
+                   settings: AnnotateSettings, keep_saliency: bool = False,
+                   amp: bool = False) -> list[AnnotationRecord]:
+    """Annotate one prepared batch ``x`` ``[B, 3, S, S]`` (no I/O).
+
+    Args:
+        ensemble: a loaded ensemble.
+        x: normalised input batch, on any device (moved to the ensemble's).
+        sizes: each image's original ``(height, width)``: masks and kept maps come back
+            at that size.
+        settings: theta, tau, K and quorum.
+        keep_saliency: keep every member's map (at the original size) in the records.
+        amp: run the backbones under autocast (CUDA), the head and maps in float32.
+    """
+    device = ensemble.device
+    x = x.to(device, non_blocking=True)
+    if getattr(ensemble, "channels_last", False):
+        x = x.contiguous(memory_format=torch.channels_last)
+    names = list(ensemble.members)
+    probs, uncert, feats = [], [], []
+    autocast = torch.autocast(device.type) if amp and device.type == "cuda" else contextlib.nullcontext()
+    for member in ensemble.members.values():
+        with autocast:
+            a = member.features(x)
+        a = a.float()
+        summary = summarize(mc_probabilities(member.head, member.head.pool(a), settings.mc_passes))
+        probs.append(summary.probs)
+        uncert.append(summary.uncertainty)
+        feats.append(a)
+    probs_np = torch.stack(probs, dim=1).cpu().numpy()  # [B, M, C]
+    uncert_np = torch.stack(uncert, dim=1).cpu().numpy()  # [B, M]
+
+    # Every member's map of an image shows the same class: the positive class in question.
+    cam_class = torch.tensor([map_class(p, ensemble.negative_index) for p in probs_np], device=device)
+    raw = [XGradCAM(member).raw(a, cam_class) for member, a in zip(ensemble.members.values(), feats)]
+    raw = torch.stack(raw, dim=1)  # [B, M, h, w]
+
+    records = []
+    classes = ensemble.classes
+    for b, (h, w) in enumerate(sizes):
+        decision = decide(probs_np[b], uncert_np[b], settings.theta, ensemble.negative_index,
+                          settings.quorum)
+        predicted = predicted_classes(probs_np[b])
+        maps = None
+        if keep_saliency or decision.agreeing:
+            wanted = range(len(names)) if keep_saliency else decision.agreeing
+            maps = {i: normalise(upsample(raw[b, i][None], (h, w)))[0].cpu().numpy() for i in wanted}
+        mask = intersect(np.stack([maps[i] for i in decision.agreeing]), settings.tau) if decision.agreeing else None
+        records.append(AnnotationRecord(
+            image="",
+            decision=REVIEW if decision.review else classes[decision.label],
+            reason=decision.reason,
+            agreeing=[names[i] for i in decision.agreeing],
+            members=[MemberResult(name=n, probs=[float(v) for v in probs_np[b, i]],
+                                  uncertainty=float(uncert_np[b, i]),
+                                  predicted=None if predicted[i] == NO_PREDICTION else classes[predicted[i]])
+                     for i, n in enumerate(names)],
+            mask=mask,
+            saliency={names[i]: m.astype(np.float32) for i, m in maps.items()} if keep_saliency else None,
+            size=(h, w),
+        ))
+    return records
+
+
+def annotate(ensemble: Ensemble, images: Iterable[Any], *, theta: float | None = None,
+             tau: float | None = None, mc_passes: int | None = None, batch_size: int = 16,
+             keep_saliency: bool = False, keep_preview: bool = False, workers: int | None = None,
+             amp: bool = False) -> Iterator[AnnotationRecord]:
+    """Annotate ``images`` (paths, or an :mod:`aax.data` dataset) and yield one record per
+    image, in input order. Unreadable files yield ``status="error"`` records.
+
+    Memory does not grow with the number of images: records are yielded as batches finish.
+    With ``keep_preview`` each record carries ``preview``, a small uint8 copy of the image
+    (for overlays).
+    """
+    settings = AnnotateSettings.from_ensemble(ensemble, theta, tau, mc_passes)
+    items = as_items(images)
+    if not items:
+        return
+    mean, std = ensemble.normalisation
+    source = _Decoded(items, ensemble.image_size, mean, std, keep_preview)
+    workers = default_workers() if workers is None else workers
+    loader = DataLoader(source, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+                        pin_memory=ensemble.device.type == "cuda",
+                        prefetch_factor=4 if workers else None, persistent_workers=False)
+    for batch in loader:
+        done: dict[int, AnnotationRecord] = {}
+        for index, reason in batch["errors"]:
+            done[index] = AnnotationRecord(image="", status="error", error=reason)
+        if batch["x"] is not None:
+            results = annotate_batch(ensemble, batch["x"], batch["size"], settings, keep_saliency, amp)
+            for index, record, preview in zip(batch["index"], results, batch["preview"]):
+                record.preview = preview
+                done[index] = record
+        for index in sorted(done):
+            record = done[index]
+            record.image = str(items[index].path)
+            record.label = items[index].label
+            yield record
+
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
+
+
+def collect_inputs(source: str | os.PathLike) -> tuple[list[InputItem], Path, list[tuple[Path, str]]]:
+    """What ``aax annotate`` runs on: a folder of images (searched recursively), or
+    anything :func:`aax.data.open_dataset` reads (a CSV manifest, TBX11K's layout).
+
+    Returns the items, the root that output names are relative to, and the files the
+    dataset reader already found unusable, with their reasons.
+    """
+    from aax.data import open_dataset
+
+    source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: no such file or folder")
+    if source.is_dir() and not ((source / "lists").is_dir() and (source / "imgs").is_dir()):
+        paths = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        return [InputItem(p) for p in paths], source, []
+    dataset = open_dataset(source)
+    root = source if source.is_dir() else source.parent
+    errors = [(Path(e.path), e.reason) for e in dataset.errors]
+    return as_items(dataset), root, errors
+
+
+def run_fingerprint(ensemble: Ensemble) -> str:
+    """A digest of the members' checkpoints: another RUN, or retrained weights, differ."""
+    digest = hashlib.sha256()
+    for entry in ensemble.manifest["members"]:
+        with open(Path(ensemble.run) / entry["checkpoint"], "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def annotate_to_folder(ensemble: Ensemble, source: str | os.PathLike, out: str | os.PathLike, *,
+                       theta: float | None = None, tau: float | None = None,
+                       mc_passes: int | None = None, batch_size: int = 16,
+                       save_saliency: bool = False, overwrite: bool = False,
+                       workers: int | None = None, amp: bool = False,
+                       progress: bool = True) -> dict:
+    """Annotate ``source`` into ``out`` (``annotations.sqlite``, ``masks/``, ``summary.json``,
+    and ``saliency/`` with ``save_saliency``); return the summary.
+
+    Interrupted runs resume: images that already have a row are skipped. A folder
+    made with other settings is refused (:class:`aax.store.SettingsMismatch`) unless
+    ``overwrite``.
+    """
+    from tqdm.auto import tqdm
+
+    from aax.overlay import render_record
+    from aax.store import AnnotationStore, BackgroundWriter
+
+    settings = AnnotateSettings.from_ensemble(ensemble, theta, tau, mc_passes)
+    items, root, bad = collect_inputs(source)
+    fingerprint = {"run": str(Path(ensemble.run).resolve()), "weights": run_fingerprint(ensemble),
+                   "input": str(Path(source).resolve()), "classes": list(ensemble.classes),
+                   "negative_class": ensemble.negative_class, **dataclasses.asdict(settings)}
+    store = AnnotationStore(out, fingerprint, input_root=root, overwrite=overwrite)
+    done = store.done()
+    render = (lambda r: render_record(r, settings.tau)) if save_saliency else None
+    writer = BackgroundWriter(store, render)
+    todo = [item for item in items if str(item.path) not in done]
+    bad = [(p, reason) for p, reason in bad if str(p) not in done]
+    bar = tqdm(total=len(todo) + len(bad), unit="img", desc="annotate", disable=not progress,
+               initial=0, dynamic_ncols=True)
+    flagged = 0
+    try:
+        for path, reason in bad:
+            writer.put(AnnotationRecord(image=str(path), status="error", error=reason))
+            bar.update()
+        for record in annotate(ensemble, todo, theta=settings.theta, tau=settings.tau,
+                               mc_passes=settings.mc_passes, batch_size=batch_size,
+                               keep_saliency=save_saliency, keep_preview=save_saliency,
+                               workers=workers, amp=amp):
+            writer.put(record)
+            flagged += record.flagged
+            bar.update()
+            bar.set_postfix(flagged=flagged, refresh=False)
+    finally:
+        bar.close()
+        writer.close()
+    summary = store.write_summary()
+    summary["skipped_already_done"] = len(done)
+    store.close()
+    return summary

@@ -1,0 +1,51 @@
+"""``aax annotate RUN INPUT --out OUT``: annotate a folder or dataset with a trained ensemble."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from aax.cli._common import add_device_argument
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("annotate", help="annotate images with a trained ensemble",
+                       description="Run a trained ensemble over INPUT: a decision, uncertainties and "
+                                   "saliency maps per image, and a mask where members agree with confidence.")
+    p.add_argument("run", help="RUN folder written by `aax train`")
+    p.add_argument("input", help="a folder of images (searched recursively), a CSV manifest or a TBX11K folder")
+    p.add_argument("--out", required=True, help="output folder (annotations.sqlite, masks/, summary.json)")
+    p.add_argument("--mc-passes", type=int, default=None, help="MC Dropout passes K (default: the RUN's, 30)")
+    p.add_argument("--theta", type=float, default=None, help="uncertainty threshold (default: the RUN's)")
+    p.add_argument("--tau", type=float, default=None, help="saliency threshold for masks (default: the RUN's)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=None, help="decoding worker processes")
+    p.add_argument("--save-saliency", action="store_true", help="also write saliency overlays to OUT/saliency/")
+    p.add_argument("--overwrite", action="store_true", help="start afresh when OUT holds other settings")
+    p.add_argument("--amp", action="store_true", help="mixed precision backbones (CUDA)")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format (CUDA)")
+    add_device_argument(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from aax.annotate import annotate_to_folder
+    from aax.ensemble import Ensemble
+    from aax.store import SettingsMismatch
+
+    ensemble = Ensemble.load(args.run, device=args.device, channels_last=args.channels_last)
+    try:
+        summary = annotate_to_folder(ensemble, args.input, args.out, theta=args.theta, tau=args.tau,
+                                     mc_passes=args.mc_passes, batch_size=args.batch_size,
+                                     save_saliency=args.save_saliency, overwrite=args.overwrite,
+                                     workers=args.workers, amp=args.amp)
+    except (SettingsMismatch, FileNotFoundError) as exc:
+        print(f"aax annotate: {exc}", file=sys.stderr)
+        return 2
+    shown = {k: summary[k] for k in ("images", "annotated", "errors", "masks", "decisions", "flag_rate")}
+    print(json.dumps(shown, indent=2))
+    for err in summary["error_list"]:
+        print(f"error: {err['image']}: {err['error']}", file=sys.stderr)
+    print(f"annotations: {args.out}/annotations.sqlite, masks: {args.out}/masks/", file=sys.stderr)
+    return 0

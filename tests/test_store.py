@@ -1,0 +1,95 @@
+"""The annotation store: rows and files agree after any crash; settings are guarded."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from aax.records import AnnotationRecord, MemberResult
+from aax.store import AnnotationStore, SettingsMismatch, relative_name
+
+SETTINGS = {"run": "r", "theta": 0.1, "tau": 0.5, "mc_passes": 30, "quorum": 2,
+            "classes": ["diseased", "healthy"], "negative_class": "healthy"}
+
+
+def positive(image: str, h: int = 6, w: int = 8) -> AnnotationRecord:
+    mask = np.zeros((h, w), bool)
+    mask[1:3, 2:5] = True
+    members = [MemberResult("resnet50", [0.9, 0.1], 0.01, "diseased")]
+    return AnnotationRecord(image=image, decision="diseased", reason="consensus",
+                            agreeing=["resnet50"], members=members, mask=mask, size=(h, w))
+
+
+def test_rows_and_mask_files(tmp_path):
+    root = tmp_path / "in"
+    store = AnnotationStore(tmp_path / "out", SETTINGS, input_root=root)
+    store.add(positive(str(root / "a" / "x.png")))
+    store.add(AnnotationRecord(image=str(root / "b.png"), decision="healthy", reason="consensus", size=(4, 4)))
+    store.add(AnnotationRecord(image=str(root / "c.png"), status="error", error="zero bytes"))
+    store.close()
+    mask = np.asarray(Image.open(tmp_path / "out" / "masks" / "a" / "x.png.png"))
+    assert mask.shape == (6, 8) and set(np.unique(mask)) == {0, 255} and (mask == 255).sum() == 6
+    store = AnnotationStore(tmp_path / "out", SETTINGS)
+    rows = list(store.rows())
+    assert [r["image"] for r in rows] == [str(root / "a" / "x.png"), str(root / "b.png"), str(root / "c.png")]
+    assert rows[0]["mask"] == "masks/a/x.png.png" and rows[0]["mask_area"] == 6
+    assert rows[0]["members"][0]["predicted"] == "diseased"
+    assert rows[1]["mask"] is None
+    summary = store.summary()
+    assert summary["decisions"] == {"diseased": 1, "healthy": 1, "error": 1}
+    assert summary["flag_rate"] == 0.0 and summary["error_list"] == [{"image": str(root / "c.png"), "error": "zero bytes"}]
+
+
+def test_other_settings_refused_unless_overwrite(tmp_path):
+    AnnotationStore(tmp_path, SETTINGS).close()
+    with pytest.raises(SettingsMismatch, match=r"theta: 0.1 -> 0.2.*--overwrite"):
+        AnnotationStore(tmp_path, {**SETTINGS, "theta": 0.2})
+    store = AnnotationStore(tmp_path, {**SETTINGS, "theta": 0.2}, overwrite=True)
+    assert store.settings["theta"] == 0.2
+    store.close()
+
+
+def test_recover_removes_orphans_and_redoes_rows_without_masks(tmp_path):
+    store = AnnotationStore(tmp_path, SETTINGS, input_root=tmp_path)
+    store.add(positive(str(tmp_path / "kept.png")))
+    store.add(positive(str(tmp_path / "lost.png")))
+    store.close()
+    # a crash between a mask file and its row leaves an orphan and a temporary file
+    (tmp_path / "masks" / "orphan.png.png").write_bytes(b"x")
+    (tmp_path / "masks" / "half.png.png.tmp").write_bytes(b"x")
+    # a row whose mask vanished must be redone
+    (tmp_path / "masks" / "lost.png.png").unlink()
+    store = AnnotationStore(tmp_path, SETTINGS)
+    assert store.done() == {str(tmp_path / "kept.png")}
+    files = sorted(p.name for p in (tmp_path / "masks").rglob("*") if p.is_file())
+    assert files == ["kept.png.png"]
+    store.close()
+
+
+def test_uncommitted_rows_are_not_done(tmp_path):
+    store = AnnotationStore(tmp_path, SETTINGS, input_root=tmp_path)
+    store.add(positive(str(tmp_path / "a.png")))  # pending in an open transaction
+    other = sqlite3.connect(tmp_path / "annotations.sqlite")
+    assert other.execute("SELECT COUNT(*) FROM annotations").fetchone()[0] == 0
+    store.commit()
+    assert other.execute("SELECT COUNT(*) FROM annotations").fetchone()[0] == 1
+    store.close()
+
+
+def test_relative_name_outside_root_is_stable_and_distinct(tmp_path):
+    a = relative_name(tmp_path / "x" / "img.png", tmp_path / "y")
+    b = relative_name(tmp_path / "z" / "img.png", tmp_path / "y")
+    assert a.parts[0] == "_external" and a != b and a == relative_name(tmp_path / "x" / "img.png", tmp_path / "y")
+    assert str(relative_name(tmp_path / "y" / "s" / "i.png", tmp_path / "y")) == "s/i.png"
+
+
+def test_summary_file_is_json(tmp_path):
+    store = AnnotationStore(tmp_path, SETTINGS)
+    store.add(AnnotationRecord(image="a", decision="review", reason="uncertain", size=(2, 2)))
+    summary = store.write_summary()
+    store.close()
+    assert json.loads((tmp_path / "summary.json").read_text())["flag_rate"] == summary["flag_rate"] == 1.0
