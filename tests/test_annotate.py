@@ -1,0 +1,182 @@
+"""Annotation end to end on a small trained ensemble: records, the command, crash
+safety (kill -9 and resume), and the COCO round trip."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from aax.cli import main
+from aax.decide import decide
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def input_dir(lesion_dir, tmp_path_factory):
+    """A folder of images: some synthetic X-rays (one resized to a non-square size),
+    a zero-byte file and a text file posing as a PNG."""
+    root = tmp_path_factory.mktemp("annotate_in")
+    images = sorted((Path(lesion_dir) / "images").rglob("*.png"))
+    picked = [p for p in images if p.parent.name == "diseased"][:6] + [p for p in images if p.parent.name == "healthy"][:4]
+    for p in picked:
+        (root / p.parent.name).mkdir(exist_ok=True)
+        shutil.copy(p, root / p.parent.name / p.name)
+    odd = root / "diseased" / picked[0].name
+    Image.open(odd).resize((80, 50)).save(odd)
+    (root / "broken").mkdir()
+    (root / "broken" / "empty.png").write_bytes(b"")
+    (root / "broken" / "text.png").write_text("not an image")
+    return root
+
+
+def image_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*.png"))
+
+
+def test_records_follow_the_protocol(ensemble, input_dir):
+    files = image_files(input_dir)
+    records = list(ensemble.annotate(files, batch_size=4, keep_saliency=True, workers=0))
+    assert [r.image for r in records] == [str(f) for f in files]
+    errors = {Path(r.image).name: r.error for r in records if r.status == "error"}
+    assert set(errors) == {"empty.png", "text.png"} and all(errors.values())
+    for r in (r for r in records if r.status == "ok"):
+        h, w = Image.open(r.image).size[::-1]
+        assert r.size == (h, w)
+        assert [m.name for m in r.members] == list(ensemble.members)
+        probs = np.array([m.probs for m in r.members])
+        uncert = np.array([m.uncertainty for m in r.members])
+        np.testing.assert_allclose(probs.sum(axis=1), 1, atol=1e-5)
+        assert (uncert >= 0).all()
+        d = decide(probs, uncert, ensemble.theta, ensemble.negative_index, ensemble.quorum)
+        assert r.decision == ("review" if d.review else ensemble.classes[d.label])
+        assert r.agreeing == [list(ensemble.members)[i] for i in d.agreeing]
+        for m in r.saliency.values():
+            assert m.shape == (h, w) and m.min() >= 0 and m.max() <= 1
+        if r.agreeing:
+            expected = np.min([r.saliency[n] for n in r.agreeing], axis=0) > ensemble.tau
+            assert r.mask.shape == (h, w) and np.array_equal(r.mask, expected)
+        else:
+            assert r.mask is None
+
+
+def test_annotate_streams(ensemble, input_dir):
+    stream = ensemble.annotate(image_files(input_dir), batch_size=2, workers=0)
+    first = next(stream)  # a generator: results come before the whole set is done
+    assert first.image.endswith(".png")
+    stream.close()
+
+
+def test_theta_zero_flags_everything_confident_never(ensemble, input_dir):
+    files = [f for f in image_files(input_dir) if f.parent.name != "broken"]
+    records = list(ensemble.annotate(files, theta=-1.0, workers=0))
+    assert all(r.decision == "review" and r.reason == "uncertain" for r in records)
+
+
+def run_cli(*args: str) -> int:
+    return main(["annotate", *map(str, args)])
+
+
+def test_command_writes_rows_masks_overlays_and_summary(trained_run, input_dir, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli(trained_run, input_dir, "--out", out, "--save-saliency", "--workers", "0", "--batch-size", "4") == 0
+    db = sqlite3.connect(out / "annotations.sqlite")
+    rows = db.execute("SELECT image, status, decision, mask, saliency, height, width FROM annotations").fetchall()
+    assert sorted(r[0] for r in rows) == sorted(str(f) for f in image_files(input_dir))
+    for image, status, decision, mask, saliency, h, w in rows:
+        if status == "error":
+            assert mask is None and saliency is None
+            continue
+        assert (Path(out) / saliency).is_file()
+        if mask:
+            assert decision not in ("healthy", "review")
+            m = np.asarray(Image.open(out / mask))
+            assert m.shape == (h, w) and set(np.unique(m)) <= {0, 255}
+            assert mask == "masks/" + str(Path(image).relative_to(input_dir)) + ".png"
+        else:
+            assert decision in ("healthy", "review")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == len(rows) and summary["errors"] == 2
+    assert {e["image"].split("/")[-1] for e in summary["error_list"]} == {"empty.png", "text.png"}
+    overlay = Image.open(next((out / "saliency").rglob("*.png")))
+    assert overlay.width > 4 * overlay.height  # input, three members and the mask side by side
+
+    # running again does nothing twice; other settings are refused unless --overwrite
+    assert run_cli(trained_run, input_dir, "--out", out, "--save-saliency", "--workers", "0") == 0
+    assert db.execute("SELECT COUNT(*) FROM annotations").fetchone()[0] == len(rows)
+    assert run_cli(trained_run, input_dir, "--out", out, "--theta", "0.3", "--workers", "0") == 2
+    assert run_cli(trained_run, input_dir, "--out", out, "--theta", "0.3", "--workers", "0", "--overwrite") == 0
+    assert not (out / "saliency").exists()
+
+
+def test_kill_9_then_resume_completes_exactly_once(trained_run, input_dir, tmp_path):
+    many = tmp_path / "many"
+    for i in range(6):  # 60 inputs: enough to be killed midway
+        shutil.copytree(input_dir, many / f"copy{i}")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "aax", "annotate", str(trained_run), str(many), "--out", str(out),
+           "--batch-size", "2", "--workers", "0", "--mc-passes", "5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db_path = out / "annotations.sqlite"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        time.sleep(0.2)
+        if db_path.exists():
+            try:
+                n = sqlite3.connect(db_path).execute("SELECT COUNT(*) FROM annotations").fetchone()[0]
+            except sqlite3.OperationalError:
+                continue
+            if n >= 4:
+                break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = sqlite3.connect(db_path).execute("SELECT COUNT(*) FROM annotations").fetchone()[0]
+    total = len(image_files(many))
+    assert 0 < done_before < total, "the kill must land mid-run for this test to mean anything"
+
+    assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
+    db = sqlite3.connect(db_path)
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    images = [r[0] for r in db.execute("SELECT image FROM annotations")]
+    assert len(images) == len(set(images)) == total
+    masks = {r[0] for r in db.execute("SELECT mask FROM annotations WHERE mask IS NOT NULL")}
+    positives = db.execute("SELECT COUNT(*) FROM annotations WHERE decision NOT IN ('healthy', 'review')"
+                           " AND status = 'ok'").fetchone()[0]
+    assert len(masks) == positives
+    on_disk = {p.relative_to(out).as_posix() for p in (out / "masks").rglob("*") if p.is_file()} if (out / "masks").exists() else set()
+    assert on_disk == masks
+
+
+def test_coco_round_trip_through_pycocotools(trained_run, input_dir, tmp_path):
+    from pycocotools.coco import COCO
+
+    out = tmp_path / "out"
+    assert run_cli(trained_run, input_dir, "--out", out, "--workers", "0", "--theta", "1.0") == 0
+    assert main(["export", str(out), "--format", "coco", "--to", str(tmp_path / "coco.json")]) == 0
+    coco = COCO(str(tmp_path / "coco.json"))
+    db = sqlite3.connect(out / "annotations.sqlite")
+    with_masks = dict(db.execute("SELECT image, mask FROM annotations WHERE mask IS NOT NULL").fetchall())
+    assert len(coco.getAnnIds()) == len(with_masks) > 0, "theta=1 keeps every confident positive"
+    assert {c["name"] for c in coco.loadCats(coco.getCatIds())} == {"diseased"}
+    for ann in coco.loadAnns(coco.getAnnIds()):
+        image = coco.loadImgs(ann["image_id"])[0]
+        assert isinstance(ann["segmentation"]["counts"], str)
+        decoded = coco.annToMask(ann).astype(bool)
+        png = np.asarray(Image.open(out / with_masks[image["file_name"]])) > 0
+        assert np.array_equal(decoded, png)
+        assert ann["area"] == png.sum() and ann["iscrowd"] == 0 and 0 <= ann["score"] <= 1
+    assert main(["export", str(out), "--format", "png", "--to", str(tmp_path / "flat")]) == 0
+    index = (tmp_path / "flat" / "index.csv").read_text().splitlines()
+    assert len(index) == 1 + len(with_masks)
