@@ -41,15 +41,22 @@ class AnnotateSettings:
     """Everything that changes an annotation; a store refuses to mix two of these."""
 
     theta: float
-    tau: float
+    tau: float | dict[str, float]  # one threshold, or one per positive class
     mc_passes: int
     quorum: int
+
+    def tau_for(self, class_name: str) -> float:
+        """The mask threshold for ``class_name``."""
+        if isinstance(self.tau, dict):
+            return float(self.tau.get(class_name, self.tau.get("default", 0.5)))
+        return self.tau
 
     @classmethod
     def from_ensemble(cls, ensemble: Ensemble, theta: float | None = None, tau: float | None = None,
                       mc_passes: int | None = None) -> AnnotateSettings:
+        tau = ensemble.tau if tau is None else tau
         return cls(theta=float(ensemble.theta if theta is None else theta),
-                   tau=float(ensemble.tau if tau is None else tau),
+                   tau=dict(tau) if isinstance(tau, dict) else float(tau),
                    mc_passes=int(ensemble.mc_passes if mc_passes is None else mc_passes),
                    quorum=int(ensemble.quorum))
 
@@ -174,7 +181,10 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
         if keep_saliency or decision.agreeing:
             wanted = range(len(names)) if keep_saliency else decision.agreeing
             maps = {i: normalise(upsample(raw[b, i][None], (h, w)))[0].cpu().numpy() for i in wanted}
-        mask = intersect(np.stack([maps[i] for i in decision.agreeing]), settings.tau) if decision.agreeing else None
+        mask = None
+        if decision.agreeing:
+            tau = settings.tau_for(classes[decision.label])
+            mask = intersect(np.stack([maps[i] for i in decision.agreeing]), tau)
         records.append(AnnotationRecord(
             image="",
             decision=REVIEW if decision.review else classes[decision.label],
@@ -287,7 +297,7 @@ def annotate_to_folder(ensemble: Ensemble, source: str | os.PathLike, out: str |
                    "negative_class": ensemble.negative_class, **dataclasses.asdict(settings)}
     store = AnnotationStore(out, fingerprint, input_root=root, overwrite=overwrite)
     done = store.done()
-    render = (lambda r: render_record(r, settings.tau)) if save_saliency else None
+    render = (lambda r: render_record(r, settings.tau_for(r.decision))) if save_saliency else None
     writer = BackgroundWriter(store, render)
     todo = [item for item in items if str(item.path) not in done]
     bad = [(p, reason) for p, reason in bad if str(p) not in done]
