@@ -1,0 +1,355 @@
+"""Calibration: theta and tau chosen from validation data by a fixed procedure.
+
+The paper sets theta = 0.1 "empirically using validation data"; this module makes that
+a command whose result and evidence land in the RUN folder.
+
+Procedure (one annotate pass over the validation images, saliency maps kept):
+
+1. **theta.** Candidates are the observed member uncertainties (each is a point where
+   some decision changes; evenly spaced quantiles of them beyond 2048) plus the run's
+   current theta. For each candidate the protocol's decisions are re-derived exactly
+   (:class:`aax.metrics.ThetaSweep`; the network is not run again). Among the candidates
+   whose flag rate is at most ``max_flag_rate``, the one with the best accuracy on the
+   kept (not flagged) images wins; ties go to the larger coverage, then to the smaller
+   theta (the more cautious of equals). If no candidate meets the flag-rate bound
+   (the "no-consensus" flags do not fall as theta grows), the one with the lowest flag
+   rate is taken and ``constraint_met`` is false. The winner is then moved to the middle
+   of the interval up to the next observed uncertainty (:func:`settle_theta`): same
+   decisions on the validation images, but no member sits exactly on the threshold.
+2. **tau**, where the validation data has ground-truth masks: at the chosen theta, tau
+   sweeps 0.05, 0.10, ..., 0.95; the best mean IoU of the ensemble's masks (as
+   :mod:`aax.evaluate` scores them) wins, ties going to the value nearest the current
+   tau. Per image, the pixel counts of ``min_i S_i > tau`` are computed once for every
+   set of members that can agree on it, at the image's own size, so the sweep is exact.
+   Without masks tau is left as it is. One tau is chosen for all classes (a per-class
+   tau in the run is replaced by it).
+
+Results: ``theta``/``tau`` and a ``calibration`` entry (what was measured, on what, and
+when) are written into ``RUN/aax.json`` atomically; the risk-coverage curve (accuracy on
+kept images vs coverage as theta moves) goes to ``RUN/calibration/risk_coverage.json``
+and ``.png``. The uncertainty depends on the number of MC passes K, so the calibration
+records K; annotate with the same K.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from aax.evaluate import _describe, _samples, annotate_with, ground_truth, open_data, paired
+from aax.metrics import MaskScores, ThetaSweep, risk_coverage, theta_candidates
+
+if TYPE_CHECKING:  # pragma: no cover
+    from aax.ensemble import Ensemble
+
+TAU_GRID: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 .. 0.95
+MAX_FLAG_RATE = 0.2
+CALIBRATION_DIR = "calibration"
+MANIFEST = "aax.json"
+
+
+@dataclass
+class _ImageMasks:
+    """One positive validation image with a ground-truth mask: its pixel counts for
+    each set of members that can form its mask (``subset -> [tau] TP, FP``)."""
+
+    gt_pixels: int
+    counts: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+
+@dataclass
+class Collected:
+    """What one annotate pass over validation data leaves for calibration."""
+
+    labels: np.ndarray  # [n] ground-truth class index
+    probs: np.ndarray  # [n, M, C]
+    uncertainty: np.ndarray  # [n, M]
+    masks: dict[int, _ImageMasks]  # image index -> counts (positives with a GT mask)
+    taus: np.ndarray
+    n_errors: int
+
+
+def _counts_over_taus(values_in: np.ndarray, values_out: np.ndarray,
+                      taus: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """TP and FP of ``map > tau`` for every tau, from the map's values inside and
+    outside the ground truth (sorted once, then one search per tau)."""
+    vin, vout = np.sort(values_in, axis=None), np.sort(values_out, axis=None)
+    tp = vin.size - np.searchsorted(vin, taus, side="right")
+    fp = vout.size - np.searchsorted(vout, taus, side="right")
+    return tp.astype(np.int64), fp.astype(np.int64)
+
+
+def collect(ensemble: Ensemble, data: Any, *, taus: Sequence[float] = TAU_GRID,
+            mc_passes: int | None = None, batch_size: int = 16, workers: int | None = None) -> Collected:
+    """Annotate ``data`` once (maps kept) and keep only what the sweeps need: the
+    members' probabilities and uncertainties, and per-tau pixel counts of every mask
+    the ensemble could form on each positive image with a ground-truth mask."""
+    classes = list(ensemble.classes)
+    index = {c: i for i, c in enumerate(classes)}
+    dataset = open_data(data, classes)
+    taus_arr = np.asarray(taus, dtype=float)
+    labels, probs, unc = [], [], []
+    masks: dict[int, _ImageMasks] = {}
+    n_errors = len(getattr(dataset, "errors", None) or [])
+    records = annotate_with(ensemble, dataset, saliency=True, mc_passes=mc_passes,
+                            batch_size=batch_size, workers=workers)
+    for sample, record in paired(_samples(dataset), records):
+        if record.status != "ok":
+            n_errors += 1
+            continue
+        label = record.label if record.label is not None else sample.label
+        if label not in index:
+            raise ValueError(f"{record.image}: label {label!r} is not one of the model's classes {classes}")
+        p = np.array([m.probs for m in record.members], dtype=float)
+        u = np.array([m.uncertainty for m in record.members], dtype=float)
+        j = len(labels)
+        labels.append(index[label])
+        probs.append(p)
+        unc.append(u)
+        gt, _problem = ground_truth(sample, record, label, ensemble.negative_class)
+        if gt is None or record.saliency is None:
+            continue  # (a bad mask is left out here; aax evaluate lists it)
+        maps = [record.saliency[m.name] for m in record.members]
+        entry = _ImageMasks(gt_pixels=int(gt.sum()))
+        # the member sets that can agree on this image, whatever theta turns out to be
+        row = ThetaSweep.build(p[None], u[None], ensemble.negative_index, ensemble.quorum).agreeing[0]
+        for subset in {s for s in row if s}:
+            low = np.min(np.stack([maps[i] for i in subset]), axis=0)
+            entry.counts[subset] = _counts_over_taus(low[gt], low[~gt], taus_arr)
+        masks[j] = entry
+    if not labels:
+        raise ValueError(f"no readable labelled validation images in {_describe(data)}")
+    m, c = len(ensemble.members), len(classes)
+    return Collected(labels=np.array(labels), probs=np.stack(probs).reshape(-1, m, c),
+                     uncertainty=np.stack(unc).reshape(-1, m), masks=masks, taus=taus_arr, n_errors=n_errors)
+
+
+def choose_theta(curve: Sequence[dict[str, Any]], max_flag_rate: float) -> tuple[dict[str, Any], bool]:
+    """The risk-coverage point to use, and whether it meets the flag-rate bound
+    (see the module docstring for the rule)."""
+    usable = [p for p in curve if p["accuracy_kept"] is not None]
+    feasible = [p for p in usable if p["flag_rate"] <= max_flag_rate + 1e-12]
+    if feasible:
+        return max(feasible, key=lambda p: (p["accuracy_kept"], p["coverage"], -p["theta"])), True
+    pool = usable or list(curve)
+    return min(pool, key=lambda p: (p["flag_rate"], -(p["accuracy_kept"] or 0.0), p["theta"])), False
+
+
+def settle_theta(theta: float, uncertainty: np.ndarray) -> float:
+    """Move the winning candidate to the middle of its interval.
+
+    Decisions on the validation images are the same for every theta from the winner (an
+    observed uncertainty) up to the next observed uncertainty; at the winner itself a
+    member sits exactly on the threshold, and MC noise in a new pass flips it half the
+    time. The midpoint keeps the validation decisions and adds margin on both sides.
+    At or beyond the largest observed uncertainty the winner is kept.
+    """
+    values = np.unique(np.asarray(uncertainty, dtype=float))
+    above = values[values > theta]
+    return float(theta) if above.size == 0 else float((theta + above[0]) / 2.0)
+
+
+def tau_curve(collected: Collected, sweep: ThetaSweep, theta: float) -> list[dict[str, Any]]:
+    """Mean and micro IoU of the ensemble's masks for every tau of the grid, with the
+    decisions at ``theta``; an image the ensemble does not call positive scores 0."""
+    if not collected.masks:
+        return []
+    agreeing = sweep.agreeing_at(theta)
+    scores = [MaskScores() for _ in collected.taus]
+    for j, entry in collected.masks.items():
+        subset = agreeing[j]
+        if subset:
+            tp, fp = entry.counts[subset]
+        else:
+            tp = fp = np.zeros(len(collected.taus), dtype=np.int64)
+        for t, acc in enumerate(scores):
+            acc.add_counts(int(tp[t]), int(fp[t]), entry.gt_pixels - int(tp[t]))
+    return [{"tau": float(tau), **s.result()} for tau, s in zip(collected.taus, scores)]
+
+
+def choose_tau(curve: Sequence[dict[str, Any]], current: float) -> dict[str, Any] | None:
+    """The best mean IoU; ties go to the tau nearest the current one, then the smaller."""
+    usable = [p for p in curve if p["iou_mean"] is not None]
+    if not usable:
+        return None
+    return max(usable, key=lambda p: (p["iou_mean"], -abs(p["tau"] - current), -p["tau"]))
+
+
+def _one_tau(tau: Any) -> float:
+    """A per-class tau's mean, for breaking ties (the sweep chooses one tau for all)."""
+    return float(np.mean(list(tau.values()))) if isinstance(tau, dict) and tau else float(tau)
+
+
+def _load(ensemble_or_run: Any, device: str | None) -> Ensemble:
+    if isinstance(ensemble_or_run, (str, os.PathLike)):
+        from aax.ensemble import Ensemble
+
+        return Ensemble.load(ensemble_or_run, device=device)
+    return ensemble_or_run
+
+
+def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_FLAG_RATE,
+              taus: Sequence[float] = TAU_GRID, mc_passes: int | None = None, batch_size: int = 16,
+              device: str | None = None, workers: int | None = None, write: bool = True,
+              data_name: str | None = None) -> dict[str, Any]:
+    """Choose theta (and tau, where ground-truth masks exist) on validation data.
+
+    Args:
+        ensemble_or_run: a loaded ensemble or its RUN folder.
+        valdata: labelled validation images (a dataset or a path ``open_dataset`` reads).
+        max_flag_rate: the largest share of validation images theta may flag.
+        taus: the tau grid (default 0.05 .. 0.95).
+        mc_passes: K for the pass (default: the run's); recorded with the result.
+        device: where to load the members when given a RUN folder (a loaded ensemble
+            keeps its own).
+        batch_size, workers: passed to annotate.
+        write: write theta, tau and the ``calibration`` entry into ``RUN/aax.json`` and
+            the risk-coverage curve into ``RUN/calibration/``.
+        data_name: how the entry names the data (default: its path or source).
+
+    Returns:
+        The calibration entry: ``theta``, ``tau``, ``previous``, ``n``, ``n_errors``,
+        ``accuracy``, ``accuracy_kept``, ``flag_rate``, ``coverage``, ``constraint_met``,
+        ``iou_mean``/``iou_micro``/``n_masks`` (None without masks), ``n_candidates``,
+        ``tau_curve``, ``risk_coverage`` (the points), ``mc_passes``, ``date``.
+    """
+    if not 0.0 <= max_flag_rate <= 1.0:
+        raise ValueError(f"max_flag_rate must be in [0, 1], got {max_flag_rate}")
+    ensemble = _load(ensemble_or_run, device)
+    k = int(ensemble.mc_passes if mc_passes is None else mc_passes)
+    collected = collect(ensemble, valdata, taus=taus, mc_passes=k, batch_size=batch_size, workers=workers)
+    sweep = ThetaSweep.build(collected.probs, collected.uncertainty, ensemble.negative_index, ensemble.quorum)
+    candidates = theta_candidates(collected.uncertainty, default=float(ensemble.theta))
+    curve = risk_coverage(sweep, collected.labels, candidates)
+    point, met = choose_theta(curve, max_flag_rate)
+    theta = settle_theta(point["theta"], collected.uncertainty)
+    taus_curve = tau_curve(collected, sweep, theta)
+    previous_tau = ensemble.tau  # a float, or one per class (kept as is when no masks)
+    best_tau = choose_tau(taus_curve, _one_tau(previous_tau))
+    tau = previous_tau if best_tau is None else best_tau["tau"]
+
+    result: dict[str, Any] = {
+        "theta": theta, "tau": tau, "theta_candidate": point["theta"],
+        "previous": {"theta": float(ensemble.theta), "tau": previous_tau},
+        "data": data_name or _describe(valdata), "n": int(len(collected.labels)), "n_errors": collected.n_errors,
+        "mc_passes": k, "max_flag_rate": max_flag_rate, "constraint_met": met,
+        "accuracy": point["accuracy"], "accuracy_kept": point["accuracy_kept"],
+        "flag_rate": point["flag_rate"], "coverage": point["coverage"],
+        "n_candidates": len(candidates),
+        "n_masks": None if best_tau is None else best_tau["n_masks"],
+        "iou_mean": None if best_tau is None else best_tau["iou_mean"],
+        "iou_micro": None if best_tau is None else best_tau["iou_micro"],
+        "tau_grid": [float(t) for t in collected.taus] if taus_curve else None,
+        "tau_curve": taus_curve,
+        "risk_coverage": curve,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "procedure": "theta: best accuracy on kept images with flag rate <= max_flag_rate over the observed "
+                     "uncertainties (ties: larger coverage, smaller theta); tau: best mean IoU of the "
+                     "ensemble masks at that theta over tau_grid (ties: nearest the previous tau)",
+    }
+    if not met:
+        result["warning"] = (f"no theta keeps the flag rate at or below {max_flag_rate:g} on this data; "
+                             f"took the lowest flag rate, {point['flag_rate']:.3f}")
+    run = getattr(ensemble, "run", None)
+    if write:
+        if run is None:
+            raise ValueError("write=True needs an ensemble loaded from a RUN folder")
+        write_calibration(Path(run), result)
+    return result
+
+
+def write_calibration(run: Path, result: dict[str, Any]) -> Path:
+    """Write theta, tau and the ``calibration`` entry into ``RUN/aax.json`` (atomically:
+    tmp file + ``os.replace``), and the risk-coverage curve (JSON + PNG) into
+    ``RUN/calibration/``. Returns the manifest's path."""
+    from aax.report.figures import figure_png, risk_coverage_figure
+
+    folder = run / CALIBRATION_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    curves = {"theta": result["theta"], "theta_candidate": result.get("theta_candidate"), "tau": result["tau"],
+              "risk_coverage": result["risk_coverage"],
+              "tau_curve": result["tau_curve"]}
+    _atomic_write(folder / "risk_coverage.json", json.dumps(curves, indent=2) + "\n")
+    # marked at the winning candidate: the settled theta has the same decisions
+    fig = risk_coverage_figure(result["risk_coverage"], result.get("theta_candidate", result["theta"]),
+                               title=f"Validation: accuracy on kept images vs coverage (n={result['n']})")
+    _atomic_write_bytes(folder / "risk_coverage.png", figure_png(fig))
+
+    manifest_path = run / MANIFEST
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))  # fresh: others may have written
+    entry = {k: v for k, v in result.items() if k not in ("risk_coverage", "tau_curve")}
+    entry["curves"] = f"{CALIBRATION_DIR}/risk_coverage.json"
+    manifest["theta"], manifest["tau"] = result["theta"], result["tau"]
+    manifest["calibration"] = entry
+    _atomic_write(manifest_path, json.dumps(manifest, indent=2) + "\n")
+    return manifest_path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    _atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    # same folder, so os.replace is atomic; fsync so a crash never leaves half a manifest
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def validation_split(run: str | os.PathLike) -> Any:
+    """The validation images a RUN was trained with, as a dataset.
+
+    ``aax train`` records the source, its layout and the validation files (relative to
+    ``root``) under ``manifest["data"]``; the same files are picked again by name, so
+    images added to the source later do not shift the split.
+    """
+    from aax.data import open_dataset
+
+    manifest = json.loads((Path(run) / MANIFEST).read_text(encoding="utf-8"))
+    d = manifest.get("data") or {}
+    if not d.get("source") or d.get("val_files") is None:
+        raise ValueError(f"{run}: the manifest records no validation split (data.source / data.val_files); "
+                         "calibrate on a validation folder instead: aax calibrate RUN VALDATA")
+    dataset = open_dataset(d["source"], format=d.get("format"))
+    root = Path(d.get("root") or d["source"])
+
+    def key(path: Path) -> str:
+        try:
+            return Path(path).resolve().relative_to(root.resolve()).as_posix()
+        except ValueError:
+            return str(path)
+
+    by_name = {key(s.image): i for i, s in enumerate(dataset)}
+    missing = [f for f in d["val_files"] if f not in by_name]
+    if missing:
+        raise ValueError(f"{run}: {len(missing)} validation images are no longer in {d['source']}, "
+                         f"e.g. {missing[0]}")
+    return dataset.subset([by_name[f] for f in d["val_files"]])
+
+
+def calibrate_run(run_dir: str | os.PathLike, *, max_flag_rate: float = MAX_FLAG_RATE,
+                  ensemble: Ensemble | None = None, device: str | None = None,
+                  batch_size: int = 16) -> dict[str, Any]:
+    """Calibrate a RUN on the validation split recorded in its manifest (what
+    ``aax train`` calls at the end) and write the result into the RUN."""
+    val = validation_split(run_dir)
+    return calibrate(ensemble if ensemble is not None else run_dir, val, max_flag_rate=max_flag_rate,
+                     device=device, batch_size=batch_size, write=True, data_name=split_name(val))
+
+
+def split_name(val: Any) -> str:
+    """How a calibration entry names the recorded validation split."""
+    return f"{getattr(val, 'source', '?')} (the RUN's validation split, {len(val)} images)"

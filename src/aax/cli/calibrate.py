@@ -1,0 +1,57 @@
+"""``aax calibrate RUN VALDATA``: choose theta (and tau) on validation data, into the RUN."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from aax.cli._common import add_device_argument
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="choose theta and tau on validation data",
+                       description="Annotate VALDATA once and choose theta (best accuracy on the images not "
+                                   "flagged, with at most --max-flag-rate of them flagged) and, where VALDATA "
+                                   "has ground-truth masks, tau (best mean IoU). Writes both into RUN/aax.json "
+                                   "with a calibration entry, and the risk-coverage curve into RUN/calibration/.")
+    p.add_argument("run", help="RUN folder written by `aax train`")
+    p.add_argument("valdata", nargs="?", default=None,
+                   help="labelled validation data (default: the validation split recorded in the RUN)")
+    p.add_argument("--max-flag-rate", type=float, default=0.2,
+                   help="largest share of validation images theta may flag (default 0.2)")
+    p.add_argument("--mc-passes", type=int, default=None, help="MC Dropout passes K (default: the RUN's)")
+    p.add_argument("--batch-size", type=int, default=16)
+    add_device_argument(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from aax.calibrate import calibrate, split_name, validation_split
+    from aax.ensemble import Ensemble
+    from aax.evaluate import tau_text
+
+    try:
+        ensemble = Ensemble.load(args.run, device=args.device)
+        valdata = args.valdata if args.valdata is not None else validation_split(args.run)
+        name = None if args.valdata is not None else split_name(valdata)
+        result = calibrate(ensemble, valdata, max_flag_rate=args.max_flag_rate, mc_passes=args.mc_passes,
+                           batch_size=args.batch_size, data_name=name)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"aax calibrate: {exc}", file=sys.stderr)
+        return 2
+    prev = result["previous"]
+    print(f"theta = {result['theta']:.4g} (was {prev['theta']:.4g}): accuracy on kept images "
+          f"{_pct(result['accuracy_kept'])}, flag rate {_pct(result['flag_rate'])} on {result['n']} images")
+    if result["iou_mean"] is not None:
+        print(f"tau = {result['tau']:.2f} (was {tau_text(prev['tau'])}): mean IoU {_pct(result['iou_mean'])} "
+              f"on {result['n_masks']} masks")
+    else:
+        print(f"tau = {tau_text(result['tau'])} (unchanged: no ground-truth masks)")
+    if result.get("warning"):
+        print(f"warning: {result['warning']}", file=sys.stderr)
+    print(f"written to {args.run}/aax.json and {args.run}/calibration/", file=sys.stderr)
+    return 0
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"

@@ -1,0 +1,84 @@
+"""The evaluation report: one self-contained HTML file.
+
+:func:`write_report` turns the result of :func:`aax.evaluate.evaluate` and a few example
+images into ``report.html``: the paper's tables, a grid like its figures 2 and 3, the
+confusion matrices, the risk-coverage curve and the uncertainty histograms. Images are
+embedded as base64 PNGs (downscaled), so the file can be mailed or archived as is.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aax.records import AnnotationRecord
+
+MAX_ROWS = 8  # example rows in the grid: enough to see, small enough to mail
+
+
+def example_from_record(record: AnnotationRecord, result: Mapping[str, Any],
+                        gt_mask: np.ndarray | None = None) -> Any:
+    """An :class:`aax.evaluate.Example` from a record annotated with ``keep_saliency``,
+    scored with the result's theta and tau (a member alone as in :mod:`aax.evaluate`)."""
+    from aax.evaluate import Example, member_decision, member_mask
+    from aax.metrics import iou
+    from aax.report.figures import shrink_map, shrink_mask
+
+    s = result["settings"]
+    names = [m.name for m in record.members]
+    decisions = {n: member_decision(record, i, s["theta"]) for i, n in enumerate(names)}
+    masks = {n: member_mask(record, i, decisions[n], s["negative_class"], s["tau"]) for i, n in enumerate(names)}
+    gt = None if gt_mask is None else np.asarray(gt_mask, dtype=bool)
+    return Example(
+        image=record.image, label=record.label or "?", decision=record.decision or "?",
+        reason=record.reason, correct=record.decision == record.label,
+        preview=getattr(record, "preview", None),
+        gt_mask=None if gt is None else shrink_mask(gt),
+        saliency={n: shrink_map(v) for n, v in (record.saliency or {}).items()},
+        member_masks={n: None if m is None else shrink_mask(m) for n, m in masks.items()},
+        member_decisions=decisions,
+        member_uncertainty={m.name: m.uncertainty for m in record.members},
+        mask=None if record.mask is None else shrink_mask(record.mask),
+        iou=None if gt is None else iou(record.mask, gt),
+        member_iou={n: None if gt is None else iou(masks[n], gt) for n in names},
+    )
+
+
+def write_report(evaluation_result: Mapping[str, Any], records: Iterable[Any],
+                 out_dir: str | os.PathLike, *, ground_truth: Mapping[str, np.ndarray] | None = None,
+                 max_rows: int = MAX_ROWS) -> Path:
+    """Write ``out_dir/report.html`` and return its path.
+
+    Args:
+        evaluation_result: what :func:`aax.evaluate.evaluate` returned.
+        records: example images for the grid: :class:`aax.evaluate.Example`s, or
+            :class:`AnnotationRecord`s annotated with ``keep_saliency=True`` (others and
+            error records are skipped); at most ``max_rows`` are shown.
+        out_dir: folder to write into (created if missing).
+        ground_truth: image path -> ground-truth mask, for records (Examples carry theirs).
+    """
+    from aax.evaluate import Example
+    from aax.report.html import page
+
+    examples = []
+    for r in records:
+        if len(examples) >= max_rows:
+            break
+        if isinstance(r, Example):
+            examples.append(r)
+        elif isinstance(r, AnnotationRecord) and r.status == "ok" and r.saliency:
+            examples.append(example_from_record(r, evaluation_result, (ground_truth or {}).get(r.image)))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "report.html"
+    tmp = out / ".report.html.tmp"
+    tmp.write_text(page(evaluation_result, examples), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+__all__ = ["MAX_ROWS", "example_from_record", "write_report"]

@@ -1,0 +1,216 @@
+"""calibrate(): theta and tau chosen by the documented procedure, checked by hand."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_evaluate import D, H, S, FakeEnsemble, fake_data
+
+from aax.calibrate import (
+    calibrate,
+    choose_tau,
+    choose_theta,
+    validation_split,
+)
+from aax.evaluate import evaluate
+
+GT = np.zeros((S, S), bool)
+GT[16:48, 16:48] = True  # 1024 px
+RING = np.zeros((S, S), bool)
+RING[8:56, 8:56] = True
+RING &= ~GT  # 1280 px around it
+# off the tau grid on purpose (float32 0.8 > 0.8): > tau for tau in [0.43, 0.83) is exactly GT
+GOOD = np.where(GT, 0.83, np.where(RING, 0.43, 0.0)).astype(np.float32)
+ZERO = np.zeros((S, S), np.float32)
+BLANK = [ZERO] * 3
+
+# name -> (label, gt, probs, uncertainties, maps, readable)
+VAL = {
+    "p1.png": ("diseased", GT, [D, D, D], [0.01, 0.01, 0.01], [GOOD, GOOD, GOOD], True),
+    # the third member is uncertain at the chosen theta: its (empty) map must not join the mask
+    "p2.png": ("diseased", GT, [D, D, D], [0.02, 0.02, 0.5], [GOOD, GOOD, ZERO], True),
+    "h3.png": ("healthy", None, [H, H, H], [0.03, 0.03, 0.03], BLANK, True),
+    "h4.png": ("healthy", None, [H, H, H], [0.04, 0.04, 0.04], BLANK, True),
+    "h5.png": ("healthy", None, [D, D, D], [0.3, 0.3, 0.3], BLANK, True),  # wrong whenever kept
+    **{f"h{i}.png": ("healthy", None, [H, H, H], [0.0, 0.0, 0.0], BLANK, True) for i in range(6, 11)},
+}
+
+
+@pytest.fixture
+def run(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "aax.json").write_text(json.dumps({"classes": ["diseased", "healthy"], "theta": 0.1, "tau": 0.9,
+                                                 "other": {"kept": True}, "calibration": None}))
+    return folder
+
+
+def test_theta_by_hand(run, tmp_path):
+    ens = FakeEnsemble(spec=VAL, run=run, tau=0.9)
+    result = calibrate(ens, fake_data(tmp_path, VAL), max_flag_rate=0.2)
+    assert len(ens.calls) == 1 and ens.calls[0]["keep_saliency"] is True  # one pass
+    # candidates 0, .01, .02, .03, .04, .1 (current), .3, .5: theta in [.04, .3) keeps 9 of 10,
+    # all right; .03 keeps 8; .3 keeps all but gets h5 wrong. Ties -> smaller theta: .04,
+    # then settled halfway to the next observed uncertainty (.3; .1 is not observed)
+    assert result["theta_candidate"] == pytest.approx(0.04)
+    assert result["theta"] == pytest.approx(0.17)
+    assert result["flag_rate"] == pytest.approx(0.1) and result["accuracy_kept"] == 1.0
+    assert result["constraint_met"] is True
+    assert result["n"] == 10 and result["n_candidates"] == 8
+    # tau: IoU 1 for tau in 0.45 .. 0.80; nearest to the current 0.9 is 0.8
+    assert result["tau"] == pytest.approx(0.8)
+    assert result["iou_mean"] == pytest.approx(1.0) and result["n_masks"] == 2
+    by_tau = {p["tau"]: p for p in result["tau_curve"]}
+    assert by_tau[0.4]["iou_mean"] == pytest.approx(1024 / (1024 + 1280))
+    assert by_tau[0.85]["iou_mean"] == 0.0
+
+
+def test_tight_flag_budget_takes_the_theta_that_keeps_everything(run, tmp_path):
+    result = calibrate(FakeEnsemble(spec=VAL, run=run), fake_data(tmp_path, VAL), max_flag_rate=0.05, write=False)
+    # .3 and .5 tie on accuracy and coverage -> .3, settled halfway to .5
+    assert result["theta_candidate"] == pytest.approx(0.3) and result["theta"] == pytest.approx(0.4)
+    assert result["flag_rate"] == 0.0 and result["accuracy_kept"] == pytest.approx(0.9)
+    # at theta .3 the third member of p2 is still uncertain: the mask comes from the first two
+    assert result["iou_mean"] == pytest.approx(1.0)
+
+
+def test_matches_evaluate_at_the_chosen_values(run, tmp_path):
+    data = fake_data(tmp_path, VAL)
+    result = calibrate(FakeEnsemble(spec=VAL, run=run), data, write=False)
+    ev = evaluate(FakeEnsemble(spec=VAL, run=run), data, theta=result["theta"], tau=result["tau"])
+    assert ev["ensemble"]["accuracy_kept"] == pytest.approx(result["accuracy_kept"])
+    assert ev["ensemble"]["flag_rate"] == pytest.approx(result["flag_rate"])
+    assert ev["ensemble"]["iou_mean"] == pytest.approx(result["iou_mean"])
+    assert ev["ensemble"]["iou_micro"] == pytest.approx(result["iou_micro"])
+
+
+def test_writes_manifest_and_curve(run, tmp_path):
+    result = calibrate(FakeEnsemble(spec=VAL, run=run, tau=0.9), fake_data(tmp_path, VAL))
+    manifest = json.loads((run / "aax.json").read_text())
+    assert manifest["theta"] == result["theta"] and manifest["tau"] == result["tau"]
+    assert manifest["other"] == {"kept": True}  # the rest of the manifest is untouched
+    cal = manifest["calibration"]
+    assert cal["previous"] == {"theta": 0.1, "tau": 0.9}
+    assert cal["n"] == 10 and cal["n_candidates"] == 8 and "date" in cal
+    assert "risk_coverage" not in cal  # the curve lives in its own file
+    curves = json.loads((run / cal["curves"]).read_text())
+    assert len(curves["risk_coverage"]) == 8 and len(curves["tau_curve"]) == 19
+    png = (run / "calibration" / "risk_coverage.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(run.glob(".*.tmp")) and not list((run / "calibration").glob(".*.tmp"))
+
+
+def test_no_masks_leaves_tau(run, tmp_path):
+    spec = {k: (v[0], None, *v[2:]) for k, v in VAL.items()}
+    result = calibrate(FakeEnsemble(spec=spec, run=run, tau=0.9), fake_data(tmp_path, spec), write=False)
+    assert result["tau"] == 0.9 and result["iou_mean"] is None and result["tau_curve"] == []
+
+
+def test_flag_budget_that_cannot_be_met(run, tmp_path):
+    # two confident members that disagree and a third with no vote: flagged (no
+    # consensus) at every theta
+    # (here: the third member's probabilities tie, so it votes for nothing)
+    spec = {"x.png": ("diseased", None, [D, H, [0.5, 0.5]], [0.0, 0.0, 0.0], [ZERO] * 3, True),
+            "y.png": ("healthy", None, [H, H, H], [0.0, 0.0, 0.0], [ZERO] * 3, True)}
+    result = calibrate(FakeEnsemble(spec=spec, run=run), fake_data(tmp_path, spec), max_flag_rate=0.0, write=False)
+    assert result["constraint_met"] is False and "warning" in result
+    assert result["flag_rate"] == pytest.approx(0.5)
+
+
+def test_settle_theta():
+    from aax.calibrate import settle_theta
+
+    unc = np.array([[0.1, 0.2], [0.2, 0.4]])
+    assert settle_theta(0.1, unc) == pytest.approx(0.15)
+    assert settle_theta(0.2, unc) == pytest.approx(0.3)
+    assert settle_theta(0.4, unc) == 0.4  # the largest: kept
+    assert settle_theta(0.05, unc) == pytest.approx(0.075)  # a default below every u
+
+
+def test_choosers_directly():
+    curve = [
+        {"theta": 0.0, "coverage": 0.0, "flag_rate": 1.0, "accuracy": 0.0, "accuracy_kept": None},
+        {"theta": 0.1, "coverage": 0.7, "flag_rate": 0.3, "accuracy": 0.7, "accuracy_kept": 1.0},
+        {"theta": 0.2, "coverage": 0.8, "flag_rate": 0.2, "accuracy": 0.76, "accuracy_kept": 0.95},
+        {"theta": 0.3, "coverage": 0.9, "flag_rate": 0.1, "accuracy": 0.855, "accuracy_kept": 0.95},
+        {"theta": 0.4, "coverage": 1.0, "flag_rate": 0.0, "accuracy": 0.9, "accuracy_kept": 0.9},
+    ]
+    assert choose_theta(curve, 0.2)[0]["theta"] == 0.3  # .2 and .3 tie on accuracy: more coverage wins
+    assert choose_theta(curve, 0.3)[0]["theta"] == 0.1
+    assert choose_theta(curve, 0.0)[0]["theta"] == 0.4
+    assert choose_tau([{"tau": 0.3, "iou_mean": 0.5}, {"tau": 0.6, "iou_mean": 0.5},
+                       {"tau": 0.9, "iou_mean": None}], current=0.5)["tau"] == 0.6
+    assert choose_tau([{"tau": 0.3, "iou_mean": None}], current=0.5) is None
+
+
+def test_max_flag_rate_validated(run, tmp_path):
+    with pytest.raises(ValueError):
+        calibrate(FakeEnsemble(spec=VAL, run=run), fake_data(tmp_path, VAL), max_flag_rate=1.5)
+
+
+def test_validation_split_from_manifest(tmp_path):
+    from aax.data.synth import generate
+
+    src = generate("lesion", tmp_path / "data", n_per_class=3, size=32)
+    run = tmp_path / "run"
+    run.mkdir()
+    val_files = ["images/diseased/diseased_00001.png", "images/healthy/healthy_00002.png"]
+    (run / "aax.json").write_text(json.dumps({"data": {"source": str(src), "root": str(src), "format": "folder",
+                                                       "val_files": val_files}}))
+    val = validation_split(run)
+    assert [Path(s.image).relative_to(src).as_posix() for s in val] == val_files
+    assert [s.label for s in val] == ["diseased", "healthy"]
+    (src / val_files[0]).unlink()
+    with pytest.raises(ValueError, match="no longer in"):
+        validation_split(run)
+    (run / "aax.json").write_text(json.dumps({"data": {"source": None}}))
+    with pytest.raises(ValueError, match="no validation split"):
+        validation_split(run)
+
+
+@pytest.mark.slow
+def test_calibrate_run_on_a_trained_run(request, tmp_path):
+    import shutil
+
+    from test_evaluate import session_fixture
+
+    from aax.calibrate import calibrate_run
+    from aax.ensemble import Ensemble
+
+    run = tmp_path / "run"
+    shutil.copytree(session_fixture(request, "trained_run"), run)  # the session's run stays as it is
+    before = json.loads((run / "aax.json").read_text())
+    result = calibrate_run(run, max_flag_rate=0.3)
+    assert result["n"] == before["data"]["n_val"]
+    assert "validation split" in result["data"]
+    if result["constraint_met"]:
+        assert result["flag_rate"] <= 0.3
+    assert result["theta"] >= result["theta_candidate"]
+    assert result["n_masks"] == before["data"]["val_counts"]["diseased"]  # synthetic lesions have masks
+    assert result["tau"] in [pytest.approx(t) for t in result["tau_grid"]]
+    loaded = Ensemble.load(run)
+    assert loaded.theta == pytest.approx(result["theta"]) and loaded.tau == pytest.approx(result["tau"])
+    after = json.loads((run / "aax.json").read_text())
+    assert after["members"] == before["members"] and after["data"] == before["data"]
+    assert (run / "calibration" / "risk_coverage.png").is_file()
+
+
+@pytest.mark.slow
+def test_calibrate_command(request, tmp_path):
+    import shutil
+
+    from test_evaluate import session_fixture, small_split
+
+    from aax.cli import main
+    from aax.data import write_manifest
+
+    run = tmp_path / "run"
+    shutil.copytree(session_fixture(request, "trained_run"), run)
+    val = write_manifest(small_split(session_fixture(request, "lesion_dir"), per_class=4), tmp_path / "val.csv")
+    assert main(["calibrate", str(run), str(val), "--max-flag-rate", "0.5", "--batch-size", "4"]) == 0
+    cal = json.loads((run / "aax.json").read_text())["calibration"]
+    assert cal["n"] == 8 and cal["max_flag_rate"] == 0.5 and cal["data"] == str(val)
+    assert main(["calibrate", str(tmp_path / "no-run"), str(val)]) == 2
