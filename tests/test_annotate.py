@@ -180,3 +180,14 @@ def test_coco_round_trip_through_pycocotools(trained_run, input_dir, tmp_path):
     assert main(["export", str(out), "--format", "png", "--to", str(tmp_path / "flat")]) == 0
     index = (tmp_path / "flat" / "index.csv").read_text().splitlines()
     assert len(index) == 1 + len(with_masks)
+
+
+def test_results_do_not_depend_on_batching(ensemble, input_dir):
+    files = [f for f in image_files(input_dir) if f.parent.name != "broken"]
+    one = list(ensemble.annotate(files, batch_size=1, workers=0, mc_passes=8))
+    many = list(ensemble.annotate(files[::-1], batch_size=5, workers=0, mc_passes=8))[::-1]
+    for a, b in zip(one, many):
+        assert a.image == b.image and a.decision == b.decision
+        for ma, mb in zip(a.members, b.members):
+            np.testing.assert_allclose(ma.probs, mb.probs, atol=1e-5)
+            assert ma.uncertainty == pytest.approx(mb.uncertainty, abs=1e-5)

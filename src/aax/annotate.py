@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import hashlib
 import os
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +128,11 @@ def _collate(batch: list[dict]) -> dict:
     }
 
 
+def image_seed(path: str | os.PathLike) -> int:
+    """A stable MC Dropout seed for an image: its file name, not its batch, decides."""
+    return zlib.crc32(Path(path).name.encode())
+
+
 def default_workers() -> int:
     """DataLoader workers: enough to hide decoding, leaving cores to compute."""
     cpus = os.cpu_count() or 1
@@ -136,7 +142,7 @@ def default_workers() -> int:
 @torch.no_grad()
 def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[int, int]],
                    settings: AnnotateSettings, keep_saliency: bool = False,
-                   amp: bool = False) -> list[AnnotationRecord]:
+                   amp: bool = False, seeds: Sequence[int] | None = None) -> list[AnnotationRecord]:
     """Annotate one prepared batch ``x`` ``[B, 3, S, S]`` (no I/O).
 
     Args:
@@ -147,6 +153,8 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
         settings: theta, tau, K and quorum.
         keep_saliency: keep every member's map (at the original size) in the records.
         amp: run the backbones under autocast (CUDA), the head and maps in float32.
+        seeds: one MC Dropout seed per image (see :func:`image_seed`), for results that
+            do not depend on batching; None draws from torch's global generator.
     """
     device = ensemble.device
     x = x.to(device, non_blocking=True)
@@ -155,11 +163,12 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
     names = list(ensemble.members)
     probs, uncert, feats = [], [], []
     autocast = torch.autocast(device.type) if amp and device.type == "cuda" else contextlib.nullcontext()
-    for member in ensemble.members.values():
+    for m, member in enumerate(ensemble.members.values()):
+        member_seeds = None if seeds is None else [(s * 31 + m) & 0xFFFFFFFF for s in seeds]
         with autocast:
             a = member.features(x)
         a = a.float()
-        summary = summarize(mc_probabilities(member.head, member.head.pool(a), settings.mc_passes))
+        summary = summarize(mc_probabilities(member.head, member.head.pool(a), settings.mc_passes, member_seeds))
         probs.append(summary.probs)
         uncert.append(summary.uncertainty)
         feats.append(a)
@@ -227,7 +236,8 @@ def annotate(ensemble: Ensemble, images: Iterable[Any], *, theta: float | None =
         for index, reason in batch["errors"]:
             done[index] = AnnotationRecord(image="", status="error", error=reason)
         if batch["x"] is not None:
-            results = annotate_batch(ensemble, batch["x"], batch["size"], settings, keep_saliency, amp)
+            seeds = [image_seed(items[i].path) for i in batch["index"]]
+            results = annotate_batch(ensemble, batch["x"], batch["size"], settings, keep_saliency, amp, seeds)
             for index, record, preview in zip(batch["index"], results, batch["preview"]):
                 record.preview = preview
                 done[index] = record

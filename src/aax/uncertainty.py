@@ -6,6 +6,7 @@ features are exactly K stochastic passes of the whole network, at a fraction of 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -21,16 +22,42 @@ class MCSummary(NamedTuple):
     predicted: torch.Tensor  # [B] argmax of probs
 
 
-def mc_probabilities(head: MCHead, pooled: torch.Tensor, passes: int) -> torch.Tensor:
+def dropout_masks(seeds: Sequence[int], passes: int, features: int, p: float,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """Inverted-dropout masks ``[K, B, F]`` (0 or ``1/(1-p)``), one seeded stream per image.
+
+    Seeding per image (not per batch) makes an image's uncertainty the same whatever
+    batch it lands in, so a resumed or re-ordered run reproduces its numbers.
+    """
+    keep = 1.0 - p
+    out = torch.empty(passes, len(seeds), features, device=device)
+    generator = torch.Generator(device=device)
+    probs = torch.full((passes, features), keep, device=device)
+    for b, seed in enumerate(seeds):
+        generator.manual_seed(int(seed))
+        out[:, b] = torch.bernoulli(probs, generator=generator)
+    return out / keep if keep > 0 else out
+
+
+def mc_probabilities(head: MCHead, pooled: torch.Tensor, passes: int,
+                     seeds: Sequence[int] | None = None) -> torch.Tensor:
     """Softmax outputs of ``passes`` stochastic head passes: ``[K, B, C]``.
 
     All passes run as one batched matrix product (each row draws its own dropout mask).
+    With ``seeds`` (one per image), the masks come from :func:`dropout_masks`, so the
+    result is reproducible; without, from torch's global generator.
     """
     if passes < 1:
         raise ValueError(f"passes must be >= 1, got {passes}")
     b, f = pooled.shape
-    stacked = pooled.unsqueeze(0).expand(passes, b, f).reshape(passes * b, f)
-    logits = head.classify(stacked, stochastic=True)
+    stacked = pooled.unsqueeze(0).expand(passes, b, f)
+    if seeds is not None:
+        if len(seeds) != b:
+            raise ValueError(f"need one seed per image: {len(seeds)} seeds for {b} images")
+        masked = stacked * dropout_masks(seeds, passes, f, head.p, pooled.device)
+        logits = head.classify(masked.reshape(passes * b, f), stochastic=False)
+    else:
+        logits = head.classify(stacked.reshape(passes * b, f), stochastic=True)
     return logits.softmax(dim=-1).view(passes, b, -1)
 
 
