@@ -1,0 +1,75 @@
+"""``aax data check``: what a dataset holds, and every file in it that cannot be used."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from aax.data import FORMATS, open_dataset
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``aax data`` and its sub-commands."""
+    parser = subparsers.add_parser("data", help="inspect and check datasets",
+                                   description="Inspect and check datasets.")
+    sub = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    check = sub.add_parser(
+        "check", help="count samples and masks per class, list unusable files",
+        description="Open a dataset, decode every image and mask, and report counts per "
+                    "class and every file that cannot be used. Exit status 1 when any "
+                    "file is unusable, 2 when the source cannot be opened.")
+    check.add_argument("source", help="dataset folder or CSV manifest")
+    check.add_argument("--format", choices=FORMATS, default=None,
+                       help="layout of SOURCE (default: detected)")
+    check.add_argument("--split", default=None, help="TBX11K list to read, e.g. val")
+    check.add_argument("--include-sick", action="store_true",
+                       help="TBX11K: keep sick (non-TB) images as the class 'sick'")
+    check.add_argument("--classes", default=None,
+                       help="comma-separated allowed class names; other labels are errors")
+    check.add_argument("--json", action="store_true", help="print one JSON object")
+    check.add_argument("--no-progress", action="store_true",
+                       help="no progress bar (it goes to stderr)")
+    check.set_defaults(func=run_check)
+    parser.set_defaults(func=lambda args: _usage(parser))
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """Run ``aax data check``; 0 when every file is usable, 1 when not, 2 on a bad source."""
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    try:
+        dataset = open_dataset(args.source, args.format, include_sick=args.include_sick,
+                               split=args.split, classes=classes)
+    except (OSError, ValueError) as exc:
+        print(f"aax data check: {exc}", file=sys.stderr)
+        return 2
+    # the bar goes to stderr, so --json output stays one clean object on stdout
+    dataset = dataset.verify(progress=not args.no_progress)
+    summary = dataset.summary()
+    summary["ok"] = not dataset.errors
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(format_summary(summary))
+    return 1 if dataset.errors else 0
+
+
+def format_summary(summary: dict) -> str:
+    """The text report of ``Dataset.summary()``."""
+    width = max([len("total")] + [len(c) for c in summary["classes"]])
+    lines = [f"{summary['source']} ({summary['format']})",
+             f"{'class':<{width}}  {'images':>7}  {'masks':>7}"]
+    for name, c in summary["classes"].items():
+        lines.append(f"{name:<{width}}  {c['images']:>7}  {c['masks']:>7}")
+    lines.append(f"{'total':<{width}}  {summary['n_samples']:>7}  {summary['n_masks']:>7}")
+    if summary["errors"]:
+        lines.append(f"{summary['n_errors']} unusable file(s):")
+        lines.extend(f"  {e['path']}: {e['reason']}" for e in summary["errors"])
+    else:
+        lines.append("no unusable files")
+    return "\n".join(lines)
