@@ -248,9 +248,6 @@ def annotate(ensemble: Ensemble, images: Iterable[Any], *, theta: float | None =
             yield record
 
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
-
-
 def collect_inputs(source: str | os.PathLike) -> tuple[list[InputItem], Path, list[tuple[Path, str]]]:
     """What ``aax annotate`` runs on: a folder of images (searched recursively), or
     anything :func:`aax.data.open_dataset` reads (a CSV manifest, TBX11K's layout).
@@ -258,18 +255,26 @@ def collect_inputs(source: str | os.PathLike) -> tuple[list[InputItem], Path, li
     Returns the items, the root that output names are relative to, and the files the
     dataset reader already found unusable, with their reasons.
     """
-    from aax.data import open_dataset
+    from aax.data import find_images, open_dataset
 
     source = Path(source)
     if not source.exists():
         raise FileNotFoundError(f"{source}: no such file or folder")
-    if source.is_dir() and not ((source / "lists").is_dir() and (source / "imgs").is_dir()):
-        paths = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        return [InputItem(p) for p in paths], source, []
+    if source.is_dir() and _format_or_none(source) != "tbx11k":
+        return [InputItem(p) for p in find_images(source)], source, []
     dataset = open_dataset(source)
     root = source if source.is_dir() else source.parent
     errors = [(Path(e.path), e.reason) for e in dataset.errors]
     return as_items(dataset), root, errors
+
+
+def _format_or_none(folder: Path) -> str | None:
+    from aax.data import detect_format
+
+    try:
+        return detect_format(folder)
+    except ValueError:  # a plain folder of images is no dataset layout, and needs none
+        return None
 
 
 def run_fingerprint(ensemble: Ensemble) -> str:
