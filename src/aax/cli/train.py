@@ -1,0 +1,146 @@
+"""``aax train DATA --out RUN``: train the ensemble members and write a RUN folder."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+from aax.cli._common import add_device_argument
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``train`` sub-command."""
+    from aax.members import DEFAULT_MEMBERS, MEMBERS
+
+    p = subparsers.add_parser(
+        "train", help="train the ensemble members on image-level labels",
+        description="Train each member with L = CE + lambda*Var, Adam, early stopping; "
+                    "writes RUN/aax.json, RUN/<member>.pt and RUN/history.csv. Options left "
+                    "out take their defaults (with --resume: the stored run's values).")
+    p.add_argument("data", help="dataset: a folder (images/<class>/...), a CSV manifest or TBX11K")
+    p.add_argument("--out", required=True, help="RUN folder to write")
+    p.add_argument("--members", nargs="+", choices=sorted(MEMBERS), default=None,
+                   help=f"members to train (default: {' '.join(DEFAULT_MEMBERS)})")
+    p.add_argument("--epochs", type=int, default=None, help="maximum epochs per member (default 50)")
+    p.add_argument("--patience", type=int, default=None,
+                   help="early-stopping patience in epochs, 0 = off (default 5)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per step (default 16)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate (default: 1e-3 from scratch, 1e-4 with --weights)")
+    p.add_argument("--image-size", type=int, default=None, help="input side in pixels (default 128)")
+    p.add_argument("--val-split", type=float, default=None,
+                   help="fraction of each class held out for validation (default 0.2)")
+    p.add_argument("--dropout", type=float, default=None, help="MC head dropout p (default 0.2)")
+    p.add_argument("--lambda-var", type=float, default=None,
+                   help="weight of the variance term (default 0.1)")
+    p.add_argument("--var-passes", type=int, default=None,
+                   help="stochastic head passes T for the variance term (default 4)")
+    p.add_argument("--weights", action="append", default=None, metavar="NAME=PATH",
+                   help="pretrained checkpoint (file or URL) for a member; repeatable")
+    p.add_argument("--negative-class", default=None, metavar="NAME",
+                   help="the negative class (default: healthy/no_fire/normal/... if present, "
+                        "else the first class alphabetically)")
+    p.add_argument("--class-weights", choices=["balanced"], default=None,
+                   help="weight the loss by inverse class frequency")
+    p.add_argument("--format", dest="data_format", default=None,
+                   help="dataset layout: folder, csv or tbx11k (default: detect)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
+                   help="train without augmentation")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="skip calibrating theta/tau on the validation split afterwards "
+                        "(run `aax calibrate RUN` later)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_device_argument(p)
+    p.set_defaults(func=run)
+
+
+def _weights(items: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--weights expects NAME=PATH, got {item!r}")
+        out[name] = path
+    return out
+
+
+def build_config(args: argparse.Namespace) -> Any:
+    """The :class:`~aax.train.TrainConfig` for ``args``.
+
+    With ``--resume`` and an existing manifest, the stored settings are the base and
+    only options given on the command line change them (a change is then refused by
+    :func:`aax.train.train`, which names it).
+    """
+    from aax.train import TrainConfig
+    from aax.training import runfiles
+
+    base: dict[str, Any] = {}
+    manifest = Path(args.out) / runfiles.MANIFEST
+    if args.resume and manifest.is_file():
+        stored = runfiles.read_json(manifest).get("training", {})
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        base = {k: v for k, v in stored.items() if k in names}
+    given = {
+        "members": tuple(args.members) if args.members else None,
+        "epochs": args.epochs, "patience": args.patience, "batch_size": args.batch_size,
+        "lr": args.lr, "image_size": args.image_size, "val_split": args.val_split,
+        "dropout": args.dropout, "lambda_var": args.lambda_var, "var_passes": args.var_passes,
+        "weights": _weights(args.weights) if args.weights else None,
+        "negative_class": args.negative_class, "class_weights": args.class_weights,
+        "data_format": args.data_format, "seed": args.seed, "augment": args.augment,
+    }
+    base.update({k: v for k, v in given.items() if v is not None})
+    if "members" in base:
+        base["members"] = tuple(base["members"])
+    return TrainConfig(**base, device=args.device, resume=args.resume,
+                       progress=not args.no_progress)
+
+
+def _after_training(run: Path, args: argparse.Namespace) -> None:
+    """Calibrate theta/tau on the validation split the manifest records (``aax calibrate``).
+
+    A calibration that fails does not undo the training: it is reported, and
+    ``aax calibrate RUN`` can be run again later.
+    """
+    if args.no_calibrate:
+        return
+    try:
+        from aax.calibrate import calibrate_run
+
+        result = calibrate_run(run, device=args.device)
+    except Exception as exc:  # the run itself is complete and usable with theta 0.1, tau 0.5
+        print(f"WARNING: calibration failed ({type(exc).__name__}: {exc}); the run keeps "
+              f"theta and tau as they were; retry with `aax calibrate {run}`", file=sys.stderr)
+        return
+    print(f"calibrated on the validation split: theta {result['theta']:.4g}, "
+          f"tau {result['tau']}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``aax train``; returns the exit status."""
+    from aax.train import train
+    from aax.training import runfiles
+
+    try:
+        config = build_config(args)
+        out = train(args.data, args.out, config)
+    except (ValueError, FileNotFoundError) as exc:  # RunError, WeightsError are ValueErrors
+        print(f"aax train: error: {exc}", file=sys.stderr)
+        return 2
+    manifest = runfiles.read_json(out / runfiles.MANIFEST)
+    print(f"wrote {out} ({manifest['data']['n_train']} training, {manifest['data']['n_val']} "
+          f"validation images; classes {', '.join(manifest['classes'])}; negative "
+          f"{manifest['negative_class']})")
+    for m in manifest["members"]:
+        flag = "" if m["converged"] else "   <-- WARNING: near chance, see history.csv"
+        print(f"  {m['name']:<16} best epoch {m['best_epoch']:>3}  val loss {m['val_loss']:.4f}  "
+              f"val accuracy {m['val_accuracy']:.3f}{flag}")
+    for w in manifest.get("warnings", []):
+        print(f"WARNING: {w}", file=sys.stderr)
+    _after_training(out, args)
+    return 0

@@ -1,0 +1,168 @@
+"""The trained ensemble, as read back from a RUN folder (see docs/architecture.md).
+
+``Ensemble.load(run)`` checks every checkpoint against the manifest (member, classes,
+image size, normalisation) before loading it, with ``torch.load(weights_only=True)``,
+and refuses one that does not fit with a message naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from aax.device import resolve_device
+from aax.members import MEMBERS, Member, build_member
+from aax.training import runfiles
+from aax.training.runfiles import RunError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from aax.records import AnnotationRecord
+
+__all__ = ["Ensemble", "RunError"]
+
+
+def _fail(path: Path, why: str) -> RunError:
+    return RunError(f"{path}: {why}")
+
+
+def _load_member(run: Path, entry: dict[str, Any], manifest: dict[str, Any],
+                 device: torch.device) -> Member:
+    name = entry.get("name")
+    if name not in MEMBERS:
+        raise _fail(run / runfiles.MANIFEST, f"unknown member {name!r}")
+    path = run / entry.get("checkpoint", runfiles.checkpoint_name(name))
+    if not path.is_file():
+        raise _fail(path, f"checkpoint of {name} is missing")
+    try:
+        ckpt = runfiles.load_torch(path, map_location="cpu")
+    except Exception as exc:  # unpickling refused (weights_only), truncated file, ...
+        raise _fail(path, f"cannot be read as a checkpoint ({exc})") from exc
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise _fail(path, "is not an AAX member checkpoint (no state_dict)")
+    checks = [("member", name), ("classes", manifest["classes"]),
+              ("image_size", manifest["image_size"]),
+              ("normalisation", manifest["normalisation"])]
+    for key, expected in checks:
+        found = ckpt.get(key)
+        if key == "normalisation" and isinstance(found, dict):
+            found = {k: [float(v) for v in found[k]] for k in ("mean", "std") if k in found}
+            expected = {k: [float(v) for v in expected[k]] for k in ("mean", "std")}
+        if found != expected:
+            raise _fail(path, f"does not fit the run: its {key} is {found!r}, the manifest "
+                              f"says {expected!r}")
+    dropout = float(ckpt.get("dropout", entry.get("dropout", 0.2)))
+    member = build_member(name, len(manifest["classes"]), dropout)
+    try:
+        member.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise _fail(path, f"weights do not fit {name}: {exc}") from exc
+    return member.to(device).eval()
+
+
+@dataclass
+class Ensemble:
+    """Members of a trained run and the settings the decision protocol uses.
+
+    Attributes:
+        members: member name -> :class:`~aax.members.Member` (eval mode, on ``device``),
+            in the manifest's order.
+        classes: class names (sorted; a class index is its position here).
+        negative_class: the negative class; ``negative_index`` its index.
+        image_size: model input side in pixels.
+        normalisation: ``(mean, std)`` per channel.
+        theta, tau, mc_passes, quorum: decision settings (calibrated values when the run
+            has been calibrated).
+        manifest: ``aax.json`` as a dict; run: the RUN folder; device: where members live.
+        channels_last: whether the members' weights are in channels-last memory format.
+    """
+
+    members: dict[str, Member]
+    classes: list[str]
+    negative_class: str
+    negative_index: int
+    image_size: int
+    normalisation: tuple[tuple[float, ...], tuple[float, ...]]
+    theta: float
+    tau: float | dict[str, float]
+    mc_passes: int
+    quorum: int
+    manifest: dict[str, Any] = field(repr=False)
+    run: Path = Path(".")
+    device: torch.device = torch.device("cpu")
+    channels_last: bool = False
+
+    @classmethod
+    def load(cls, run: str | os.PathLike[str], device: str | torch.device | None = None,
+             channels_last: bool = False) -> Ensemble:
+        """Read ``run/aax.json`` and every member checkpoint it lists.
+
+        ``channels_last`` stores the members in channels-last memory format (faster
+        convolutions on recent GPUs).
+
+        Raises:
+            RunError: no manifest, an unfinished run, or a checkpoint that is missing,
+                unreadable or does not fit the manifest (the message names the file).
+        """
+        run = Path(run)
+        path = run / runfiles.MANIFEST
+        if not path.is_file():
+            raise RunError(f"{path}: no such file; is {run} a RUN folder written by aax train?")
+        try:
+            manifest = runfiles.read_json(path)
+        except ValueError as exc:
+            raise _fail(path, f"not valid JSON ({exc})") from exc
+        missing = [k for k in ("classes", "negative_class", "image_size", "normalisation",
+                               "members") if k not in manifest]
+        if missing:
+            raise _fail(path, f"manifest lacks {missing}")
+        if manifest.get("status", "complete") != "complete" or not manifest["members"]:
+            raise _fail(path, "training has not finished; continue it with "
+                              "`aax train DATA --out RUN --resume`")
+        dev = resolve_device(device)
+        members = {e["name"]: _load_member(run, e, manifest, dev) for e in manifest["members"]}
+        if channels_last:
+            members = {n: m.to(memory_format=torch.channels_last) for n, m in members.items()}
+        classes = list(manifest["classes"])
+        negative = manifest["negative_class"]
+        if negative not in classes:
+            raise _fail(path, f"negative class {negative!r} is not among {classes}")
+        norm = manifest["normalisation"]
+        return cls(
+            members=members, classes=classes, negative_class=negative,
+            negative_index=classes.index(negative), image_size=int(manifest["image_size"]),
+            normalisation=(tuple(float(v) for v in norm["mean"]),
+                           tuple(float(v) for v in norm["std"])),
+            # aax calibrate rewrites these two in place (and records how in "calibration").
+            theta=float(manifest.get("theta", 0.1)),
+            tau=_tau(manifest.get("tau", 0.5)),
+            mc_passes=int(manifest.get("mc_passes", 30)),
+            quorum=int(manifest.get("quorum", len(members) // 2 + 1)),
+            manifest=manifest, run=run, device=dev, channels_last=channels_last)
+
+    # -- annotation: thin wrappers over aax.annotate --------------------------------
+    def annotate(self, images: Iterable[Any], **options: Any) -> Iterator[AnnotationRecord]:
+        """Annotate ``images`` (paths or an :mod:`aax.data` dataset), yielding one
+        :class:`~aax.records.AnnotationRecord` per image in input order; the records
+        ``aax annotate`` stores. Options: see :func:`aax.annotate.annotate`."""
+        from aax.annotate import annotate
+
+        return annotate(self, images, **options)
+
+    def annotate_to_folder(self, source: str | os.PathLike[str], out: str | os.PathLike[str],
+                           **options: Any) -> dict:
+        """What ``aax annotate`` does: see :func:`aax.annotate.annotate_to_folder`."""
+        from aax.annotate import annotate_to_folder
+
+        return annotate_to_folder(self, source, out, **options)
+
+
+def _tau(value: Any) -> Any:
+    # tau may be per class ({"class": tau}); keep that shape, else a float.
+    if isinstance(value, dict):
+        return {str(k): float(v) for k, v in value.items()}
+    return float(value)

@@ -1,0 +1,61 @@
+"""Session fixtures shared by the whole suite.
+
+- ``lesion_dir``: synthetic ``lesion`` data (64 px, seed 0), generated once.
+- ``trained_run``: all three members trained once on it (a RUN folder); slow, so every
+  test that needs a trained ensemble shares it.
+- ``ensemble``: ``Ensemble.load(trained_run)``.
+- ``tiny_lesion_dir``: smaller, 32 px data for tests that train a member themselves.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# The test machine has 2 cores; more threads than cores only adds contention.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+LESION_PER_CLASS = 40
+"""Images per class of ``lesion_dir`` (80 in all: 64 train, 16 validation)."""
+
+TRAINED_RUN_CONFIG = dict(epochs=8, patience=8, image_size=64, seed=0, progress=False)
+"""Settings of ``trained_run`` beyond the defaults (see docs/training.md for timings)."""
+
+
+@pytest.fixture(scope="session")
+def lesion_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic lesion data, ``images/{healthy,diseased}/*.png`` plus masks, 64 px."""
+    from aax.data import synth
+
+    out = tmp_path_factory.mktemp("lesion")
+    return synth.generate("lesion", out, n_per_class=LESION_PER_CLASS, size=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_lesion_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 images per class at 32 px: for tests that train a member for an epoch or two."""
+    from aax.data import synth
+
+    out = tmp_path_factory.mktemp("tiny_lesion")
+    return synth.generate("lesion", out, n_per_class=12, size=32, seed=1)
+
+
+@pytest.fixture(scope="session")
+def trained_run(lesion_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A RUN folder with resnet50, efficientnet-b0 and densenet121 trained on
+    ``lesion_dir`` (every member clearly above chance on its validation split)."""
+    from aax.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("runs") / "lesion-run"
+    return train(lesion_dir, out, TrainConfig(**TRAINED_RUN_CONFIG))
+
+
+@pytest.fixture(scope="session")
+def ensemble(trained_run: Path):
+    """The trained ensemble, loaded on the CPU."""
+    from aax.ensemble import Ensemble
+
+    return Ensemble.load(trained_run, device="cpu")

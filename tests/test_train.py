@@ -1,0 +1,317 @@
+"""Training: the loss, early stopping, resume, the RUN folder, ``aax train``, Ensemble.load."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aax.cli import main
+from aax.ensemble import Ensemble, RunError
+from aax.members import build_member
+from aax.train import TrainConfig, default_negative_class, resolve_negative_class, train
+from aax.training import runfiles
+from aax.training.loop import lr_factor, member_loss
+
+FAST = dict(members=("efficientnet-b0",), image_size=32, batch_size=8, progress=False)
+
+
+def _rows(run: Path) -> list[dict[str, str]]:
+    with open(run / "history.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+# --- the objective ---------------------------------------------------------------------
+
+def test_variance_term_matches_a_direct_computation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``L = CE + lambda * Var`` equals a pass-by-pass computation with the same masks."""
+    torch.manual_seed(0)
+    # resnet50: no stochastic layer in the backbone, so the features can be recomputed.
+    member = build_member("resnet50", 3, dropout=0.5).train()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 1])
+    passes, lam = 5, 0.7
+    masks: list[torch.Tensor] = []
+
+    def recording_dropout(t, p=0.5, training=True, inplace=False):
+        if not training:
+            return t
+        mask = (torch.rand(t.shape) >= p).float() / (1 - p)
+        masks.append(mask)
+        return t * mask
+
+    monkeypatch.setattr(F, "dropout", recording_dropout)
+    torch.manual_seed(1)
+    parts = member_loss(member, x, y, lambda_var=lam, passes=passes)
+    assert len(masks) == 2  # one CE pass, then all T passes in one batched call
+
+    with torch.no_grad():
+        pooled = member.head.pool(member.features(x))
+        ce = F.cross_entropy(member.head.fc(pooled * masks[0]), y)
+        stacked = masks[1].view(passes, 4, -1)
+        probs = [member.head.fc(pooled * stacked[t]).softmax(dim=1) for t in range(passes)]
+        mean = sum(probs) / passes
+        var = sum((p - mean) ** 2 for p in probs) / passes  # population variance, [B, C]
+        expected = ce + lam * var.mean()
+    assert parts.var.item() > 0
+    assert torch.allclose(parts.var, var.mean(), atol=1e-6)
+    assert torch.allclose(parts.ce, ce, atol=1e-5)
+    assert torch.allclose(parts.total, expected, atol=1e-5)
+
+
+def test_variance_term_vanishes_without_dropout() -> None:
+    torch.manual_seed(0)
+    member = build_member("efficientnet-b0", 2, dropout=0.0).train()
+    parts = member_loss(member, torch.randn(2, 3, 32, 32), torch.tensor([0, 1]),
+                        lambda_var=1.0, passes=4)
+    assert float(parts.var.detach()) == pytest.approx(0.0, abs=1e-12)
+    parts.total.backward()  # the composite loss is differentiable end to end
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor() -> None:
+    f = [lr_factor(s, 100, 10, 0.01) for s in range(101)]
+    assert f[0] < f[5] < f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert f[100] == pytest.approx(0.01)
+
+
+# --- settings ------------------------------------------------------------------------
+
+def test_negative_class_defaults_and_errors() -> None:
+    assert default_negative_class(["diseased", "healthy"]) == "healthy"
+    assert default_negative_class(["fire", "no_fire"]) == "no_fire"
+    assert default_negative_class(["Normal", "tb"]) == "Normal"
+    assert default_negative_class(["cat", "bird"]) == "bird"
+    assert resolve_negative_class(["a", "b"], "b") == "b"
+    with pytest.raises(ValueError, match="not among"):
+        resolve_negative_class(["a", "b"], "c")
+
+
+@pytest.mark.parametrize("bad", [dict(members=("vgg",)), dict(val_split=0.0),
+                                 dict(class_weights="x"), dict(var_passes=1),
+                                 dict(weights={"resnet50": "w.pth"}, members=("densenet121",))])
+def test_bad_settings_are_refused(bad: dict) -> None:
+    with pytest.raises(ValueError):
+        TrainConfig(**bad).validate()
+
+
+def test_default_lr_depends_on_pretrained_weights() -> None:
+    config = TrainConfig(weights={"resnet50": "x.pth"})
+    assert config.member_lr("resnet50") == pytest.approx(1e-4)
+    assert config.member_lr("densenet121") == pytest.approx(1e-3)
+    assert TrainConfig(lr=5e-4).member_lr("resnet50") == pytest.approx(5e-4)
+
+
+# --- the loop: early stopping, resume, reproducibility -----------------------------------
+
+def test_early_stopping_stops_after_patience(tiny_lesion_dir: Path, tmp_path: Path) -> None:
+    # lr 0 and no variance term: the validation loss is exactly the same every epoch.
+    run = train(tiny_lesion_dir, tmp_path / "run",
+                TrainConfig(**FAST, epochs=6, patience=2, lr=0.0, lambda_var=0.0))
+    rows = _rows(run)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert len({r["val_loss"] for r in rows}) == 1
+    entry = json.loads((run / "aax.json").read_text())["members"][0]
+    assert entry["best_epoch"] == 1 and entry["epochs_run"] == 3 and entry["stopped_early"]
+    assert not (run / "efficientnet-b0.last.pt").exists()
+
+
+class Interrupt(Exception):
+    """Raised from the epoch hook to simulate a crash."""
+
+
+def test_resume_continues_and_matches_an_uninterrupted_run(tiny_lesion_dir: Path,
+                                                           tmp_path: Path) -> None:
+    config = TrainConfig(**FAST, epochs=4, patience=10)
+    full = train(tiny_lesion_dir, tmp_path / "full", config)
+
+    def crash_after_two(row: dict) -> None:
+        if row["epoch"] == 2:
+            raise Interrupt
+
+    part = tmp_path / "part"
+    with pytest.raises(Interrupt):
+        train(tiny_lesion_dir, part, config, on_epoch=crash_after_two)
+    assert (part / "efficientnet-b0.last.pt").exists()
+    assert [int(r["epoch"]) for r in _rows(part)] == [1, 2]
+    with pytest.raises(RunError, match="resume"):
+        train(tiny_lesion_dir, part, config)  # not without resume=True
+    with pytest.raises(RunError, match="epochs"):
+        train(tiny_lesion_dir, part, TrainConfig(**FAST, epochs=5, patience=10, resume=True))
+    with pytest.raises(RunError, match="not finished"):
+        Ensemble.load(part)
+
+    seen: list[int] = []
+    train(tiny_lesion_dir, part, TrainConfig(**FAST, epochs=4, patience=10, resume=True),
+          on_epoch=lambda row: seen.append(row["epoch"]))
+
+    assert seen == [3, 4]  # no epoch is repeated
+    keys = ("member", "epoch", "train_loss", "val_loss", "val_accuracy", "lr", "best")
+    assert [[r[k] for k in keys] for r in _rows(part)] == [[r[k] for k in keys] for r in _rows(full)]
+    a = runfiles.load_torch(full / "efficientnet-b0.pt")
+    b = runfiles.load_torch(part / "efficientnet-b0.pt")
+    assert a["epoch"] == b["epoch"]
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert not (part / "efficientnet-b0.last.pt").exists()
+    assert json.loads((part / "aax.json").read_text())["status"] == "complete"
+
+
+def test_resume_skips_finished_members(tiny_lesion_dir: Path, tmp_path: Path) -> None:
+    config = TrainConfig(**{**FAST, "members": ("efficientnet-b0", "resnet50")}, epochs=1)
+    run = tmp_path / "run"
+
+    def crash_in_second(row: dict) -> None:
+        if row["member"] == "resnet50":
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(tiny_lesion_dir, run, config, on_epoch=crash_in_second)
+    first = (run / "efficientnet-b0.pt").read_bytes()
+    resumed = TrainConfig(**{**FAST, "members": ("efficientnet-b0", "resnet50")}, epochs=1,
+                          resume=True)
+    members_seen: list[str] = []
+    train(tiny_lesion_dir, run, resumed, on_epoch=lambda row: members_seen.append(row["member"]))
+    assert members_seen == []  # resnet50's only epoch had finished before the crash
+    assert (run / "efficientnet-b0.pt").read_bytes() == first
+    assert [r["member"] for r in _rows(run)] == ["efficientnet-b0", "resnet50"]
+    manifest = json.loads((run / "aax.json").read_text())
+    assert [m["name"] for m in manifest["members"]] == ["efficientnet-b0", "resnet50"]
+    assert manifest["quorum"] == 2
+
+
+def test_bad_images_are_reported_and_skipped(tiny_lesion_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_lesion_dir / "images", data / "images")
+    victim = sorted((data / "images" / "diseased").glob("*.png"))[0]
+    victim.write_bytes(victim.read_bytes()[:80])  # header intact, pixels cut off
+    (data / "images" / "healthy" / "junk.png").write_bytes(b"not an image at all")
+    run = train(data, tmp_path / "run", TrainConfig(**FAST, epochs=1, class_weights="balanced"))
+    manifest = json.loads((run / "aax.json").read_text())
+    skipped = {Path(s["path"]).name for s in manifest["data"]["skipped"]}
+    assert {victim.name, "junk.png"} <= skipped
+    assert manifest["data"]["n_train"] + manifest["data"]["n_val"] == 24 - 1  # junk never listed
+    assert manifest["training"]["class_weights"] == "balanced"
+
+
+# --- the RUN folder, the CLI and Ensemble.load ---------------------------------------------
+
+def test_cli_train_writes_a_run_that_loads(tiny_lesion_dir: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # A lukemelas-format checkpoint written here, to exercise --weights end to end.
+    source = build_member("efficientnet-b0", 2).net.state_dict()
+    lukemelas = {re.sub(r"^_blocks\.\d+\.(\d+)\.", r"_blocks.\1.", k): v
+                 for k, v in source.items() if not k.startswith("_fc.")}
+    weights = tmp_path / "efficientnet-b0-imagenet.pth"
+    torch.save(lukemelas, weights)
+    run = tmp_path / "RUN"
+    argv = ["train", str(tiny_lesion_dir), "--out", str(run), "--members", "efficientnet-b0",
+            "--epochs", "2", "--image-size", "32", "--batch-size", "8", "--no-progress",
+            "--weights", f"efficientnet-b0={weights}", "--negative-class", "healthy"]
+    calibrated: list[Path] = []
+    monkeypatch.setattr("aax.calibrate.calibrate_run",
+                        lambda run, **kw: calibrated.append(Path(run)) or {"theta": 0.1, "tau": 0.5})
+    assert main(argv) == 0
+    assert calibrated == [run]  # aax train calibrates at the end
+    out = capsys.readouterr().out
+    assert "efficientnet-b0" in out and str(run) in out
+
+    manifest = json.loads((run / "aax.json").read_text())
+    assert manifest["classes"] == ["diseased", "healthy"]
+    assert manifest["negative_class"] == "healthy"
+    assert manifest["image_size"] == 32
+    assert (manifest["theta"], manifest["tau"], manifest["mc_passes"], manifest["quorum"]) == (
+        0.1, 0.5, 30, 1)
+    assert manifest["status"] == "complete" and manifest["aax_version"]
+    data = manifest["data"]
+    assert data["n_train"] + data["n_val"] == 24 and len(data["val_files"]) == data["n_val"]
+    assert sorted(data["train_indices"] + data["val_indices"]) == list(range(24))
+    entry = manifest["members"][0]
+    assert entry["checkpoint"] == "efficientnet-b0.pt" and entry["lr"] == pytest.approx(1e-4)
+    assert entry["weights"]["loaded"] > 300 and entry["weights"]["missing"] == []
+    assert isinstance(entry["converged"], bool)
+    rows = _rows(run)
+    assert list(rows[0]) == list(runfiles.HISTORY_FIELDS)
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert all(float(r["images_per_s"]) > 0 and float(r["seconds"]) > 0 for r in rows)
+
+    ensemble = Ensemble.load(run)
+    assert list(ensemble.members) == ["efficientnet-b0"]
+    assert ensemble.classes == ["diseased", "healthy"] and ensemble.negative_index == 1
+    assert ensemble.image_size == 32 and ensemble.mc_passes == 30 and ensemble.quorum == 1
+    assert ensemble.normalisation[0] == pytest.approx((0.485, 0.456, 0.406))
+    assert ensemble.run == run and ensemble.device.type in ("cpu", "cuda")
+    assert not ensemble.members["efficientnet-b0"].training
+
+    # Resuming a finished run does nothing; changing a setting on resume is refused.
+    assert main(argv[:2] + ["--out", str(run), "--resume", "--no-progress", "--no-calibrate"]) == 0
+    assert calibrated == [run]
+    assert main(argv[:2] + ["--out", str(run), "--resume", "--epochs", "3"]) == 2
+    assert "epochs" in capsys.readouterr().err
+
+
+def test_cli_reports_bad_arguments(tiny_lesion_dir: Path, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture) -> None:
+    base = ["train", str(tiny_lesion_dir), "--out", str(tmp_path / "r"), "--no-progress",
+            "--no-calibrate",
+            "--members", "efficientnet-b0", "--epochs", "1", "--image-size", "32"]
+    assert main(base + ["--negative-class", "cats"]) == 2
+    assert "cats" in capsys.readouterr().err
+    assert main(base + ["--weights", "efficientnet-b0"]) == 2
+    assert "NAME=PATH" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_shared_run_has_every_file(trained_run: Path) -> None:
+    manifest = json.loads((trained_run / "aax.json").read_text())
+    names = [m["name"] for m in manifest["members"]]
+    assert names == ["resnet50", "efficientnet-b0", "densenet121"]
+    for name in names:
+        assert (trained_run / f"{name}.pt").is_file()
+        assert not (trained_run / f"{name}.last.pt").exists()
+    assert {r["member"] for r in _rows(trained_run)} == set(names)
+    assert manifest["quorum"] == 2 and manifest["negative_class"] == "healthy"
+
+
+def _copy_run(trained_run: Path, tmp_path: Path) -> Path:
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run)
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("field,value,message", [
+    ("classes", ["diseased", "sick"], "classes"),
+    ("member", "resnet50", "member"),
+    ("image_size", 128, "image_size"),
+])
+def test_mismatched_checkpoint_is_refused(trained_run: Path, tmp_path: Path, field: str,
+                                          value, message: str) -> None:
+    run = _copy_run(trained_run, tmp_path)
+    path = run / "densenet121.pt"
+    payload = runfiles.load_torch(path)
+    payload[field] = value
+    runfiles.save_torch(path, payload)
+    with pytest.raises(RunError) as err:
+        Ensemble.load(run)
+    assert "densenet121.pt" in str(err.value) and message in str(err.value)
+
+
+@pytest.mark.slow
+def test_wrong_weights_or_missing_checkpoint_are_refused(trained_run: Path, tmp_path: Path) -> None:
+    run = _copy_run(trained_run, tmp_path)
+    payload = runfiles.load_torch(run / "resnet50.pt")
+    payload["state_dict"] = runfiles.load_torch(run / "densenet121.pt")["state_dict"]
+    runfiles.save_torch(run / "resnet50.pt", payload)
+    with pytest.raises(RunError, match="resnet50.pt"):
+        Ensemble.load(run)
+    (run / "resnet50.pt").unlink()
+    with pytest.raises(RunError, match="missing"):
+        Ensemble.load(run)
+    with pytest.raises(RunError, match="aax.json"):
+        Ensemble.load(tmp_path / "nowhere")
