@@ -40,7 +40,8 @@ def _panel(image: np.ndarray, caption: str) -> np.ndarray:
 
     tile = Image.new("RGB", (PANEL, PANEL + CAPTION), "white")
     im = Image.fromarray(image)
-    im.thumbnail((PANEL, PANEL))
+    scale = PANEL / max(im.width, im.height)  # small images are enlarged to fill the panel
+    im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BILINEAR)
     tile.paste(im, ((PANEL - im.width) // 2, CAPTION + (PANEL - im.height) // 2))
     draw = ImageDraw.Draw(tile)
     for i, line in enumerate(caption.split("\n")[:2]):

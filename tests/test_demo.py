@@ -1,0 +1,31 @@
+"""The demo runs end to end (in its quick form) and leaves what the README promises."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from aax.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_demo_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for step in ("1/6", "2/6", "3/6", "4/6", "5/6", "6/6"):
+        assert step in printed
+    assert "report:" in printed and "| AAX" in printed
+    manifest = json.loads((out / "run" / "aax.json").read_text())
+    assert manifest["calibration"] and set(m["name"] for m in manifest["members"]) == {
+        "resnet50", "efficientnet-b0", "densenet121"}
+    metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
+    assert set(metrics["members"]) == {"resnet50", "efficientnet-b0", "densenet121"}
+    assert 0 <= metrics["ensemble"]["accuracy"] <= 1 and "unseen" in metrics
+    html = (out / "evaluation" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 3
+    summary = json.loads((out / "annotations" / "summary.json").read_text())
+    assert summary["images"] == 16 and summary["errors"] == 0
+    assert summary["masks"] == len(list((out / "annotations" / "masks").rglob("*.png")))
