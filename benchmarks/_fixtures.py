@@ -65,6 +65,13 @@ def git_revision(root: Path) -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def _parallel_backend() -> str | None:
+    for line in torch.__config__.parallel_info().splitlines():
+        if "parallel backend" in line:
+            return line.split(":", 1)[1].strip()
+    return None
+
+
 def machine_info(device: torch.device, root: Path) -> dict[str, Any]:
     """CPU, cores, memory, torch and thread settings, GPU (when used)."""
     import aax
@@ -83,7 +90,9 @@ def machine_info(device: torch.device, root: Path) -> dict[str, Any]:
         "torch_num_threads": torch.get_num_threads(),
         "torch_num_interop_threads": torch.get_num_interop_threads(),
         "env_threads": {k: os.environ.get(k) for k in
-                        ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")},
+                        ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                         "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")},
+        "parallel_backend": _parallel_backend(),
         "mkldnn": bool(torch.backends.mkldnn.is_available()),
         "load_average_start": load_average(),
     }

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from aax.decide import NO_PREDICTION, decide, intersect, map_class, predicted_classes
+from aax.decide import NO_PREDICTION, decide, map_class, predicted_classes
 from aax.explain import XGradCAM, normalise, upsample
 from aax.records import REVIEW, AnnotationRecord, MemberResult
 from aax.uncertainty import mc_probabilities, summarize
@@ -180,20 +180,17 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
     raw = [XGradCAM(member).raw(a, cam_class) for member, a in zip(ensemble.members.values(), feats)]
     raw = torch.stack(raw, dim=1)  # [B, M, h, w]
 
-    records = []
     classes = ensemble.classes
+    decisions = [decide(probs_np[b], uncert_np[b], settings.theta, ensemble.negative_index, settings.quorum)
+                 for b in range(len(sizes))]
+    taus = [settings.tau_for(classes[d.label]) if d.agreeing else 0.0 for d in decisions]
+    wanted = [b for b, d in enumerate(decisions) if keep_saliency or d.agreeing]
+    masks, maps = _maps_and_masks(raw, sizes, wanted, decisions, taus, keep_saliency)
+
+    records = []
     for b, (h, w) in enumerate(sizes):
-        decision = decide(probs_np[b], uncert_np[b], settings.theta, ensemble.negative_index,
-                          settings.quorum)
+        decision = decisions[b]
         predicted = predicted_classes(probs_np[b])
-        maps = None
-        if keep_saliency or decision.agreeing:
-            wanted = range(len(names)) if keep_saliency else decision.agreeing
-            maps = {i: normalise(upsample(raw[b, i][None], (h, w)))[0].cpu().numpy() for i in wanted}
-        mask = None
-        if decision.agreeing:
-            tau = settings.tau_for(classes[decision.label])
-            mask = intersect(np.stack([maps[i] for i in decision.agreeing]), tau)
         records.append(AnnotationRecord(
             image="",
             decision=REVIEW if decision.review else classes[decision.label],
@@ -203,11 +200,46 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
                                   uncertainty=float(uncert_np[b, i]),
                                   predicted=None if predicted[i] == NO_PREDICTION else classes[predicted[i]])
                      for i, n in enumerate(names)],
-            mask=mask,
-            saliency={names[i]: m.astype(np.float32) for i, m in maps.items()} if keep_saliency else None,
+            mask=masks.get(b),
+            saliency=dict(zip(names, maps[b])) if keep_saliency else None,
             size=(h, w),
         ))
     return records
+
+
+MAP_BUDGET = 1 << 25  # map pixels upsampled at once (128 MiB of float32)
+
+
+def _maps_and_masks(raw: torch.Tensor, sizes: Sequence[tuple[int, int]], wanted: Sequence[int],
+                    decisions: Sequence, taus: Sequence[float], keep: bool,
+                    ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """Masks (``min`` over the agreeing members' maps ``> tau``, as
+    :func:`aax.decide.intersect`) and, with ``keep``, every member's map, at each image's
+    original size.
+
+    Images of one size are upsampled together, on the device, in chunks of
+    :data:`MAP_BUDGET` pixels; only the boolean masks (and kept maps) leave the device.
+    """
+    masks: dict[int, np.ndarray] = {}
+    maps: dict[int, np.ndarray] = {}
+    m = raw.shape[1]
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for b in wanted:
+        by_size.setdefault(tuple(sizes[b]), []).append(b)
+    for (h, w), group in by_size.items():
+        step = max(1, MAP_BUDGET // (m * h * w))
+        for start in range(0, len(group), step):
+            chunk = group[start:start + step]
+            up = normalise(upsample(raw[chunk].flatten(0, 1), (h, w))).view(len(chunk), m, h, w)
+            for j, b in enumerate(chunk):
+                agreeing = list(decisions[b].agreeing)
+                if agreeing:
+                    masks[b] = (up[j, agreeing].amin(dim=0) > taus[b]).cpu().numpy()
+            if keep:
+                kept = up.cpu().numpy()
+                for j, b in enumerate(chunk):
+                    maps[b] = kept[j]
+    return masks, maps
 
 
 def annotate(ensemble: Ensemble, images: Iterable[Any], *, theta: float | None = None,
