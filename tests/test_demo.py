@@ -6,14 +6,18 @@ import json
 
 import pytest
 
-from aax.cli import main
+from aax.demo import DemoConfig, run_demo
 
 pytestmark = pytest.mark.slow
 
 
-def test_quick_demo_end_to_end(tmp_path, capsys):
+def test_demo_end_to_end_on_the_shared_run(trained_run, tmp_path, capsys):
+    """Every step after training (which tests/test_train.py covers) on the suite's run;
+    `make demo` itself is run and timed by hand (see the README)."""
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    config = DemoConfig.quick()
+    config.run = str(trained_run)
+    run_demo(out, config)
     printed = capsys.readouterr().out
     for step in ("1/6", "2/6", "3/6", "4/6", "5/6", "6/6"):
         assert step in printed

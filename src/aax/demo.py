@@ -8,6 +8,7 @@ tables 1-4, with images never trained on for the open-set view) and writes the r
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ class DemoConfig:
     members: tuple[str, ...] = DEFAULT_MEMBERS
     seed: int = 0
     device: str | None = None
+    run: str | None = None  # an already trained RUN to use instead of training (tests)
 
     @classmethod
     def quick(cls) -> DemoConfig:
@@ -66,10 +68,15 @@ def run_demo(out: str | os.PathLike = "demo-run", config: DemoConfig | None = No
                                 size=config.image_size, seed=config.seed + 2000)
 
     run = out / "run"
-    step(f"2/6 training {', '.join(config.members)} (at most {config.epochs} epochs each)")
-    train(train_dir, run, TrainConfig(members=config.members, epochs=config.epochs,
-                                      patience=config.patience, image_size=config.image_size,
-                                      seed=config.seed, device=config.device, resume=(run / "aax.json").exists()))
+    if config.run:
+        step(f"2/6 using the trained run {config.run}")
+        shutil.copytree(config.run, run, dirs_exist_ok=True)
+    else:
+        step(f"2/6 training {', '.join(config.members)} (at most {config.epochs} epochs each)")
+        train(train_dir, run, TrainConfig(members=config.members, epochs=config.epochs,
+                                          patience=config.patience, image_size=config.image_size,
+                                          seed=config.seed, device=config.device,
+                                          resume=(run / "aax.json").exists()))
     ensemble = Ensemble.load(run, device=config.device)
 
     step("3/6 calibrating theta and tau on the validation split")
