@@ -21,8 +21,11 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 LESION_PER_CLASS = 40
 """Images per class of ``lesion_dir`` (80 in all: 64 train, 16 validation)."""
 
-TRAINED_RUN_CONFIG = dict(epochs=8, patience=8, image_size=64, seed=0, progress=False)
-"""Settings of ``trained_run`` beyond the defaults (see docs/training.md for timings)."""
+TRAINED_RUN_CONFIG = dict(epochs=12, patience=12, image_size=64, seed=0, progress=False)
+"""Settings of ``trained_run`` beyond the defaults: 12 epochs with the default from-scratch
+recipe put every member at >= 0.81 eval-mode validation accuracy for seeds 0, 1 and 2,
+in about 40 s on 2 idle cores (docs/training.md); 8 epochs left ResNet-50 near chance
+for one seed out of three."""
 
 
 @pytest.fixture(scope="session")

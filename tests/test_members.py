@@ -12,6 +12,7 @@ from aax.data.transforms import prepare
 from aax.members import DEFAULT_MEMBERS, build_member
 from aax.training import runfiles
 from aax.training.loop import LoopSettings, member_loss, recalibrate_bn
+from aax.training.init import zero_init_residuals
 from aax.training.tensors import decode_samples
 
 
@@ -53,6 +54,25 @@ def test_each_member_fits_synthetic_images(name: str, tiny_lesion_dir: Path) -> 
         opt.step()
         losses.append(float(parts.total.detach()))
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
+
+
+@pytest.mark.parametrize("name,count", [("resnet50", 16), ("efficientnet-b0", 9),
+                                        ("densenet121", 0)])
+def test_zero_init_residuals_makes_residual_blocks_identities(name: str, count: int) -> None:
+    torch.manual_seed(0)
+    member = build_member(name, 2).eval()
+    touched = zero_init_residuals(member)
+    assert len(touched) == count
+    if name == "resnet50":
+        block = member.net.layer1[1]  # no downsample: out = relu(x + branch(x))
+        x = torch.randn(2, 256, 8, 8)
+        with torch.no_grad():
+            assert torch.equal(block(x), torch.relu(x))
+    if name == "efficientnet-b0":
+        block = dict(member.named_modules())[touched[0]]
+        x = torch.randn(2, block.in_channels, 8, 8)
+        with torch.no_grad():
+            assert torch.allclose(block(x), x)
 
 
 def test_recalibrated_bn_holds_the_data_statistics(tiny_lesion_dir: Path) -> None:

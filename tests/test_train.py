@@ -234,6 +234,7 @@ def test_cli_train_writes_a_run_that_loads(tiny_lesion_dir: Path, tmp_path: Path
     entry = manifest["members"][0]
     assert entry["checkpoint"] == "efficientnet-b0.pt" and entry["lr"] == pytest.approx(1e-4)
     assert entry["weights"]["loaded"] > 300 and entry["weights"]["missing"] == []
+    assert entry["init"] == "pretrained"
     assert isinstance(entry["converged"], bool)
     rows = _rows(run)
     assert list(rows[0]) == list(runfiles.HISTORY_FIELDS)
@@ -248,9 +249,13 @@ def test_cli_train_writes_a_run_that_loads(tiny_lesion_dir: Path, tmp_path: Path
     assert ensemble.run == run and ensemble.device.type in ("cpu", "cuda")
     assert not ensemble.members["efficientnet-b0"].training
 
-    # Resuming a finished run does nothing; changing a setting on resume is refused.
+    # Resuming a finished run does nothing (and keeps a calibrated theta); changing a
+    # setting on resume is refused.
+    manifest["theta"] = 0.25
+    runfiles.write_json(run / "aax.json", manifest)
     assert main(argv[:2] + ["--out", str(run), "--resume", "--no-progress", "--no-calibrate"]) == 0
     assert calibrated == [run]
+    assert json.loads((run / "aax.json").read_text())["theta"] == 0.25
     assert main(argv[:2] + ["--out", str(run), "--resume", "--epochs", "3"]) == 2
     assert "epochs" in capsys.readouterr().err
 
@@ -276,6 +281,8 @@ def test_shared_run_has_every_file(trained_run: Path) -> None:
         assert not (trained_run / f"{name}.last.pt").exists()
     assert {r["member"] for r in _rows(trained_run)} == set(names)
     assert manifest["quorum"] == 2 and manifest["negative_class"] == "healthy"
+    assert [m["init"] for m in manifest["members"]] == [
+        "zero-init residual", "zero-init residual", "default"]
 
 
 def _copy_run(trained_run: Path, tmp_path: Path) -> Path:
@@ -315,3 +322,67 @@ def test_wrong_weights_or_missing_checkpoint_are_refused(trained_run: Path, tmp_
         Ensemble.load(run)
     with pytest.raises(RunError, match="aax.json"):
         Ensemble.load(tmp_path / "nowhere")
+
+
+# --- augmentation ---------------------------------------------------------------------
+
+def test_augmentation_is_seeded_and_stays_in_range() -> None:
+    from aax.data.augment import Augment
+
+    x = torch.rand(6, 3, 32, 32)
+    aug = Augment()
+    a = aug(x, torch.Generator().manual_seed(5))
+    b = aug(x, torch.Generator().manual_seed(5))
+    c = aug(x, torch.Generator().manual_seed(6))
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+    assert not torch.allclose(a, x)
+
+
+def test_augmentation_parts() -> None:
+    from aax.data.augment import Augment
+
+    x = torch.rand(8, 3, 16, 16)
+    still = Augment(hflip=False, rotate=0, scale=0, translate=0, brightness=0, contrast=0)
+    assert torch.allclose(still(x, torch.Generator().manual_seed(0)), x, atol=1e-5)
+    flips = Augment(rotate=0, scale=0, translate=0, brightness=0, contrast=0)(
+        x, torch.Generator().manual_seed(0))
+    flipped = [torch.allclose(o, i.flip(-1), atol=1e-5) for o, i in zip(flips, x)]
+    kept = [torch.allclose(o, i, atol=1e-5) for o, i in zip(flips, x)]
+    assert all(f or k for f, k in zip(flipped, kept)) and any(flipped) and any(kept)
+    bright = Augment(hflip=False, rotate=0, scale=0, translate=0, brightness=0.2, contrast=0)
+    shift = bright(torch.full((4, 3, 8, 8), 0.5), torch.Generator().manual_seed(0)) - 0.5
+    per_image = shift.flatten(1)
+    assert torch.allclose(per_image, per_image[:, :1].expand_as(per_image), atol=1e-6)
+    assert float(per_image.abs().max()) <= 0.2 + 1e-6 and float(per_image.abs().max()) > 0
+
+
+def test_a_member_near_chance_is_flagged_everywhere(tiny_lesion_dir: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    import aax.train as train_module
+
+    real = train_module.train_member
+
+    def stuck(member, train_set, val_set, settings, **kw):
+        outcome = real(member, train_set, val_set, settings, **kw)
+        outcome.val_accuracy = 0.55  # majority rate of the split is 0.5
+        return outcome
+
+    monkeypatch.setattr(train_module, "train_member", stuck)
+    run = train(tiny_lesion_dir, tmp_path / "run", TrainConfig(**FAST, epochs=2))
+    manifest = json.loads((run / "aax.json").read_text())
+    entry = manifest["members"][0]
+    assert entry["converged"] is False and entry["majority_rate"] == 0.5
+    assert "did not learn" in entry["warning"] and manifest["warnings"] == [entry["warning"]]
+    rows = _rows(run)
+    assert rows[-1]["warning"] == "near chance" and rows[0]["warning"] == ""
+    assert "WARNING" in capsys.readouterr().err
+
+
+def test_balanced_class_weights() -> None:
+    from aax.train import _class_weight_tensor
+
+    w = _class_weight_tensor(torch.tensor([0, 0, 0, 1]), 2, "balanced")
+    assert torch.allclose(w, torch.tensor([4 / 6, 2.0]))
+    assert _class_weight_tensor(torch.tensor([0, 1]), 2, None) is None

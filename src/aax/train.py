@@ -321,7 +321,9 @@ def train(data: Any, out: str | os.PathLike[str], config: TrainConfig | None = N
         "classes": classes, "negative_class": negative, "image_size": size,
         "normalisation": normalisation,
         "members": list(manifest.get("members", [])),
-        "theta": THETA, "tau": TAU, "mc_passes": MC_PASSES,
+        # A resumed run keeps what calibration may already have written.
+        "theta": manifest.get("theta", THETA), "tau": manifest.get("tau", TAU),
+        "mc_passes": manifest.get("mc_passes", MC_PASSES),
         "quorum": _quorum(len(config.members)),
         "data": _data_block(dataset, root, config, train_idx, val_idx, train_set, val_set,
                             classes, skipped),
@@ -411,8 +413,7 @@ def _train_one(name: str, config: TrainConfig, classes: Sequence[str], train_set
         _say(report.summary())
         weights_report = report.to_dict()
         init = "pretrained"
-    elif config.zero_init_residual:
-        zero_init_residuals(member)
+    elif config.zero_init_residual and zero_init_residuals(member):
         init = "zero-init residual"
     lr = config.member_lr(name)
     settings = LoopSettings(
