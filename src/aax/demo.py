@@ -26,11 +26,11 @@ class DemoConfig:
     """
 
     image_size: int = 128
-    train_per_class: int = 80  # train + validation (20 % held out for calibration)
+    train_per_class: int = 120  # train + validation (20 % held out for calibration)
     test_per_class: int = 40
     unseen: int = 24  # `fire` images: a kind the ensemble never saw
-    epochs: int = 6
-    patience: int = 3
+    epochs: int = 12
+    patience: int = 4
     members: tuple[str, ...] = DEFAULT_MEMBERS
     seed: int = 0
     device: str | None = None
