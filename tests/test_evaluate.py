@@ -88,7 +88,7 @@ class FakeEnsemble:
         self.calls = []
 
     def annotate(self, images, *, theta=None, tau=None, mc_passes=None, batch_size=16,
-                 keep_saliency=False, device=None):
+                 keep_saliency=False, keep_preview=False, workers=None):
         self.calls.append({"theta": theta, "tau": tau, "keep_saliency": keep_saliency})
         theta = self.theta if theta is None else theta
         tau = self.tau if tau is None else tau
@@ -253,7 +253,8 @@ def test_tables_without_masks():
 
 
 def test_member_mask_per_class_tau():
-    from aax.evaluate import member_mask, tau_for
+    from aax.decide import tau_for
+    from aax.evaluate import member_mask
 
     sal = np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4)
     rec = AnnotationRecord(image="x", members=[MemberResult("m", [0.1, 0.9], 0.0, "diseased")],

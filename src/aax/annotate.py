@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from aax.decide import NO_PREDICTION, decide, map_class, predicted_classes
+from aax.decide import NO_PREDICTION, decide, map_class, predicted_classes, tau_for
 from aax.explain import XGradCAM, normalise, upsample
 from aax.records import REVIEW, AnnotationRecord, MemberResult
 from aax.uncertainty import mc_probabilities, summarize
@@ -48,9 +48,7 @@ class AnnotateSettings:
 
     def tau_for(self, class_name: str) -> float:
         """The mask threshold for ``class_name``."""
-        if isinstance(self.tau, dict):
-            return float(self.tau.get(class_name, self.tau.get("default", 0.5)))
-        return self.tau
+        return tau_for(self.tau, class_name)
 
     @classmethod
     def from_ensemble(cls, ensemble: Ensemble, theta: float | None = None, tau: float | None = None,
@@ -187,10 +185,11 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
     wanted = [b for b, d in enumerate(decisions) if keep_saliency or d.agreeing]
     masks, maps = _maps_and_masks(raw, sizes, wanted, decisions, taus, keep_saliency)
 
+    predicted_all = predicted_classes(probs_np.reshape(-1, probs_np.shape[-1])).reshape(probs_np.shape[:2])
     records = []
     for b, (h, w) in enumerate(sizes):
         decision = decisions[b]
-        predicted = predicted_classes(probs_np[b])
+        predicted = predicted_all[b]
         records.append(AnnotationRecord(
             image="",
             decision=REVIEW if decision.review else classes[decision.label],

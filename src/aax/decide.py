@@ -96,6 +96,14 @@ def intersect(maps: np.ndarray, tau: float) -> np.ndarray:
     return maps.min(axis=0) > tau
 
 
+def tau_for(tau: float | dict[str, float], class_name: str, default: float = 0.5) -> float:
+    """The mask threshold of ``class_name``: ``tau`` itself, or its entry when ``tau`` is
+    per class (a missing class gets ``default``)."""
+    if isinstance(tau, dict):
+        return float(tau.get(class_name, default))
+    return float(tau)
+
+
 def map_class(probs: np.ndarray, negative_index: int) -> int:
     """The class every member's saliency map shows: the positive class with the highest
     mean probability over the members (with two classes, always the positive one)."""

@@ -41,6 +41,7 @@ from aax.metrics import (
     risk_coverage,
     theta_candidates,
 )
+from aax.decide import tau_for
 from aax.records import REVIEW, AnnotationRecord
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -118,16 +119,10 @@ def _dataset_errors(dataset: Any) -> list[dict[str, str]]:
 
 def annotate_with(ensemble: Ensemble, images: Any, *, saliency: bool, preview: bool = False,
                   **kwargs: Any) -> Iterator[AnnotationRecord]:
-    """``ensemble.annotate`` with the maps (and small previews, when the ensemble
-    supports them) kept; ``kwargs`` that are None are left to the ensemble's defaults."""
-    import inspect
-
+    """``ensemble.annotate`` with the maps (and small previews) kept; ``kwargs`` that
+    are None are left to the ensemble's defaults."""
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    if preview:
-        params = inspect.signature(ensemble.annotate).parameters
-        if "keep_preview" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            kwargs["keep_preview"] = True
-    return iter(ensemble.annotate(images, keep_saliency=saliency, **kwargs))
+    return iter(ensemble.annotate(images, keep_saliency=saliency, keep_preview=preview, **kwargs))
 
 
 def paired(samples: Iterable[Any], records: Iterable[AnnotationRecord]) -> Iterator[tuple[Any, AnnotationRecord]]:
@@ -177,13 +172,6 @@ def member_decision(record: AnnotationRecord, index: int, theta: float) -> str:
 
 
 Tau = float | dict[str, float]  # one threshold, or one per positive class
-
-
-def tau_for(tau: Tau, class_name: str, default: float = 0.5) -> float:
-    """The mask threshold of ``class_name``: ``tau`` itself, or its entry when per class."""
-    if isinstance(tau, dict):
-        return float(tau.get(class_name, default))
-    return float(tau)
 
 
 def tau_text(tau: Tau) -> str:
