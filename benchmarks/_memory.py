@@ -104,11 +104,13 @@ class TreePoller:
 
 
 def run_annotate(run: Path, images: Path, out: Path, log: Path, *, device: str,
-                 batch_size: int, workers: int | None = None, extra: list[str] | None = None,
+                 batch_size: int | None, workers: int | None = None, extra: list[str] | None = None,
                  interval: float = 0.2) -> dict[str, Any]:
     """Run ``python -m aax annotate RUN IMAGES --out OUT`` and measure it."""
     cmd = [sys.executable, "-m", "aax", "annotate", str(run), str(images), "--out", str(out),
-           "--device", device, "--batch-size", str(batch_size), "--overwrite"]
+           "--device", device, "--overwrite"]
+    if batch_size is not None:
+        cmd += ["--batch-size", str(batch_size)]
     if workers is not None:
         cmd += ["--workers", str(workers)]
     cmd += extra or []

@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import inspect
 import json
+import math
 import os
 import resource
 import shutil
@@ -83,7 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # core and end to end
     p.add_argument("--sizes", type=int, nargs="+", default=[224, 128], help="model input sizes (px)")
     p.add_argument("--images", type=int, default=64, help="images per timed pass")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per batch for every figure; aax's choice for the device and size if not given")
     p.add_argument("--repeats", type=int, default=5, help="timed passes; the median is reported")
     p.add_argument("--warmup", type=int, default=1, help="untimed passes first")
     p.add_argument("--mc-passes", type=int, default=30, help="K")
@@ -95,7 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="images in the end-to-end folder (the same images, cycled as hard links): "
                         "enough that per-run fixed costs (checkpoint hashing, worker start) amortise")
     p.add_argument("--reference-images", type=int, default=16,
-                   help="the reference is slow: it runs on the first N of the same images")
+                   help="the reference is slow: it runs on the first N of the same images "
+                        "(at least one batch: batches of the same size as the others)")
     p.add_argument("--reference-repeats", type=int, default=1)
     p.add_argument("--workers", type=int, default=None,
                    help="decoding workers for end to end / memory; aax's choice if not given")
@@ -109,7 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="image counts for the peak-memory runs (first is the baseline)")
     p.add_argument("--memory-image-size", type=int, default=64, help="side of the memory-run PNGs")
     p.add_argument("--memory-model-size", type=int, default=64, help="model input size of the memory runs")
-    p.add_argument("--memory-batch-size", type=int, default=None, help="--batch-size if not given")
+    p.add_argument("--memory-batch-size", type=int, default=None,
+                   help="--batch-size if not given (and then aax's choice)")
     # training
     p.add_argument("--train-images", type=int, default=48, help="images per training epoch")
     p.add_argument("--train-size", type=int, default=128, help="training input size (px)")
@@ -180,7 +184,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
 # -- one input size -----------------------------------------------------------------------
 def bench_size(size: int, args: argparse.Namespace, members: dict[str, torch.nn.Module],
                paths: list[Path], work: Path, device: torch.device) -> dict[str, Any]:
-    from aax.annotate import AnnotateSettings, annotate_batch, annotate_to_folder
+    from aax.annotate import AnnotateSettings, annotate_batch, annotate_to_folder, default_batch_size
     from aax.decide import map_class
     from aax.explain import XGradCAM
     from aax.uncertainty import mc_probabilities, summarize
@@ -192,7 +196,7 @@ def bench_size(size: int, args: argparse.Namespace, members: dict[str, torch.nn.
     settings = AnnotateSettings.from_ensemble(ens)
     x_all, sizes_all = fx.decode(paths, size)
     x_all = x_all.to(device)
-    B = args.batch_size
+    B = args.batch_size or default_batch_size(device, size)
     seeds_all = image_seeds(paths)
     batches = [(x_all[i:i + B], sizes_all[i:i + B], seeds_all and seeds_all[i:i + B])
                for i in range(0, len(paths), B)]
@@ -312,7 +316,7 @@ def bench_size(size: int, args: argparse.Namespace, members: dict[str, torch.nn.
 
     if "core" in args.parts and args.reference_images > 0:
         result["reference"], result["map_check"] = bench_reference(
-            ens, x_all, sizes_all, settings, args, device)
+            ens, x_all, sizes_all, settings, args, device, B)
 
     floor_r = result.get("floor", {}).get("images_per_s")
     aax_r = result.get("aax", {}).get("images_per_s")
@@ -337,13 +341,14 @@ def bench_size(size: int, args: argparse.Namespace, members: dict[str, torch.nn.
 
 
 def bench_reference(ens: Any, x_all: torch.Tensor, sizes_all: list[tuple[int, int]], settings: Any,
-                    args: argparse.Namespace, device: torch.device) -> tuple[dict, dict]:
-    """Time the reference on the first ``--reference-images`` images; check on the first
-    batch that its maps are AAX's."""
+                    args: argparse.Namespace, device: torch.device, B: int) -> tuple[dict, dict]:
+    """Time the reference on the first ``--reference-images`` images, rounded up to whole
+    batches of ``B`` (the batch size of the other figures: on a CPU a smaller batch is
+    faster per image, so a smaller one here would flatter the reference); check on the
+    first batch that its maps are AAX's."""
     from aax.annotate import annotate_batch
 
-    n = min(args.reference_images, len(x_all))
-    B = min(args.batch_size, n)
+    n = min(len(x_all), B * max(1, math.ceil(args.reference_images / B)))
     batches = [(x_all[i:i + B], sizes_all[i:i + B]) for i in range(0, n, B)]
     hooks = {name: ActivationsAndGradients(m.target_layer) for name, m in ens.members.items()}
     kw = dict(passes=args.mc_passes, theta=settings.theta, tau=settings.tau_for("diseased"),
@@ -430,7 +435,7 @@ def bench_memory(args: argparse.Namespace, members: dict[str, torch.nn.Module], 
     counts = args.memory_counts
     say(f"\n== memory: `aax annotate` on {' vs '.join(map(str, counts))} images "
         f"({args.memory_image_size} px PNGs, model input {args.memory_model_size} px, "
-        f"batch {args.memory_batch_size})")
+        f"batch {args.memory_batch_size or 'chosen by aax'})")
     run = work / "run_memory"
     fx.write_run(run, members, args.memory_model_size, theta=args.theta, tau=args.tau,
                  mc_passes=args.mc_passes)
@@ -459,7 +464,8 @@ def bench_memory(args: argparse.Namespace, members: dict[str, torch.nn.Module], 
               "runs": runs,
               "ratio_peak_rss": big["peak_rss_mib"] / base["peak_rss_mib"],
               "ratio_tree_rss": big["peak_tree_rss_mib"] / max(base["peak_tree_rss_mib"], 1e-9),
-              "command": "python -m aax annotate RUN DIR --out OUT --device D --batch-size B --overwrite"}
+              "command": "python -m aax annotate RUN DIR --out OUT --device D --overwrite"
+                         + (f" --batch-size {args.memory_batch_size}" if args.memory_batch_size else "")}
     result["memory_ratio"] = max(result["ratio_peak_rss"], result["ratio_tree_rss"])
     say(f"  ratio {counts[-1]} / {counts[0]}: largest process {result['ratio_peak_rss']:.3f}, "
         f"process tree {result['ratio_tree_rss']:.3f}   {verdict('memory_ratio', result['memory_ratio'])}")

@@ -101,8 +101,9 @@ def test_command_writes_rows_masks_overlays_and_summary(trained_run, input_dir, 
         assert (Path(out) / saliency).is_file()
         if mask:
             assert decision not in ("healthy", "review")
-            m = np.asarray(Image.open(out / mask))
-            assert m.shape == (h, w) and set(np.unique(m)) <= {0, 255}
+            im = Image.open(out / mask)
+            assert im.mode == "1"  # a 1-bit black-and-white PNG
+            assert np.asarray(im).shape == (h, w) and set(np.unique(im.convert("L"))) <= {0, 255}
             assert mask == "masks/" + str(Path(image).relative_to(input_dir)) + ".png"
         else:
             assert decision in ("healthy", "review")
@@ -191,3 +192,18 @@ def test_results_do_not_depend_on_batching(ensemble, input_dir):
         for ma, mb in zip(a.members, b.members):
             np.testing.assert_allclose(ma.probs, mb.probs, atol=1e-5)
             assert ma.uncertainty == pytest.approx(mb.uncertainty, abs=1e-5)
+
+
+def test_decoding_in_worker_processes_gives_the_same_records(ensemble, input_dir):
+    files = image_files(input_dir)  # the broken files too: their errors cross the process boundary
+    inline = list(ensemble.annotate(files, batch_size=3, workers=0, mc_passes=8, keep_preview=True))
+    pooled = list(ensemble.annotate(files, batch_size=3, workers=2, mc_passes=8, keep_preview=True))
+    assert [r.image for r in pooled] == [r.image for r in inline]
+    for a, b in zip(inline, pooled):
+        assert (a.status, a.error, a.decision) == (b.status, b.error, b.decision)
+        assert [m.probs for m in a.members] == [m.probs for m in b.members]
+        assert (a.mask is None) == (b.mask is None)
+        if a.mask is not None:
+            assert np.array_equal(a.mask, b.mask)
+        if a.status == "ok":
+            assert a.preview.ndim == 3 and a.preview.shape[2] == 3 and np.array_equal(a.preview, b.preview)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from aax.data import ImageError, check_header, image_size, read_image, read_mask
@@ -306,3 +307,20 @@ def test_image_size_reads_header_only(tmp_path):
     Image.fromarray(_rgb(17, 23)).save(tmp_path / "s.png")
     assert image_size(tmp_path / "s.png") == (17, 23)
     assert image_size(png_header(tmp_path / "h.png", 300, 200)) == (200, 300)  # no pixels
+
+
+def test_keep_grey_gives_one_channel_and_the_same_model_input(tmp_path):
+    from aax.data.transforms import prepare
+
+    rng = np.random.default_rng(0)
+    grey = (rng.random((40, 30)) * 255).astype(np.uint8)
+    Image.fromarray(grey).save(tmp_path / "g.png")
+    Image.fromarray(np.stack([grey] * 3, -1)).save(tmp_path / "rgb.png")
+    one = read_image(tmp_path / "g.png", keep_grey=True)
+    assert one.shape == (40, 30, 1)
+    assert read_image(tmp_path / "g.png").shape == (40, 30, 3)
+    assert read_image(tmp_path / "rgb.png", keep_grey=True).shape == (40, 30, 3)  # colour stays colour
+    for size in (16, 40):
+        assert torch.equal(prepare(one, size), prepare(read_image(tmp_path / "rgb.png"), size))
+    with pytest.raises(ValueError, match="shape"):
+        prepare(np.zeros((8, 8, 2), np.float32), 8)

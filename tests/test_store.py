@@ -31,8 +31,10 @@ def test_rows_and_mask_files(tmp_path):
     store.add(AnnotationRecord(image=str(root / "b.png"), decision="healthy", reason="consensus", size=(4, 4)))
     store.add(AnnotationRecord(image=str(root / "c.png"), status="error", error="zero bytes"))
     store.close()
-    mask = np.asarray(Image.open(tmp_path / "out" / "masks" / "a" / "x.png.png"))
-    assert mask.shape == (6, 8) and set(np.unique(mask)) == {0, 255} and (mask == 255).sum() == 6
+    image = Image.open(tmp_path / "out" / "masks" / "a" / "x.png.png")
+    assert image.mode == "1"  # 1-bit black and white; 0/255 once converted to grey
+    assert set(np.unique(image.convert("L"))) == {0, 255}
+    assert np.array_equal(np.asarray(image), positive("x").mask)
     store = AnnotationStore(tmp_path / "out", SETTINGS)
     rows = list(store.rows())
     assert [r["image"] for r in rows] == [str(root / "a" / "x.png"), str(root / "b.png"), str(root / "c.png")]

@@ -41,3 +41,10 @@ def test_zero_dropout_has_zero_uncertainty():
     head = MCHead(8, 2, dropout=0.0)
     s = summarize(mc_probabilities(head, torch.randn(3, 8), 10))
     assert torch.all(s.uncertainty == 0)
+
+
+def test_masks_drop_at_rate_p_independently_of_the_seed_form():
+    masks = dropout_masks([3, -3, 2**40], 100, 200, 0.2)
+    dropped = (masks == 0).float().mean(dim=(0, 2))
+    assert torch.allclose(dropped, torch.full((3,), 0.2), atol=0.01)  # 20,000 draws each
+    assert not torch.equal(masks[:, 0], masks[:, 1])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import math
 import os
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -96,7 +97,7 @@ class _Decoded(TorchDataset):
         from aax.data.transforms import prepare
 
         try:
-            image = read_image(self.items[i].path)
+            image = read_image(self.items[i].path, keep_grey=True)  # prepare expands it
         except Exception as exc:  # noqa: BLE001 - any failure is this file's, not the run's
             return {"index": i, "error": getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"}
         out = {"index": i, "x": prepare(image, self.size, self.mean, self.std), "size": image.shape[:2]}
@@ -112,6 +113,7 @@ def _thumbnail(image: np.ndarray) -> np.ndarray:
     if scale < 1.0:
         x = torch.nn.functional.interpolate(x, size=(max(1, round(h * scale)), max(1, round(w * scale))),
                                             mode="bilinear", antialias=True, align_corners=False)
+    x = x.expand(-1, 3, -1, -1)  # grey images arrive as one channel
     return (x[0].permute(1, 2, 0).clamp(0, 1).numpy() * 255).astype(np.uint8)
 
 
@@ -131,10 +133,32 @@ def image_seed(path: str | os.PathLike) -> int:
     return zlib.crc32(Path(path).name.encode())
 
 
-def default_workers() -> int:
-    """DataLoader workers: enough to hide decoding, leaving cores to compute."""
+def default_workers(device: torch.device | str = "cpu") -> int:
+    """DataLoader worker processes for decoding, when none is asked for.
+
+    With a GPU the CPU is otherwise idle: up to 4 workers. On a CPU the members' threads
+    already use every core; a worker then only preempts them (each preemption stalls the
+    other threads at their next barrier), so on 2 cores decoding in the main process is
+    faster (measured in docs/performance.md). With more cores, one worker.
+    """
     cpus = os.cpu_count() or 1
-    return 1 if cpus <= 2 else min(4, cpus // 2)
+    if torch.device(device).type == "cuda":
+        return max(1, min(4, cpus - 1))
+    return 0 if cpus <= 2 else 1
+
+
+def default_batch_size(device: torch.device, image_size: int) -> int:
+    """Images per batch when none is given.
+
+    On a CPU, small batches are faster per image (the activations stay in cache): on
+    2 cores, 8 images of 128 px run about 15 % faster per image than 16, and 4 of 224 px about 50 %
+    faster (docs/performance.md). So about 2^17 input pixels per batch, rounded up to a
+    power of two. On a GPU, large batches keep it busy.
+    """
+    if device.type == "cuda":
+        return 32
+    want = (1 << 17) / max(1, image_size) ** 2
+    return int(min(16, max(1, 2 ** math.ceil(math.log2(want)))))
 
 
 @torch.no_grad()
@@ -206,7 +230,12 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
     return records
 
 
-MAP_BUDGET = 1 << 25  # map pixels upsampled at once (128 MiB of float32)
+def map_budget(device: torch.device) -> int:
+    """Map pixels upsampled at once. On a CPU, about one image's maps (4 MiB of float32),
+    so that the normalise / min / threshold passes that follow read them from cache:
+    4x faster than one large chunk at 512 px. On a GPU, large chunks (128 MiB), so that
+    few kernels are launched."""
+    return 1 << 25 if device.type == "cuda" else 1 << 20
 
 
 def _maps_and_masks(raw: torch.Tensor, sizes: Sequence[tuple[int, int]], wanted: Sequence[int],
@@ -217,19 +246,20 @@ def _maps_and_masks(raw: torch.Tensor, sizes: Sequence[tuple[int, int]], wanted:
     original size.
 
     Images of one size are upsampled together, on the device, in chunks of
-    :data:`MAP_BUDGET` pixels; only the boolean masks (and kept maps) leave the device.
+    :func:`map_budget` pixels; only the boolean masks (and kept maps) leave the device.
     """
     masks: dict[int, np.ndarray] = {}
     maps: dict[int, np.ndarray] = {}
     m = raw.shape[1]
+    budget = map_budget(raw.device)
     by_size: dict[tuple[int, int], list[int]] = {}
     for b in wanted:
         by_size.setdefault(tuple(sizes[b]), []).append(b)
     for (h, w), group in by_size.items():
-        step = max(1, MAP_BUDGET // (m * h * w))
+        step = max(1, budget // (m * h * w))
         for start in range(0, len(group), step):
             chunk = group[start:start + step]
-            up = normalise(upsample(raw[chunk].flatten(0, 1), (h, w))).view(len(chunk), m, h, w)
+            up = normalise(upsample(raw[chunk].flatten(0, 1), (h, w)), inplace=True).view(len(chunk), m, h, w)
             for j, b in enumerate(chunk):
                 agreeing = list(decisions[b].agreeing)
                 if agreeing:
@@ -242,7 +272,7 @@ def _maps_and_masks(raw: torch.Tensor, sizes: Sequence[tuple[int, int]], wanted:
 
 
 def annotate(ensemble: Ensemble, images: Iterable[Any], *, theta: float | None = None,
-             tau: float | None = None, mc_passes: int | None = None, batch_size: int = 16,
+             tau: float | None = None, mc_passes: int | None = None, batch_size: int | None = None,
              keep_saliency: bool = False, keep_preview: bool = False, workers: int | None = None,
              amp: bool = False) -> Iterator[AnnotationRecord]:
     """Annotate ``images`` (paths, or an :mod:`aax.data` dataset) and yield one record per
@@ -258,7 +288,8 @@ def annotate(ensemble: Ensemble, images: Iterable[Any], *, theta: float | None =
         return
     mean, std = ensemble.normalisation
     source = _Decoded(items, ensemble.image_size, mean, std, keep_preview)
-    workers = default_workers() if workers is None else workers
+    workers = default_workers(ensemble.device) if workers is None else workers
+    batch_size = batch_size or default_batch_size(ensemble.device, ensemble.image_size)
     loader = DataLoader(source, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
                         pin_memory=ensemble.device.type == "cuda",
                         prefetch_factor=4 if workers else None, persistent_workers=False)
@@ -320,7 +351,7 @@ def run_fingerprint(ensemble: Ensemble) -> str:
 
 def annotate_to_folder(ensemble: Ensemble, source: str | os.PathLike, out: str | os.PathLike, *,
                        theta: float | None = None, tau: float | None = None,
-                       mc_passes: int | None = None, batch_size: int = 16,
+                       mc_passes: int | None = None, batch_size: int | None = None,
                        save_saliency: bool = False, overwrite: bool = False,
                        workers: int | None = None, amp: bool = False,
                        progress: bool = True) -> dict:

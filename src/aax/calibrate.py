@@ -87,7 +87,7 @@ def _counts_over_taus(values_in: np.ndarray, values_out: np.ndarray,
 
 
 def collect(ensemble: Ensemble, data: Any, *, taus: Sequence[float] = TAU_GRID,
-            mc_passes: int | None = None, batch_size: int = 16, workers: int | None = None) -> Collected:
+            mc_passes: int | None = None, batch_size: int | None = None, workers: int | None = None) -> Collected:
     """Annotate ``data`` once (maps kept) and keep only what the sweeps need: the
     members' probabilities and uncertainties, and per-tau pixel counts of every mask
     the ensemble could form on each positive image with a ground-truth mask."""
@@ -196,7 +196,7 @@ def _load(ensemble_or_run: Any, device: str | None) -> Ensemble:
 
 
 def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_FLAG_RATE,
-              taus: Sequence[float] = TAU_GRID, mc_passes: int | None = None, batch_size: int = 16,
+              taus: Sequence[float] = TAU_GRID, mc_passes: int | None = None, batch_size: int | None = None,
               device: str | None = None, workers: int | None = None, write: bool = True,
               data_name: str | None = None) -> dict[str, Any]:
     """Choose theta (and tau, where ground-truth masks exist) on validation data.
@@ -342,7 +342,7 @@ def validation_split(run: str | os.PathLike) -> Any:
 
 def calibrate_run(run_dir: str | os.PathLike, *, max_flag_rate: float = MAX_FLAG_RATE,
                   ensemble: Ensemble | None = None, device: str | None = None,
-                  batch_size: int = 16) -> dict[str, Any]:
+                  batch_size: int | None = None) -> dict[str, Any]:
     """Calibrate a RUN on the validation split recorded in its manifest (what
     ``aax train`` calls at the end) and write the result into the RUN."""
     val = validation_split(run_dir)

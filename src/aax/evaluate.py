@@ -374,7 +374,7 @@ def _rate(flags: np.ndarray) -> float | None:
 
 def evaluate(ensemble: Ensemble, data: Any, *, unseen: Any = None, theta: float | None = None,
              tau: Tau | None = None, out: str | os.PathLike | None = None,
-             mc_passes: int | None = None, batch_size: int = 16, report: bool = True,
+             mc_passes: int | None = None, batch_size: int | None = None, report: bool = True,
              max_examples: int = 8, workers: int | None = None) -> dict[str, Any]:
     """Score the ensemble and each member alone on labelled ``data``.
 

@@ -40,12 +40,19 @@ def head_gradient(head: torch.nn.Module, features: torch.Tensor,
     return grad
 
 
-def normalise(maps: torch.Tensor) -> torch.Tensor:
-    """Per-image min-max to [0, 1] of ``[B, H, W]`` maps (a constant map becomes 0)."""
-    flat = maps.flatten(1)
-    flat = flat - flat.min(dim=1, keepdim=True).values
-    flat = flat / (flat.max(dim=1, keepdim=True).values + EPS)
-    return flat.view_as(maps)
+def normalise(maps: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """Per-image min-max to [0, 1] of ``[..., H, W]`` maps (a constant map becomes 0).
+
+    With ``inplace`` the maps are overwritten, which saves two full-size temporaries
+    (this runs on every upsampled map). Both ways give the same bits: rounding is
+    monotonic, so ``max(x - lo) == hi - lo`` in floating point too.
+    """
+    flat = maps.flatten(-2)
+    lo, hi = flat.amin(dim=-1, keepdim=True), flat.amax(dim=-1, keepdim=True)
+    scale = (hi - lo) + EPS
+    if inplace:
+        return flat.sub_(lo).div_(scale).view_as(maps)
+    return ((flat - lo) / scale).view_as(maps)
 
 
 def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from aax.members.head import MCHead
@@ -27,16 +28,16 @@ def dropout_masks(seeds: Sequence[int], passes: int, features: int, p: float,
     """Inverted-dropout masks ``[K, B, F]`` (0 or ``1/(1-p)``), one seeded stream per image.
 
     Seeding per image (not per batch) makes an image's uncertainty the same whatever
-    batch it lands in, so a resumed or re-ordered run reproduces its numbers.
+    batch it lands in, so a resumed or re-ordered run reproduces its numbers. The streams
+    are NumPy's PCG64: seeding one and drawing ``K * F`` floats costs about a quarter of
+    what a seeded ``torch.Generator`` does, and this runs once per image and member.
     """
     keep = 1.0 - p
-    out = torch.empty(passes, len(seeds), features, device=device)
-    generator = torch.Generator(device=device)
-    probs = torch.full((passes, features), keep, device=device)
+    uniform = np.empty((len(seeds), passes, features), dtype=np.float32)
     for b, seed in enumerate(seeds):
-        generator.manual_seed(int(seed))
-        out[:, b] = torch.bernoulli(probs, generator=generator)
-    return out / keep if keep > 0 else out
+        np.random.default_rng(int(seed) % 2**64).random(dtype=np.float32, out=uniform[b])
+    kept = torch.from_numpy(uniform).to(device, non_blocking=True).transpose(0, 1) < keep
+    return kept.float() / keep if keep > 0 else kept.float()
 
 
 def mc_probabilities(head: MCHead, pooled: torch.Tensor, passes: int,

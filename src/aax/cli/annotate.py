@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mc-passes", type=int, default=None, help="MC Dropout passes K (default: the RUN's, 30)")
     p.add_argument("--theta", type=float, default=None, help="uncertainty threshold (default: the RUN's)")
     p.add_argument("--tau", type=float, default=None, help="saliency threshold for masks (default: the RUN's)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per batch (default: chosen for the device and input size)")
     p.add_argument("--workers", type=int, default=None, help="decoding worker processes")
     p.add_argument("--save-saliency", action="store_true", help="also write saliency overlays to OUT/saliency/")
     p.add_argument("--overwrite", action="store_true", help="start afresh when OUT holds other settings")

@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-flag-rate", type=float, default=0.2,
                    help="largest share of validation images theta may flag (default 0.2)")
     p.add_argument("--mc-passes", type=int, default=None, help="MC Dropout passes K (default: the RUN's)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per batch (default: chosen for the device and input size)")
     add_device_argument(p)
     p.set_defaults(func=run)
 

@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--theta", type=float, default=None, help="uncertainty threshold (default: the RUN's)")
     p.add_argument("--tau", type=float, default=None, help="saliency threshold for masks (default: the RUN's)")
     p.add_argument("--mc-passes", type=int, default=None, help="MC Dropout passes K (default: the RUN's)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per batch (default: chosen for the device and input size)")
     p.add_argument("--no-report", action="store_true", help="skip report.html")
     add_device_argument(p)
     p.set_defaults(func=run)

@@ -147,11 +147,16 @@ def check_header(path: str | os.PathLike, *, max_side: int = MAX_SIDE,
 
 
 def read_image(path: str | os.PathLike, *, max_side: int = MAX_SIDE,
-               max_pixels: int = MAX_PIXELS) -> np.ndarray:
+               max_pixels: int = MAX_PIXELS, keep_grey: bool = False) -> np.ndarray:
     """Decode an image into ``float32 [H, W, 3]`` RGB in ``[0, 1]``.
 
     Supports PNG, JPEG, BMP, TIFF (and anything else Pillow reads) and DICOM; 8- and
     16-bit; grey, RGB, RGBA, palette. The module docstring says how each is converted.
+
+    Args:
+        keep_grey: return grey images as ``[H, W, 1]`` rather than three equal channels.
+            :func:`aax.data.transforms.prepare` takes either and gives the same tensor;
+            resizing one channel instead of three is what makes this worth having.
 
     Raises:
         ImageError: the file is missing, empty, not an image, too large, truncated or
@@ -160,18 +165,21 @@ def read_image(path: str | os.PathLike, *, max_side: int = MAX_SIDE,
     path = Path(path)
     _check_file(path)
     if is_dicom(path):
-        return _read_dicom(path, max_side, max_pixels)
-    try:
-        with _open_pil(path) as im:
-            _check_dimensions(path, im.size[1], im.size[0], max_side, max_pixels)
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            rgb = _pil_to_rgb(im)
-    except ImageError:
-        raise
-    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, EOFError...
-        raise ImageError(path, _decode_reason(exc)) from exc
-    return rgb
+        image = _read_dicom(path, max_side, max_pixels)
+    else:
+        try:
+            with _open_pil(path) as im:
+                _check_dimensions(path, im.size[1], im.size[0], max_side, max_pixels)
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                image = _pil_to_array(im)
+        except ImageError:
+            raise
+        except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, EOFError...
+            raise ImageError(path, _decode_reason(exc)) from exc
+    if image.shape[-1] == 1 and not keep_grey:
+        image = np.repeat(image, 3, axis=-1)
+    return image
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:
@@ -267,8 +275,9 @@ def _decode_reason(exc: BaseException) -> str:
     return f"cannot decode image ({type(exc).__name__}: {text})"
 
 
-def _grey_to_rgb(grey: np.ndarray) -> np.ndarray:
-    return np.repeat(grey.astype(np.float32, copy=False)[..., None], 3, axis=-1)
+def _grey(grey: np.ndarray) -> np.ndarray:
+    """A grey image as ``[H, W, 1]`` float32; :func:`read_image` expands it to three channels."""
+    return grey.astype(np.float32, copy=False)[..., None]
 
 
 def _minmax(a: np.ndarray) -> np.ndarray:
@@ -279,28 +288,28 @@ def _minmax(a: np.ndarray) -> np.ndarray:
     return ((a - lo) / (hi - lo)).astype(np.float32)
 
 
-def _pil_to_rgb(im: Image.Image) -> np.ndarray:
+def _pil_to_array(im: Image.Image) -> np.ndarray:
     mode = im.mode
     if mode.startswith("I;16"):
-        return _grey_to_rgb(np.asarray(im).astype(np.float32) / 65535.0)
+        return _grey(np.asarray(im).astype(np.float32) / 65535.0)
     if mode == "I":
         a = np.asarray(im)
         # Pillow gives some 16-bit files mode "I"; keep their scale when it fits.
         if a.size and a.min() >= 0 and a.max() <= 65535:
-            return _grey_to_rgb(a.astype(np.float32) / 65535.0)
-        return _grey_to_rgb(_minmax(a))
+            return _grey(a.astype(np.float32) / 65535.0)
+        return _grey(_minmax(a))
     if mode == "F":
         a = np.asarray(im, dtype=np.float32)
         if not np.isfinite(a).all():
             raise ValueError("float image contains NaN or infinity")
         if a.size and a.min() >= 0.0 and a.max() <= 1.0:
-            return _grey_to_rgb(a)
-        return _grey_to_rgb(_minmax(a))
+            return _grey(a)
+        return _grey(_minmax(a))
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
         rgba = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0
         return np.ascontiguousarray(rgba[..., :3] * rgba[..., 3:4])
     if mode == "L":
-        return _grey_to_rgb(np.asarray(im, dtype=np.float32) / 255.0)
+        return _grey(np.asarray(im, dtype=np.float32) / 255.0)
     if mode != "RGB":
         im = im.convert("RGB")  # 1, P, CMYK, YCbCr, LAB, HSV
     return np.asarray(im, dtype=np.float32) / 255.0
@@ -361,7 +370,7 @@ def _read_dicom(path: Path, max_side: int, max_pixels: int) -> np.ndarray:
         if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1" \
                 and values.max() > values.min():
             grey = 1.0 - grey
-        return _grey_to_rgb(grey)
+        return _grey(grey)
     if pixels.ndim != 3 or pixels.shape[-1] < 3:
         raise ImageError(path, f"unsupported DICOM pixel layout {pixels.shape}")
     bits = int(ds.get("BitsStored", 8) or 8)

@@ -19,8 +19,14 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 def prepare(image: np.ndarray, size: int, mean: Sequence[float] = IMAGENET_MEAN,
             std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
-    """``[H, W, 3]`` float RGB in [0, 1] -> normalised ``[3, size, size]`` float32 tensor."""
+    """``[H, W, 3]`` float RGB in [0, 1] -> normalised ``[3, size, size]`` float32 tensor.
+
+    A grey ``[H, W, 1]`` image (``read_image(..., keep_grey=True)``) gives the same tensor
+    as its three-channel copy: it is resized as one channel, then expanded.
+    """
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)
+    if x.shape[0] not in (1, 3):
+        raise ValueError(f"expected an [H, W, 3] or [H, W, 1] image, got shape {tuple(image.shape)}")
     if x.shape[1:] != (size, size):
         x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False,
                           antialias=True)[0]

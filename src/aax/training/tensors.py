@@ -32,7 +32,7 @@ class Cached:
 def _decode(path: object, size: int) -> torch.Tensor:
     from aax.data import read_image  # the data layer; imported late to keep import light
 
-    image = read_image(path)
+    image = read_image(path, keep_grey=True)  # one channel to resize; prepare expands it
     x = prepare(image, size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     return (x.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
 
