@@ -80,7 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads; the cores this process may use if not given")
     p.add_argument("--amp", action="store_true", help="autocast backbones (CUDA only; floor too)")
-    p.add_argument("--channels-last", action="store_true", help="channels-last members and inputs")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last members and inputs, for every figure (floor too); "
+                        "aax's choice for the device if not given (on for CPUs)")
     # core and end to end
     p.add_argument("--sizes", type=int, nargs="+", default=[224, 128], help="model input sizes (px)")
     p.add_argument("--images", type=int, default=64, help="images per timed pass")
@@ -441,7 +443,7 @@ def bench_memory(args: argparse.Namespace, members: dict[str, torch.nn.Module], 
                  mc_passes=args.mc_passes)
     sources = fx.synth_images(work / "memory_src", min(16, max(counts)), args.memory_image_size,
                               seed=args.seed)
-    extra = (["--amp"] if args.amp else []) + (["--channels-last"] if args.channels_last else [])
+    extra = (["--amp"] if args.amp else []) + (["--channels-last"] if args.channels_last else ["--no-channels-last"])
     runs = []
     for n in counts:
         folder = fx.link_folder(sources, work / f"memory_{n}", n)
@@ -504,10 +506,12 @@ def bench_training(args: argparse.Namespace, names: list[str], work: Path,
 # -- main -----------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from aax.device import resolve_device
+    from aax.device import default_channels_last, resolve_device
     from aax.members import DEFAULT_MEMBERS
 
     device = resolve_device(args.device)
+    if args.channels_last is None:
+        args.channels_last = default_channels_last(device)
     threads = args.threads or fx.usable_cores()
     torch.set_num_threads(threads)
     names = list(args.members or DEFAULT_MEMBERS)

@@ -100,3 +100,14 @@ def test_cam_is_zero_for_inactive_features():
     features = torch.zeros(1, member.feature_dim, 3, 3)
     maps = xgrad_cam(member, torch.zeros(1, 3, 96, 96), 1, features=features)
     assert torch.count_nonzero(maps) == 0
+
+
+@pytest.mark.parametrize("src, dst", [((4, 4), (512, 512)), ((7, 5), (100, 130)), ((8, 8), (8, 8)),
+                                      ((9, 6), (4, 3)), ((1, 3), (5, 7))])
+def test_upsample_is_bilinear_interpolation(src, dst):
+    from aax.explain import upsample
+
+    maps = torch.rand(3, *src)
+    expected = torch.nn.functional.interpolate(maps[:, None], size=dst, mode="bilinear",
+                                               align_corners=False)[:, 0]
+    torch.testing.assert_close(upsample(maps, dst), expected, atol=1e-6, rtol=0)

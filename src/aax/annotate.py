@@ -263,7 +263,9 @@ def _maps_and_masks(raw: torch.Tensor, sizes: Sequence[tuple[int, int]], wanted:
             for j, b in enumerate(chunk):
                 agreeing = list(decisions[b].agreeing)
                 if agreeing:
-                    masks[b] = (up[j, agreeing].amin(dim=0) > taus[b]).cpu().numpy()
+                    # all members agree most of the time: a view then, not a gathered copy
+                    chosen = up[j] if len(agreeing) == m else up[j, agreeing]
+                    masks[b] = (chosen.amin(dim=0) > taus[b]).cpu().numpy()
             if keep:
                 kept = up.cpu().numpy()
                 for j, b in enumerate(chunk):

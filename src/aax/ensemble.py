@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from aax.device import resolve_device
+from aax.device import default_channels_last, resolve_device
 from aax.members import MEMBERS, Member, build_member
 from aax.training import runfiles
 from aax.training.runfiles import RunError
@@ -98,11 +98,11 @@ class Ensemble:
 
     @classmethod
     def load(cls, run: str | os.PathLike[str], device: str | torch.device | None = None,
-             channels_last: bool = False) -> Ensemble:
+             channels_last: bool | None = None) -> Ensemble:
         """Read ``run/aax.json`` and every member checkpoint it lists.
 
-        ``channels_last`` stores the members in channels-last memory format (faster
-        convolutions on recent GPUs).
+        ``channels_last`` stores the members in channels-last memory format; None lets
+        :func:`aax.device.default_channels_last` choose for the device (on for CPUs).
 
         Raises:
             RunError: no manifest, an unfinished run, or a checkpoint that is missing,
@@ -124,6 +124,8 @@ class Ensemble:
             raise _fail(path, "training has not finished; continue it with "
                               "`aax train DATA --out RUN --resume`")
         dev = resolve_device(device)
+        if channels_last is None:
+            channels_last = default_channels_last(dev)
         members = {e["name"]: _load_member(run, e, manifest, dev) for e in manifest["members"]}
         if channels_last:
             members = {n: m.to(memory_format=torch.channels_last) for n, m in members.items()}

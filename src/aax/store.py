@@ -63,18 +63,27 @@ def relative_name(image: Path, root: Path | None) -> PurePosixPath:
     """
     image = Path(image)
     if root is not None:
+        root = Path(root)
+        if ".." not in image.parts and image.is_absolute() == root.is_absolute():
+            try:  # the usual case, a file found under the root: no file-system calls
+                return PurePosixPath(image.relative_to(root).as_posix())
+            except ValueError:
+                pass
         try:
-            return PurePosixPath(image.resolve().relative_to(Path(root).resolve()).as_posix())
+            return PurePosixPath(image.resolve().relative_to(root.resolve()).as_posix())
         except ValueError:
             pass
     digest = hashlib.sha1(str(image.resolve()).encode()).hexdigest()[:12]
     return PurePosixPath("_external", digest, image.name)
 
 
-def _write_png_atomically(path: Path, array: np.ndarray) -> None:
+def _write_png_atomically(path: Path, array: np.ndarray, made: set[Path] | None = None) -> None:
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if made is None or path.parent not in made:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if made is not None:
+            made.add(path.parent)
     tmp = path.with_name(path.name + TMP_SUFFIX)
     Image.fromarray(array).save(tmp, format="PNG")
     os.replace(tmp, path)
@@ -109,6 +118,7 @@ class AnnotationStore:
         self.recover()
         self._pending = 0
         self._last_commit = time.monotonic()
+        self._made: set[Path] = set()  # folders already created (one mkdir each, not one per file)
 
     # -- settings -------------------------------------------------------------------
     def _wipe(self) -> None:
@@ -169,10 +179,10 @@ class AnnotationStore:
             mask_rel = f"{MASK_DIR}/{name}.png"
             # 1-bit PNG: a quarter of the size of 8-bit 0/255 and 3x faster to encode;
             # viewers and OpenCV show it as 0/255, Pillow reads it as bool.
-            _write_png_atomically(self.out / mask_rel, np.asarray(record.mask, dtype=bool))
+            _write_png_atomically(self.out / mask_rel, np.asarray(record.mask, dtype=bool), self._made)
         if overlay is not None:
             saliency_rel = f"{SALIENCY_DIR}/{name}.png"
-            _write_png_atomically(self.out / saliency_rel, overlay)
+            _write_png_atomically(self.out / saliency_rel, overlay, self._made)
         record.mask_path = mask_rel
         if self._pending == 0:
             self.db.execute("BEGIN")
@@ -182,7 +192,7 @@ class AnnotationStore:
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (record.image, record.status, record.error, record.decision, record.reason,
              json.dumps(record.agreeing), mask_rel,
-             int(record.mask.sum()) if record.mask is not None else None, saliency_rel,
+             int(np.count_nonzero(record.mask)) if record.mask is not None else None, saliency_rel,
              json.dumps([m.to_json() for m in record.members]), record.label,
              record.size[0] if record.size else None, record.size[1] if record.size else None,
              datetime.now(timezone.utc).isoformat(timespec="seconds")))

@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-saliency", action="store_true", help="also write saliency overlays to OUT/saliency/")
     p.add_argument("--overwrite", action="store_true", help="start afresh when OUT holds other settings")
     p.add_argument("--amp", action="store_true", help="mixed precision backbones (CUDA)")
-    p.add_argument("--channels-last", action="store_true", help="channels-last memory format (CUDA)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last memory format (default: on for CPUs, off for CUDA)")
     add_device_argument(p)
     p.set_defaults(func=run)
 

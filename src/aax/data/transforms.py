@@ -33,9 +33,3 @@ def prepare(image: np.ndarray, size: int, mean: Sequence[float] = IMAGENET_MEAN,
     m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return (x - m) / s
-
-
-def resize_map(saliency: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Bilinear resize of ``[B, h, w]`` maps to ``[B, height, width]`` (align_corners=False)."""
-    return F.interpolate(saliency[:, None], size=(height, width), mode="bilinear",
-                         align_corners=False)[:, 0]
