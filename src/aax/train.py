@@ -34,7 +34,7 @@ import torch
 from aax import __version__
 from aax.data.augment import Augment
 from aax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from aax.device import resolve_device
+from aax.device import default_channels_last, resolve_device
 from aax.members import DEFAULT_MEMBERS, MEMBERS, Member, build_member
 from aax.training import runfiles
 from aax.training.init import zero_init_residuals
@@ -93,6 +93,8 @@ class TrainConfig:
         min_lr_factor: the cosine schedule ends at ``lr * min_lr_factor``.
         data_format: dataset layout passed to ``aax.data.open_dataset`` (``None``: detect).
         progress: show a progress bar.
+        channels_last: train in channels-last memory format; ``None``: on for CPUs, where
+            a training step is 1.1-1.4x faster (:func:`aax.device.default_channels_last`).
     """
 
     members: tuple[str, ...] = DEFAULT_MEMBERS
@@ -118,9 +120,10 @@ class TrainConfig:
     min_lr_factor: float = 0.01
     data_format: str | None = None
     progress: bool = True
+    channels_last: bool | None = None
 
     # Fields that do not change what is trained: free to differ on --resume.
-    RUNTIME_FIELDS = ("device", "resume", "progress")
+    RUNTIME_FIELDS = ("device", "resume", "progress", "channels_last")
 
     def validate(self) -> None:
         """Raise ``ValueError`` on settings that cannot work."""
@@ -425,7 +428,9 @@ def _train_one(name: str, config: TrainConfig, classes: Sequence[str], train_set
         class_weights=(None if config.class_weights is None else _class_weight_tensor(
             train_set.labels, len(classes), config.class_weights).to(device)),
         augment=Augment() if config.augment else None,
-        recalibrate_bn=config.recalibrate_bn, progress=config.progress)
+        recalibrate_bn=config.recalibrate_bn, progress=config.progress,
+        channels_last=(default_channels_last(device) if config.channels_last is None
+                       else config.channels_last))
 
     def checkpoint(m: Member, info: dict[str, Any]) -> dict[str, Any]:
         return runfiles.member_checkpoint(

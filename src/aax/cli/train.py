@@ -55,6 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="skip calibrating theta/tau on the validation split afterwards "
                         "(run `aax calibrate RUN` later)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last memory format (default: on for CPUs, off for CUDA)")
     add_device_argument(p)
     p.set_defaults(func=run)
 
@@ -98,7 +100,7 @@ def build_config(args: argparse.Namespace) -> Any:
     if "members" in base:
         base["members"] = tuple(base["members"])
     return TrainConfig(**base, device=args.device, resume=args.resume,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, channels_last=args.channels_last)
 
 
 def _after_training(run: Path, args: argparse.Namespace) -> None:

@@ -82,6 +82,7 @@ class LoopSettings:
     augment: Augmenter | None = None
     recalibrate_bn: bool = True
     progress: bool = True
+    channels_last: bool = False
 
 
 def lr_factor(step: int, total: int, warmup: int, floor: float) -> float:
@@ -122,7 +123,8 @@ def _to_input(u8: torch.Tensor, settings: LoopSettings, generator: torch.Generat
         x = settings.augment(x, generator)
     mean = torch.tensor(settings.mean, device=x.device).view(1, -1, 1, 1)
     std = torch.tensor(settings.std, device=x.device).view(1, -1, 1, 1)
-    return (x - mean) / std
+    x = (x - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if settings.channels_last else x
 
 
 @torch.no_grad()
@@ -214,6 +216,8 @@ def train_member(member: Member, train: Cached, val: Cached, settings: LoopSetti
     """
     device = settings.device
     member.to(device)
+    if settings.channels_last:
+        member.to(memory_format=torch.channels_last)
     generator = torch.Generator().manual_seed(settings.seed)
     optimizer = torch.optim.Adam(member.parameters(), lr=settings.lr)
     n_train = len(train.labels)
