@@ -3,8 +3,10 @@
 Figures per run:
 
 - ``peak_rss_mib``: the largest resident set of any single process of the run (the
-  annotate process or one of its workers), from ``wait4``'s ``ru_maxrss``, which the
-  kernel keeps exactly (no polling); the headline figure;
+  annotate process or one of its workers): the annotate process's own ``VmHWM`` at
+  exit (``_peak.py``; exact, no polling) and its workers' ``VmHWM`` as last polled; the
+  headline figure. (``wait4``'s ``ru_maxrss`` would include the benchmark's own size:
+  Linux carries the peak over ``exec``.)
 - ``peak_tree_rss_mib``: the largest sum of resident sets over the whole process tree,
   polled from ``/proc/PID/status`` every ``interval`` s (pages shared by the forked
   workers, torch's libraries among them, count once per process);
@@ -107,14 +109,17 @@ def run_annotate(run: Path, images: Path, out: Path, log: Path, *, device: str,
                  batch_size: int | None, workers: int | None = None, extra: list[str] | None = None,
                  interval: float = 0.2) -> dict[str, Any]:
     """Run ``python -m aax annotate RUN IMAGES --out OUT`` and measure it."""
-    cmd = [sys.executable, "-m", "aax", "annotate", str(run), str(images), "--out", str(out),
+    cmd = [sys.executable, str(Path(__file__).with_name("_peak.py")), "annotate", str(run), str(images),
+           "--out", str(out),
            "--device", device, "--overwrite"]
     if batch_size is not None:
         cmd += ["--batch-size", str(batch_size)]
     if workers is not None:
         cmd += ["--workers", str(workers)]
     cmd += extra or []
-    env = dict(os.environ, TQDM_DISABLE="1")
+    peak_file = log.with_suffix(".peak")
+    peak_file.unlink(missing_ok=True)
+    env = dict(os.environ, TQDM_DISABLE="1", AAX_PEAK_FILE=str(peak_file))
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as fh:
         t0 = time.perf_counter()
@@ -129,10 +134,13 @@ def run_annotate(run: Path, images: Path, out: Path, log: Path, *, device: str,
     if proc.returncode != 0:
         tail = log.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"aax annotate exited with {proc.returncode}: {' '.join(cmd)}\n{tail}")
-    # Linux reports ru_maxrss in KiB (macOS in bytes).
-    maxrss_kib = usage.ru_maxrss / 1024 if sys.platform == "darwin" else usage.ru_maxrss
+    own_kib = int(peak_file.read_text() or 0) if peak_file.is_file() else 0
+    if not own_kib:  # no /proc (not Linux): fall back to ru_maxrss (KiB on Linux, bytes on macOS)
+        own_kib = int(usage.ru_maxrss / 1024 if sys.platform == "darwin" else usage.ru_maxrss)
+    workers_kib = max((v for p, v in poller.hwm.items() if p != proc.pid), default=0)
     return {"command": cmd, "seconds": round(seconds, 3),
-            "peak_rss_mib": round(maxrss_kib / 1024, 1),
+            "peak_rss_mib": round(max(own_kib, workers_kib) / 1024, 1),
+            "annotate_process_peak_mib": round(own_kib / 1024, 1),
             "peak_tree_rss_mib": round(poller.peak_rss / 1024, 1),
             "peak_tree_hwm_mib": round(poller.peak_hwm / 1024, 1),
             "processes": poller.peak_processes, "samples": poller.samples}

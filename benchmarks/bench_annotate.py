@@ -80,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads; the cores this process may use if not given")
     p.add_argument("--amp", action="store_true", help="autocast backbones (CUDA only; floor too)")
+    p.add_argument("--no-tune-allocator", action="store_true",
+                   help="leave glibc's malloc thresholds alone (the aax command raises them, "
+                        "aax.runtime.tune_allocator; by default so does this harness, for every figure)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last members and inputs, for every figure (floor too); "
                         "aax's choice for the device if not given (on for CPUs)")
@@ -512,6 +515,10 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     if args.channels_last is None:
         args.channels_last = default_channels_last(device)
+    if not args.no_tune_allocator:
+        from aax.runtime import tune_allocator
+
+        args.allocator_tuned = tune_allocator()  # as the aax command does, for every figure
     threads = args.threads or fx.usable_cores()
     torch.set_num_threads(threads)
     names = list(args.members or DEFAULT_MEMBERS)
@@ -522,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
         f"(of {machine['cpu_count']}), {machine['memory_gib']} GiB, torch {machine['torch']}, "
         f"{machine['torch_num_threads']} threads, device {device}"
         + (f" ({machine['gpu']['name']})" if "gpu" in machine else "")
-        + f", load average {machine['load_average_start']}")
+        + f", load average {machine['load_average_start']}"
+        + f", malloc thresholds {'raised (aax.runtime)' if getattr(args, 'allocator_tuned', False) else 'as found'}")
 
     own_work = args.workdir is None
     work = Path(tempfile.mkdtemp(prefix="aax-bench-")) if own_work else args.workdir

@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from aax.runtime import tune_allocator
+
+    tune_allocator()  # reuse freed tensor memory: 15-20 % faster on CPU (aax.runtime)
     return int(args.func(args) or 0)
 
 
