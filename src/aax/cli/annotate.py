@@ -21,7 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tau", type=float, default=None, help="saliency threshold for masks (default: the RUN's)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per batch (default: chosen for the device and input size)")
-    p.add_argument("--workers", type=int, default=None, help="decoding worker processes")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decoding worker processes (default: none on a CPU with 2 cores or fewer, "
+                        "where the models use every core; 1 with more; up to 4 with CUDA)")
     p.add_argument("--save-saliency", action="store_true", help="also write saliency overlays to OUT/saliency/")
     p.add_argument("--overwrite", action="store_true", help="start afresh when OUT holds other settings")
     p.add_argument("--amp", action="store_true", help="mixed precision backbones (CUDA)")
