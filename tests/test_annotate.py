@@ -213,20 +213,20 @@ def test_checkpoint_digests_are_cached_by_size_and_mtime(tmp_path):
     import json
     import os
 
-    from aax.annotate import DIGEST_CACHE, file_digest
+    from aax.training.runfiles import DIGEST_CACHE, checkpoint_digest
 
     ckpt = tmp_path / "m.pt"
     ckpt.write_bytes(b"weights v1")
-    first = file_digest(ckpt)
+    first = checkpoint_digest(ckpt)
     cache = json.loads((tmp_path / DIGEST_CACHE).read_text())
     assert cache["m.pt"]["sha256"] == first
     cache["m.pt"]["sha256"] = "from-the-cache"
     (tmp_path / DIGEST_CACHE).write_text(json.dumps(cache))
-    assert file_digest(ckpt) == "from-the-cache"  # unchanged file: the cache answers
+    assert checkpoint_digest(ckpt) == "from-the-cache"  # unchanged file: the cache answers
     ckpt.write_bytes(b"weights v2")  # retrained: another size
     os.utime(ckpt, ns=(1, 2))
-    second = file_digest(ckpt)
+    second = checkpoint_digest(ckpt)
     assert second not in (first, "from-the-cache") and len(second) == 64
     ckpt.write_bytes(b"weights v3")  # same size, another mtime
     os.utime(ckpt, ns=(3, 4))
-    assert file_digest(ckpt) not in (second, "from-the-cache")
+    assert checkpoint_digest(ckpt) not in (second, "from-the-cache")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import zlib
@@ -31,6 +30,7 @@ from torch.utils.data import Dataset as TorchDataset
 from aax.decide import NO_PREDICTION, decide, map_class, predicted_classes, tau_for
 from aax.explain import XGradCAM, normalise, upsample
 from aax.records import REVIEW, AnnotationRecord, MemberResult
+from aax.training import runfiles
 from aax.uncertainty import mc_probabilities, summarize
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -152,9 +152,9 @@ def default_batch_size(device: torch.device, image_size: int) -> int:
     """Images per batch when none is given.
 
     On a CPU, small batches are faster per image (the activations stay in cache): on
-    2 cores, 8 images of 128 px run about 15 % faster per image than 16, and 4 of 224 px about 50 %
-    faster (docs/performance.md). So about 2^17 input pixels per batch, rounded up to a
-    power of two. On a GPU, large batches keep it busy.
+    2 cores, 8 images of 128 px run about 15 % faster per image than 16, and 4 of 224 px
+    about 50 % faster (docs/performance.md). So about 2^17 input pixels per batch, rounded
+    up to a power of two. On a GPU, large batches keep it busy.
     """
     if device.type == "cuda":
         return 32
@@ -342,48 +342,11 @@ def _format_or_none(folder: Path) -> str | None:
         return None
 
 
-DIGEST_CACHE = ".aax-digests.json"  # in the RUN folder: checkpoint -> size, mtime, sha256
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """The sha256 of a checkpoint, cached beside it by size and modification time.
-
-    Hashing the three members' checkpoints (about 140 MB) takes about 80 ms: nothing for
-    one large run, but a fixed cost on every ``aax annotate``, so the digest is kept in
-    ``RUN/.aax-digests.json`` and reused while the file's size and mtime are unchanged
-    (as ``git`` trusts its index). A read-only RUN folder just hashes every time.
-    """
-    path = Path(path)
-    stat = path.stat()
-    key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    cache_path = path.parent / DIGEST_CACHE
-    try:
-        cache = json.loads(cache_path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    entry = cache.get(path.name) if isinstance(cache, dict) else None
-    if isinstance(entry, dict) and all(entry.get(k) == v for k, v in key.items()) and entry.get("sha256"):
-        return str(entry["sha256"])
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    cache = cache if isinstance(cache, dict) else {}
-    cache[path.name] = {**key, "sha256": digest.hexdigest()}
-    try:
-        tmp = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=1))
-        os.replace(tmp, cache_path)
-    except OSError:
-        pass
-    return digest.hexdigest()
-
-
 def run_fingerprint(ensemble: Ensemble) -> str:
     """A digest of the members' checkpoints: another RUN, or retrained weights, differ."""
     digest = hashlib.sha256()
     for entry in ensemble.manifest["members"]:
-        digest.update(file_digest(Path(ensemble.run) / entry["checkpoint"]).encode())
+        digest.update(runfiles.checkpoint_digest(Path(ensemble.run) / entry["checkpoint"]).encode())
     return digest.hexdigest()[:16]
 
 

@@ -77,13 +77,10 @@ def relative_name(image: Path, root: Path | None) -> PurePosixPath:
     return PurePosixPath("_external", digest, image.name)
 
 
-def _write_png_atomically(path: Path, array: np.ndarray, made: set[Path] | None = None) -> None:
+def _write_png_atomically(path: Path, array: np.ndarray) -> None:
     from PIL import Image
 
-    if made is None or path.parent not in made:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if made is not None:
-            made.add(path.parent)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + TMP_SUFFIX)
     Image.fromarray(array).save(tmp, format="PNG")
     os.replace(tmp, path)
@@ -118,7 +115,6 @@ class AnnotationStore:
         self.recover()
         self._pending = 0
         self._last_commit = time.monotonic()
-        self._made: set[Path] = set()  # folders already created (one mkdir each, not one per file)
 
     # -- settings -------------------------------------------------------------------
     def _wipe(self) -> None:
@@ -179,10 +175,10 @@ class AnnotationStore:
             mask_rel = f"{MASK_DIR}/{name}.png"
             # 1-bit PNG: a quarter of the size of 8-bit 0/255 and 3x faster to encode;
             # viewers and OpenCV show it as 0/255, Pillow reads it as bool.
-            _write_png_atomically(self.out / mask_rel, np.asarray(record.mask, dtype=bool), self._made)
+            _write_png_atomically(self.out / mask_rel, np.asarray(record.mask, dtype=bool))
         if overlay is not None:
             saliency_rel = f"{SALIENCY_DIR}/{name}.png"
-            _write_png_atomically(self.out / saliency_rel, overlay, self._made)
+            _write_png_atomically(self.out / saliency_rel, overlay)
         record.mask_path = mask_rel
         if self._pending == 0:
             self.db.execute("BEGIN")

@@ -7,6 +7,7 @@ Every file is written to a temporary name in the same folder and moved into plac
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -79,6 +80,41 @@ def save_torch(path: Path, obj: Any) -> None:
 def load_torch(path: Path, map_location: str | torch.device = "cpu") -> Any:
     """``torch.load`` with ``weights_only=True``: plain data and tensors only."""
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+DIGEST_CACHE = ".aax-digests.json"  # checkpoint name -> size, mtime_ns, sha256
+
+
+def checkpoint_digest(path: Path) -> str:
+    """The sha256 of a checkpoint, cached beside it by size and modification time.
+
+    Hashing the three members' checkpoints (about 140 MB) takes about 80 ms: nothing for
+    one large run, but a fixed cost on every ``aax annotate``, so the digest is kept in
+    ``RUN/.aax-digests.json`` and reused while the file's size and mtime are unchanged
+    (as ``git`` trusts its index). A read-only RUN folder is simply hashed every time.
+    """
+    path = Path(path)
+    stat = path.stat()
+    key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    cache_path = path.parent / DIGEST_CACHE
+    try:
+        cache = read_json(cache_path)
+    except (OSError, ValueError):
+        cache = {}
+    entry = cache.get(path.name) if isinstance(cache, dict) else None
+    if isinstance(entry, dict) and entry.get("sha256") and all(entry.get(k) == v for k, v in key.items()):
+        return str(entry["sha256"])
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    cache = cache if isinstance(cache, dict) else {}
+    cache[path.name] = {**key, "sha256": digest.hexdigest()}
+    try:
+        write_json(cache_path, cache)
+    except OSError:
+        pass
+    return digest.hexdigest()
 
 
 def write_history(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
