@@ -36,8 +36,9 @@ def dropout_masks(seeds: Sequence[int], passes: int, features: int, p: float,
     uniform = np.empty((len(seeds), passes, features), dtype=np.float32)
     for b, seed in enumerate(seeds):
         np.random.default_rng(int(seed) % 2**64).random(dtype=np.float32, out=uniform[b])
-    kept = torch.from_numpy(uniform).to(device, non_blocking=True).transpose(0, 1) < keep
-    return kept.float() / keep if keep > 0 else kept.float()
+    # compare before moving: a GPU then receives one byte per draw, not four
+    kept = torch.from_numpy(uniform < keep).to(device, non_blocking=True).transpose(0, 1).float()
+    return kept.div_(keep) if keep > 0 else kept
 
 
 def mc_probabilities(head: MCHead, pooled: torch.Tensor, passes: int,
