@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib
 import inspect
 import json
 import math
@@ -387,7 +388,7 @@ def bench_reference(ens: Any, x_all: torch.Tensor, sizes_all: list[tuple[int, in
 def image_seeds(paths: list[Path]) -> list[int] | None:
     """Per-image MC Dropout seeds as ``aax.annotate.annotate`` passes them, when this
     version of ``annotate_batch`` takes them (None otherwise)."""
-    import aax.annotate as annotate_module
+    annotate_module = importlib.import_module("aax.annotate")
 
     if "seeds" not in inspect.signature(annotate_module.annotate_batch).parameters:
         return None

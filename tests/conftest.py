@@ -46,14 +46,43 @@ def tiny_lesion_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return synth.generate("lesion", out, n_per_class=12, size=32, seed=1)
 
 
+def _training_digest() -> str:
+    """What the trained fixture depends on: its settings and the code that trains."""
+    import hashlib
+
+    import aax
+
+    src = Path(aax.__file__).parent
+    digest = hashlib.sha256(repr((TRAINED_RUN_CONFIG, LESION_PER_CLASS)).encode())
+    for path in sorted([*src.glob("members/*.py"), *src.glob("training/*.py"), *src.glob("data/*.py"),
+                        src / "train.py", src / "calibrate.py", src / "uncertainty.py"]):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 @pytest.fixture(scope="session")
 def trained_run(lesion_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A RUN folder with resnet50, efficientnet-b0 and densenet121 trained on
-    ``lesion_dir`` (every member clearly above chance on its validation split)."""
+    ``lesion_dir`` (every member clearly above chance on its validation split).
+
+    For development only: with ``AAX_TEST_RUN_CACHE=DIR`` the run is kept in DIR, keyed by
+    a digest of the training code and settings, and reused by later sessions (CI never
+    sets it, so it always trains)."""
+    import shutil
+
     from aax.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("runs") / "lesion-run"
-    return train(lesion_dir, out, TrainConfig(**TRAINED_RUN_CONFIG))
+    cache_root = os.environ.get("AAX_TEST_RUN_CACHE")
+    cached = Path(cache_root) / _training_digest() if cache_root else None
+    if cached is not None and (cached / "aax.json").is_file():
+        shutil.copytree(cached, out)
+        return out
+    run = train(lesion_dir, out, TrainConfig(**TRAINED_RUN_CONFIG))
+    if cached is not None:
+        shutil.copytree(run, cached.with_name(cached.name + ".tmp"), dirs_exist_ok=True)
+        os.replace(cached.with_name(cached.name + ".tmp"), cached)
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_quick_core_run_writes_ratios_and_agrees_with_the_reference(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_annotate.py"), "--quick", "--parts", "core",
            "--sizes", "32", "--out", str(tmp_path), "--name", "smoke"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    # no wall-clock limit: on a busy machine this takes minutes, and that is no failure
+    done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     result = json.loads((tmp_path / "smoke.json").read_text())
     size = result["sizes"]["32"]

@@ -213,10 +213,35 @@ def test_dicom_refusals(tmp_path):
     (tmp_path / "fake.dcm").write_bytes(b"not a dicom file at all" * 20)
     with pytest.raises(ImageError, match="not a DICOM"):
         check_header(tmp_path / "fake.dcm")
-    multi = write_dicom(tmp_path / "multi.dcm", RNG.integers(0, 9, (2, 4, 4)).astype(np.uint16),
-                        frames=2)
-    with pytest.raises(ImageError, match="multi-frame"):
-        check_header(multi)
+
+
+def test_multi_frame_dicom_reads_the_first_frame_with_a_warning(tmp_path):
+    from aax.data.imageio import ImageWarning
+
+    frames = RNG.integers(0, 4096, (2, 4, 6)).astype(np.uint16)
+    multi = write_dicom(tmp_path / "multi.dcm", frames, frames=2)
+    assert check_header(multi) == (4, 6)
+    with pytest.warns(ImageWarning, match=r"multi\.dcm: multi-frame DICOM \(2 frames\)"):
+        arr = read_image(multi)
+    first = read_image(write_dicom(tmp_path / "one.dcm", frames[0]))
+    np.testing.assert_array_equal(arr, first)
+
+
+def test_16_bit_colour_png_keeps_full_precision(tmp_path):
+    import png
+
+    rgb = RNG.integers(0, 65536, (5, 7, 3)).astype(np.uint16)
+    rgb[0, 0] = (1, 2, 3)  # values Pillow's 8-bit reading would all turn to 0
+    png.from_array(rgb.reshape(5, -1).tolist(), "RGB;16").save(str(tmp_path / "c16.png"))
+    arr = read_image(tmp_path / "c16.png")
+    np.testing.assert_allclose(arr, rgb / 65535.0, atol=1e-7)
+    assert not np.allclose(arr * 255, np.round(arr * 255), atol=1e-3)  # not 8-bit levels
+    rgba = np.concatenate([rgb, np.full((5, 7, 1), 65535, np.uint16)], axis=-1)
+    rgba[1, 1, 3] = 0  # fully transparent: composited on black
+    png.from_array(rgba.reshape(5, -1).tolist(), "RGBA;16").save(str(tmp_path / "a16.png"))
+    arr = read_image(tmp_path / "a16.png")
+    assert arr[1, 1].tolist() == [0.0, 0.0, 0.0]
+    np.testing.assert_allclose(arr[0, 0], rgb[0, 0] / 65535.0, atol=1e-7)
 
 
 # --- bad files -------------------------------------------------------------------------
@@ -259,8 +284,11 @@ def test_decompression_bomb_header_is_refused(tmp_path):
         warnings.simplefilter("error")  # neither a warning nor a crash: an ImageError
         with pytest.raises(ImageError, match="too large"):
             check_header(bomb)
-        with pytest.raises(ImageError, match="too large"):
+        with pytest.raises(ImageError, match="too large") as info:
             read_image(bomb)
+    # AAX's limit is the one quoted (Pillow's own, ~179 Mpixels, fires first on open)
+    assert "100,000,000 pixels" in info.value.reason and "178956970" not in info.value.reason
+    assert "10,000,000,000 pixels" in info.value.reason
 
 
 def test_side_limit_and_pillow_warning_range(tmp_path):

@@ -55,7 +55,7 @@ def test_report_content(evaluated):
     assert html.count('class="tag correct"') == 2
     assert html.count('class="tag flagged"') == 1
     assert html.count('class="tag wrong"') == 1
-    assert "<td>AAX (ensemble)</td>" in html
+    assert "<td>AAX (intersection of agreeing members)</td>" in html
 
 
 def test_report_rows_are_capped(tmp_path):
@@ -103,7 +103,7 @@ def screenshot(html: Path, png: Path, width: int = 1400, height: int = 3000) -> 
                         "--disable-background-networking", "--disable-component-update", "--disable-sync",
                         f"--user-data-dir={profile}", f"--screenshot={png}", f"--window-size={width},{height}",
                         html.resolve().as_uri()],
-                       check=True, capture_output=True, timeout=120)
+                       check=True, capture_output=True)
 
 
 def test_report_renders_in_a_browser(evaluated, tmp_path):

@@ -31,19 +31,20 @@ def test_rows_and_mask_files(tmp_path):
     store.add(AnnotationRecord(image=str(root / "b.png"), decision="healthy", reason="consensus", size=(4, 4)))
     store.add(AnnotationRecord(image=str(root / "c.png"), status="error", error="zero bytes"))
     store.close()
-    image = Image.open(tmp_path / "out" / "masks" / "a" / "x.png.png")
+    image = Image.open(tmp_path / "out" / "masks" / "a" / "x.png")
     assert image.mode == "1"  # 1-bit black and white; 0/255 once converted to grey
     assert set(np.unique(image.convert("L"))) == {0, 255}
     assert np.array_equal(np.asarray(image), positive("x").mask)
     store = AnnotationStore(tmp_path / "out", SETTINGS)
     rows = list(store.rows())
-    assert [r["image"] for r in rows] == [str(root / "a" / "x.png"), str(root / "b.png"), str(root / "c.png")]
-    assert rows[0]["mask"] == "masks/a/x.png.png" and rows[0]["mask_area"] == 6
+    assert [r["image"] for r in rows] == ["a/x.png", "b.png", "c.png"]  # relative to the input root
+    assert store.resolve("a/x.png") == root.resolve() / "a" / "x.png"
+    assert rows[0]["mask"] == "masks/a/x.png" and rows[0]["mask_area"] == 6
     assert rows[0]["members"][0]["predicted"] == "diseased"
     assert rows[1]["mask"] is None
     summary = store.summary()
     assert summary["decisions"] == {"diseased": 1, "healthy": 1, "error": 1}
-    assert summary["flag_rate"] == 0.0 and summary["error_list"] == [{"image": str(root / "c.png"), "error": "zero bytes"}]
+    assert summary["flag_rate"] == 0.0 and summary["error_list"] == [{"image": "c.png", "error": "zero bytes"}]
 
 
 def test_other_settings_refused_unless_overwrite(tmp_path):
@@ -61,14 +62,14 @@ def test_recover_removes_orphans_and_redoes_rows_without_masks(tmp_path):
     store.add(positive(str(tmp_path / "lost.png")))
     store.close()
     # a crash between a mask file and its row leaves an orphan and a temporary file
-    (tmp_path / "masks" / "orphan.png.png").write_bytes(b"x")
-    (tmp_path / "masks" / "half.png.png.tmp").write_bytes(b"x")
+    (tmp_path / "masks" / "orphan.png").write_bytes(b"x")
+    (tmp_path / "masks" / "half.png.tmp").write_bytes(b"x")
     # a row whose mask vanished must be redone
-    (tmp_path / "masks" / "lost.png.png").unlink()
+    (tmp_path / "masks" / "lost.png").unlink()
     store = AnnotationStore(tmp_path, SETTINGS)
-    assert store.done() == {str(tmp_path / "kept.png")}
+    assert store.done() == {"kept.png"}
     files = sorted(p.name for p in (tmp_path / "masks").rglob("*") if p.is_file())
-    assert files == ["kept.png.png"]
+    assert files == ["kept.png"]
     store.close()
 
 
@@ -95,3 +96,29 @@ def test_summary_file_is_json(tmp_path):
     summary = store.write_summary()
     store.close()
     assert json.loads((tmp_path / "summary.json").read_text())["flag_rate"] == summary["flag_rate"] == 1.0
+
+
+def test_one_image_one_key_whatever_form_its_path_takes(tmp_path, monkeypatch):
+    root = tmp_path / "in"
+    (root / "a").mkdir(parents=True)
+    store = AnnotationStore(tmp_path / "out", SETTINGS, input_root=root)
+    monkeypatch.chdir(root)
+    assert store.key(root / "a" / "x.png") == store.key("a/x.png") == "a/x.png"
+    assert store.key(root / "a" / ".." / "a" / "x.png") == "a/x.png"
+    outside = tmp_path / "elsewhere" / "y.png"
+    assert store.key(outside) == outside.resolve().as_posix()  # outside the root: absolute
+    store.close()
+
+
+def test_mask_files_are_named_by_stem_and_never_collide(tmp_path):
+    root = tmp_path / "in"
+    store = AnnotationStore(tmp_path / "out", SETTINGS, input_root=root)
+    store.add(positive(str(root / "tb" / "tb0003.png")))
+    store.add(positive(str(root / "tb" / "tb0003.jpg")))  # same stem, another image
+    store.add(positive(str(tmp_path / "far" / "z.dcm")))
+    store.close()
+    masks = [r["mask"] for r in AnnotationStore(tmp_path / "out", SETTINGS).rows()]
+    assert masks[0] == "masks/tb/tb0003.png"
+    assert masks[1] == "masks/tb/tb0003.jpg.png"
+    assert masks[2].startswith("masks/_external/") and masks[2].endswith("/z.png")
+    assert len(set(masks)) == 3 and all((tmp_path / "out" / m).is_file() for m in masks)

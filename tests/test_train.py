@@ -360,7 +360,9 @@ def test_augmentation_parts() -> None:
 def test_a_member_near_chance_is_flagged_everywhere(tiny_lesion_dir: Path, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture) -> None:
-    import aax.train as train_module
+    import importlib
+
+    train_module = importlib.import_module("aax.train")
 
     real = train_module.train_member
 
@@ -386,3 +388,19 @@ def test_balanced_class_weights() -> None:
     w = _class_weight_tensor(torch.tensor([0, 0, 0, 1]), 2, "balanced")
     assert torch.allclose(w, torch.tensor([4 / 6, 2.0]))
     assert _class_weight_tensor(torch.tensor([0, 1]), 2, None) is None
+
+
+@pytest.mark.slow
+def test_training_is_deterministic_for_a_seed(tiny_lesion_dir: Path, tmp_path: Path) -> None:
+    """Two runs with one seed, on one machine and thread count, give the same weights
+    (every member, so every architecture's kernels are covered)."""
+    config = dict(FAST, members=("resnet50", "efficientnet-b0", "densenet121"), epochs=1,
+                  patience=1, seed=3)
+    first = train(tiny_lesion_dir, tmp_path / "a", TrainConfig(**config))
+    second = train(tiny_lesion_dir, tmp_path / "b", TrainConfig(**config))
+    for name in config["members"]:
+        a = runfiles.load_torch(first / f"{name}.pt")["state_dict"]
+        b = runfiles.load_torch(second / f"{name}.pt")["state_dict"]
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}: {key} differs between two runs"

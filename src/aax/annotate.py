@@ -30,12 +30,16 @@ from torch.utils.data import Dataset as TorchDataset
 from aax.decide import NO_PREDICTION, decide, map_class, predicted_classes, tau_for
 from aax.explain import XGradCAM, normalise, upsample
 from aax.records import REVIEW, AnnotationRecord, MemberResult
+from aax import runtime
 from aax.training import runfiles
 from aax.uncertainty import mc_probabilities, summarize
 
 if TYPE_CHECKING:  # pragma: no cover
     from aax.ensemble import Ensemble
 
+STORE_FORMAT = 2
+"""Version of what a store's rows mean: 2 names images relative to the input root (1 kept
+the path as typed). A folder of another format is refused with a clear message."""
 PREVIEW_SIDE = 256  # longest side of the copy of each image kept for saliency overlays
 
 
@@ -297,6 +301,7 @@ def annotate(ensemble: Ensemble, images: Iterable[Any], *, theta: float | None =
                         pin_memory=ensemble.device.type == "cuda",
                         prefetch_factor=4 if workers else None, persistent_workers=False)
     for batch in loader:
+        runtime.tick()  # give cores back when another job starts (aax.runtime)
         done: dict[int, AnnotationRecord] = {}
         for index, reason in batch["errors"]:
             done[index] = AnnotationRecord(image="", status="error", error=reason)
@@ -313,9 +318,14 @@ def annotate(ensemble: Ensemble, images: Iterable[Any], *, theta: float | None =
             yield record
 
 
-def collect_inputs(source: str | os.PathLike) -> tuple[list[InputItem], Path, list[tuple[Path, str]]]:
+def collect_inputs(source: str | os.PathLike, exclude: str | os.PathLike | None = None,
+                   ) -> tuple[list[InputItem], Path, list[tuple[Path, str]]]:
     """What ``aax annotate`` runs on: a folder of images (searched recursively), or
     anything :func:`aax.data.open_dataset` reads (a CSV manifest, TBX11K's layout).
+
+    Paths come back absolute, so that an image is the same image whatever the working
+    directory. ``exclude`` (the output folder) is never read as input, even when it lies
+    inside the input folder.
 
     Returns the items, the root that output names are relative to, and the files the
     dataset reader already found unusable, with their reasons.
@@ -325,12 +335,19 @@ def collect_inputs(source: str | os.PathLike) -> tuple[list[InputItem], Path, li
     source = Path(source)
     if not source.exists():
         raise FileNotFoundError(f"{source}: no such file or folder")
+    source = source.resolve()
     if source.is_dir() and _format_or_none(source) != "tbx11k":
-        return [InputItem(p) for p in find_images(source)], source, []
-    dataset = open_dataset(source)
-    root = source if source.is_dir() else source.parent
-    errors = [(Path(e.path), e.reason) for e in dataset.errors]
-    return as_items(dataset), root, errors
+        items, root, errors = [InputItem(p) for p in find_images(source)], source, []
+    else:
+        dataset = open_dataset(source)
+        root = source if source.is_dir() else source.parent
+        errors = [(Path(e.path).resolve(), e.reason) for e in dataset.errors]
+        items = [InputItem(item.path.resolve(), item.label) for item in as_items(dataset)]
+    if exclude is not None:
+        skip = Path(exclude).resolve()
+        items = [i for i in items if not i.path.is_relative_to(skip)]
+        errors = [(p, r) for p, r in errors if not p.is_relative_to(skip)]
+    return items, root, errors
 
 
 def _format_or_none(folder: Path) -> str | None:
@@ -369,16 +386,19 @@ def annotate_to_folder(ensemble: Ensemble, source: str | os.PathLike, out: str |
     from aax.store import AnnotationStore, BackgroundWriter
 
     settings = AnnotateSettings.from_ensemble(ensemble, theta, tau, mc_passes)
-    items, root, bad = collect_inputs(source)
-    fingerprint = {"run": str(Path(ensemble.run).resolve()), "weights": run_fingerprint(ensemble),
-                   "input": str(Path(source).resolve()), "classes": list(ensemble.classes),
-                   "negative_class": ensemble.negative_class, **dataclasses.asdict(settings)}
+    items, root, bad = collect_inputs(source, exclude=out)
+    fingerprint = {"store": STORE_FORMAT, "run": str(Path(ensemble.run).resolve()),
+                   "weights": run_fingerprint(ensemble), "input": str(Path(source).resolve()),
+                   "classes": list(ensemble.classes), "negative_class": ensemble.negative_class,
+                   **dataclasses.asdict(settings)}
     store = AnnotationStore(out, fingerprint, input_root=root, overwrite=overwrite)
     done = store.done()
-    render = (lambda r: render_record(r, settings.tau_for(r.decision))) if save_saliency else None
+    render = (lambda r: render_record(r, settings.tau_for(r.decision), settings.theta)) if save_saliency else None
     writer = BackgroundWriter(store, render)
-    todo = [item for item in items if str(item.path) not in done]
-    bad = [(p, reason) for p, reason in bad if str(p) not in done]
+    inputs = len(items) + len(bad)
+    todo = [item for item in items if store.key(item.path) not in done]
+    bad = [(p, reason) for p, reason in bad if store.key(p) not in done]
+    skipped = inputs - len(todo) - len(bad)
     bar = tqdm(total=len(todo) + len(bad), unit="img", desc="annotate", disable=not progress,
                initial=0, dynamic_ncols=True)
     flagged = 0
@@ -397,7 +417,9 @@ def annotate_to_folder(ensemble: Ensemble, source: str | os.PathLike, out: str |
     finally:
         bar.close()
         writer.close()
-    summary = store.write_summary()
-    summary["skipped_already_done"] = len(done)
+    from aax.review_list import write_review_list
+
+    review = write_review_list(store)
+    summary = store.write_summary(review_list=review["files"], skipped_already_done=skipped)
     store.close()
     return summary

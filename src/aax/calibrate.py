@@ -36,14 +36,15 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from aax.evaluate import _describe, _samples, annotate_with, ground_truth, open_data, paired
+from aax.evaluate import (_describe, _samples, annotate_with, ground_truth, no_labelled_images, open_data,
+                          paired, run_label_map)
 from aax.metrics import MaskScores, ThetaSweep, risk_coverage, theta_candidates
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -87,13 +88,14 @@ def _counts_over_taus(values_in: np.ndarray, values_out: np.ndarray,
 
 
 def collect(ensemble: Ensemble, data: Any, *, taus: Sequence[float] = TAU_GRID,
-            mc_passes: int | None = None, batch_size: int | None = None, workers: int | None = None) -> Collected:
+            mc_passes: int | None = None, batch_size: int | None = None, workers: int | None = None,
+            label_map: Mapping[str, str] | None = None) -> Collected:
     """Annotate ``data`` once (maps kept) and keep only what the sweeps need: the
     members' probabilities and uncertainties, and per-tau pixel counts of every mask
     the ensemble could form on each positive image with a ground-truth mask."""
     classes = list(ensemble.classes)
     index = {c: i for i, c in enumerate(classes)}
-    dataset = open_data(data, classes)
+    dataset = open_data(data, classes, label_map)
     taus_arr = np.asarray(taus, dtype=float)
     labels, probs, unc = [], [], []
     masks: dict[int, _ImageMasks] = {}
@@ -125,7 +127,7 @@ def collect(ensemble: Ensemble, data: Any, *, taus: Sequence[float] = TAU_GRID,
             entry.counts[subset] = _counts_over_taus(low[gt], low[~gt], taus_arr)
         masks[j] = entry
     if not labels:
-        raise ValueError(f"no readable labelled validation images in {_describe(data)}")
+        raise no_labelled_images(data, dataset, classes)
     m, c = len(ensemble.members), len(classes)
     return Collected(labels=np.array(labels), probs=np.stack(probs).reshape(-1, m, c),
                      uncertainty=np.stack(unc).reshape(-1, m), masks=masks, taus=taus_arr, n_errors=n_errors)
@@ -198,7 +200,7 @@ def _load(ensemble_or_run: Any, device: str | None) -> Ensemble:
 def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_FLAG_RATE,
               taus: Sequence[float] = TAU_GRID, mc_passes: int | None = None, batch_size: int | None = None,
               device: str | None = None, workers: int | None = None, write: bool = True,
-              data_name: str | None = None) -> dict[str, Any]:
+              data_name: str | None = None, label_map: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Choose theta (and tau, where ground-truth masks exist) on validation data.
 
     Args:
@@ -213,6 +215,8 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
         write: write theta, tau and the ``calibration`` entry into ``RUN/aax.json`` and
             the risk-coverage curve into ``RUN/calibration/``.
         data_name: how the entry names the data (default: its path or source).
+        label_map: renames the labels of ``valdata`` as it is read (default: the map
+            the run was trained with).
 
     Returns:
         The calibration entry: ``theta``, ``tau``, ``previous``, ``n``, ``n_errors``,
@@ -224,7 +228,8 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
         raise ValueError(f"max_flag_rate must be in [0, 1], got {max_flag_rate}")
     ensemble = _load(ensemble_or_run, device)
     k = int(ensemble.mc_passes if mc_passes is None else mc_passes)
-    collected = collect(ensemble, valdata, taus=taus, mc_passes=k, batch_size=batch_size, workers=workers)
+    collected = collect(ensemble, valdata, taus=taus, mc_passes=k, batch_size=batch_size, workers=workers,
+                        label_map=run_label_map(ensemble) if label_map is None else label_map)
     sweep = ThetaSweep.build(collected.probs, collected.uncertainty, ensemble.negative_index, ensemble.quorum)
     candidates = theta_candidates(collected.uncertainty, default=float(ensemble.theta))
     curve = risk_coverage(sweep, collected.labels, candidates)
@@ -323,7 +328,8 @@ def validation_split(run: str | os.PathLike) -> Any:
     if not d.get("source") or d.get("val_files") is None:
         raise ValueError(f"{run}: the manifest records no validation split (data.source / data.val_files); "
                          "calibrate on a validation folder instead: aax calibrate RUN VALDATA")
-    dataset = open_dataset(d["source"], format=d.get("format"))
+    label_map = (manifest.get("training") or {}).get("label_map") or None
+    dataset = open_dataset(d["source"], format=d.get("format"), label_map=label_map)
     root = Path(d.get("root") or d["source"])
 
     def key(path: Path) -> str:

@@ -25,7 +25,7 @@ import datetime as _dt
 import io
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,23 +48,59 @@ if TYPE_CHECKING:  # pragma: no cover
     from aax.ensemble import Ensemble
 
 ENSEMBLE = "AAX"  # the ensemble's name in tables
+MEMBER_TITLES = {"resnet50": "ResNet-50", "efficientnet-b0": "EfficientNet-B0", "densenet121": "DenseNet-121"}
+
+
+def method_label(name: str) -> str:
+    """How tables, the report and the README name a method: one name everywhere."""
+    if name == ENSEMBLE:
+        return f"{ENSEMBLE} (intersection of agreeing members)"
+    return f"{MEMBER_TITLES.get(name, name)} with XGrad-CAM and MC Dropout"
 
 
 # --------------------------------------------------------------------------------------
 # inputs
 # --------------------------------------------------------------------------------------
 
-def open_data(data: Any, classes: Sequence[str] | None = None) -> Any:
+def open_data(data: Any, classes: Sequence[str] | None = None,
+              label_map: Mapping[str, str] | None = None) -> Any:
     """A dataset from a path (via :func:`aax.data.open_dataset`) or a dataset as is.
 
     With ``classes`` (the model's), a sample labelled with another class becomes one of
-    the dataset's errors instead of stopping the run.
+    the dataset's errors instead of stopping the run. ``label_map`` renames labels as
+    they are read (``{"tb": "diseased"}``).
     """
     if isinstance(data, (str, os.PathLike)):
         from aax.data import open_dataset
 
-        return open_dataset(data, classes=classes)
+        return open_dataset(data, classes=classes, label_map=label_map)
     return data
+
+
+def run_label_map(ensemble: Any) -> dict[str, str] | None:
+    """The label map a run was trained with (``aax train --label-map``), if any."""
+    manifest = getattr(ensemble, "manifest", None) or {}
+    return dict((manifest.get("training") or {}).get("label_map") or {}) or None
+
+
+def no_labelled_images(data: Any, dataset: Any, classes: Sequence[str]) -> ValueError:
+    """The error for data with no usable labelled image; when its labels are not the
+    model's classes, it names them and says how to map them."""
+    import re
+    from collections import Counter
+
+    unknown = Counter()
+    for e in getattr(dataset, "errors", None) or []:
+        found = re.match(r"unknown label '(.*)' \(allowed", getattr(e, "reason", ""))
+        if found:
+            unknown[found.group(1)] += 1
+    if unknown:
+        labels = ", ".join(f"{k!r} ({n} images)" for k, n in sorted(unknown.items()))
+        example = ",".join(f"{k}={c}" for k, c in zip(sorted(unknown), classes))
+        return ValueError(f"{_describe(data)}: no image has one of the run's classes "
+                          f"({', '.join(classes)}); the data's labels are {labels}. Map them with "
+                          f"--label-map, e.g. --label-map {example}")
+    return ValueError(f"no readable labelled images in {_describe(data)}")
 
 
 def open_images(source: Any) -> Any:
@@ -375,7 +411,8 @@ def _rate(flags: np.ndarray) -> float | None:
 def evaluate(ensemble: Ensemble, data: Any, *, unseen: Any = None, theta: float | None = None,
              tau: Tau | None = None, out: str | os.PathLike | None = None,
              mc_passes: int | None = None, batch_size: int | None = None, report: bool = True,
-             max_examples: int = 8, workers: int | None = None) -> dict[str, Any]:
+             max_examples: int = 8, workers: int | None = None,
+             label_map: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Score the ensemble and each member alone on labelled ``data``.
 
     Args:
@@ -390,6 +427,8 @@ def evaluate(ensemble: Ensemble, data: Any, *, unseen: Any = None, theta: float 
             device is the ensemble's, chosen when it was loaded).
         report: write ``report.html`` into ``out``.
         max_examples: rows of the report's example grid.
+        label_map: renames the labels of ``data`` as it is read (``{"tb": "diseased"}``);
+            default: the map the run was trained with.
 
     Returns:
         The content of ``metrics.json`` (``members``, ``ensemble``, ``settings``,
@@ -401,7 +440,7 @@ def evaluate(ensemble: Ensemble, data: Any, *, unseen: Any = None, theta: float 
     tau = {str(k): float(v) for k, v in tau.items()} if isinstance(tau, dict) else float(tau)
     names = list(ensemble.members)
     classes = list(ensemble.classes)
-    dataset = open_data(data, classes)
+    dataset = open_data(data, classes, run_label_map(ensemble) if label_map is None else label_map)
     negative = ensemble.negative_class
     scorer = _Scorer(names, classes, negative, theta, tau, max_examples if (out is not None and report) else 0)
     want_preview = out is not None and report and max_examples > 0
@@ -410,7 +449,7 @@ def evaluate(ensemble: Ensemble, data: Any, *, unseen: Any = None, theta: float 
     for sample, record in paired(_samples(dataset), records):
         scorer.add(sample, record)
     if not scorer.labels:
-        raise ValueError(f"no readable labelled images in {data}")
+        raise no_labelled_images(data, dataset, classes)
 
     probs = np.stack(scorer.probs)
     unc = np.stack(scorer.uncertainty)
@@ -484,8 +523,8 @@ def tables_markdown(result: dict[str, Any]) -> str:
     """The paper's tables for this data: accuracy (tables 1, 3) and IoU (tables 2, 4) of
     each member and of AAX, with the flag rate, and the open-set check when present."""
     s = result["settings"]
-    rows = [(f"{n} with MC Dropout", m) for n, m in result["members"].items()]
-    rows.append((f"**Proposed {ENSEMBLE}**", result["ensemble"]))
+    rows = [(method_label(n), m) for n, m in result["members"].items()]
+    rows.append((f"**{method_label(ENSEMBLE)}**", result["ensemble"]))
     out = [f"# AAX evaluation: {s['data']}", "",
            f"{s['n_images']} images, {s['n_errors']} input errors (listed in metrics.json), classes {', '.join(s['classes'])} "
            f"(negative: {s['negative_class']}); theta = {s['theta']:g}, tau = {tau_text(s['tau'])}, "
@@ -506,9 +545,7 @@ def tables_markdown(result: dict[str, Any]) -> str:
                 "intersection / summed union.", "",
                 "| Method | IoU mean (%) | IoU micro (%) | Pixel precision (%) | Pixel recall (%) | Pixel F1 (%) |",
                 "|---|---:|---:|---:|---:|---:|"]
-        rows_iou = [(f"{n} with XGrad-CAM and MC Dropout", m) for n, m in result["members"].items()]
-        rows_iou.append((f"**Proposed {ENSEMBLE}**", result["ensemble"]))
-        for label, m in rows_iou:
+        for label, m in rows:
             out.append(f"| {label} | {_pct(m.get('iou_mean'))} | {_pct(m.get('iou_micro'))} "
                        f"| {_pct(m.get('pixel_precision'))} | {_pct(m.get('pixel_recall'))} | {_pct(m.get('pixel_f1'))} |")
         out.append("")

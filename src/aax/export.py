@@ -6,11 +6,11 @@ import csv
 import json
 import os
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from aax.store import AnnotationStore
+from aax.store import AnnotationStore, open_store
 
 
 def _load_mask(path: Path) -> np.ndarray:
@@ -21,9 +21,7 @@ def _load_mask(path: Path) -> np.ndarray:
 
 
 def _open(out: str | os.PathLike) -> AnnotationStore:
-    if not (Path(out) / "annotations.sqlite").is_file():
-        raise FileNotFoundError(f"{out}: no annotations.sqlite here; run `aax annotate` first")
-    return AnnotationStore(out)
+    return open_store(out)
 
 
 def export_coco(out: str | os.PathLike, to: str | os.PathLike) -> dict:
@@ -85,7 +83,7 @@ def export_png(out: str | os.PathLike, to: str | os.PathLike) -> dict:
             if not row["mask"]:
                 continue
             n += 1
-            name = f"{n:06d}_{Path(row['image']).stem}.png"
+            name = f"{n:06d}_{PurePosixPath(row['image']).stem}.png"
             shutil.copyfile(Path(out) / row["mask"], target / name)
             writer.writerow([name, row["image"], row["decision"], row["reason"], row["mask_area"],
                              row["height"], row["width"]])

@@ -49,15 +49,20 @@ def _panel(image: np.ndarray, caption: str) -> np.ndarray:
     return np.asarray(tile)
 
 
-def render_record(record: AnnotationRecord, tau: float) -> np.ndarray:
+def render_record(record: AnnotationRecord, tau: float, theta: float | None = None) -> np.ndarray:
     """Side-by-side panels: input, each member's map, and the intersection of the
-    agreeing members' maps (the AAX mask) or, without a mask, the decision."""
+    agreeing members' maps (the AAX mask) or, without a mask, the decision.
+
+    Each member's caption gives its uncertainty ``u`` to four decimals (calibrated thetas
+    are often a few hundredths) and, with ``theta``, whether it is over (``>``) or within
+    (``<=``) it."""
     if record.preview is None or record.saliency is None:
         raise ValueError(f"{record.image}: rendering needs the record's preview and saliency maps")
     image = record.preview
     panels = [_panel(image, f"input\n{record.decision} ({record.reason})")]
     for m in record.members:
-        caption = f"{m.name}\np={max(m.probs):.2f} u={m.uncertainty:.3f} -> {m.predicted}"
+        versus = "" if theta is None else (">" if m.uncertainty > theta else "<=") + f"{theta:.4g}"
+        caption = f"{m.name} -> {m.predicted}\np={max(m.probs):.2f} u={m.uncertainty:.4f}{versus}"
         panels.append(_panel(heat_overlay(image, record.saliency[m.name]), caption))
     if record.mask is not None:
         caption = f"AAX mask (tau={tau:g})\n{'+'.join(record.agreeing)}"

@@ -28,6 +28,7 @@ DB_NAME = "annotations.sqlite"
 MASK_DIR = "masks"
 SALIENCY_DIR = "saliency"
 TMP_SUFFIX = ".tmp"
+REVIEW_FILES = ("review.csv", "review.json")  # the review list (aax.review_list)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS annotations (
@@ -56,7 +57,7 @@ class SettingsMismatch(RuntimeError):
 
 
 def relative_name(image: Path, root: Path | None) -> PurePosixPath:
-    """Where an image's files go under ``masks/``: its path relative to the input root.
+    """An image's path relative to the input root (posix), as the store names it.
 
     Images outside the root get a stable name under ``_external/`` so that two of them
     with the same file name never collide.
@@ -75,6 +76,31 @@ def relative_name(image: Path, root: Path | None) -> PurePosixPath:
             pass
     digest = hashlib.sha1(str(image.resolve()).encode()).hexdigest()[:12]
     return PurePosixPath("_external", digest, image.name)
+
+
+def image_key(image: str | os.PathLike, root: str | os.PathLike | None) -> str:
+    """How the store identifies an image: its path relative to the input root (posix),
+    whatever the working directory or the form the path was given in; an image outside
+    the root by its absolute path. A relative ``image`` is taken as relative to the root
+    already."""
+    path = Path(image)
+    if root is None:
+        return path.resolve().as_posix()
+    if not path.is_absolute():
+        return PurePosixPath(path.as_posix()).as_posix()
+    name = relative_name(path, Path(root))
+    return path.resolve().as_posix() if name.parts[0] == "_external" else name.as_posix()
+
+
+def file_stem_name(key: str) -> PurePosixPath:
+    """Where an image's mask and overlay go, below ``masks/`` and ``saliency/``: its key
+    without the image's extension (``tb/tb0003.png`` -> ``tb/tb0003``), under
+    ``_external/<digest>/`` for images outside the input root."""
+    path = PurePosixPath(key)
+    if path.is_absolute():
+        digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+        path = PurePosixPath("_external", digest, path.name)
+    return path.with_name(path.stem) if path.suffix else path
 
 
 def _write_png_atomically(path: Path, array: np.ndarray) -> None:
@@ -100,7 +126,6 @@ class AnnotationStore:
     def __init__(self, out: str | os.PathLike, settings: dict | None = None,
                  input_root: str | os.PathLike | None = None, overwrite: bool = False) -> None:
         self.out = Path(out)
-        self.input_root = Path(input_root) if input_root is not None else None
         if overwrite:
             self._wipe()
         self.out.mkdir(parents=True, exist_ok=True)
@@ -112,13 +137,38 @@ class AnnotationStore:
         self.db.executescript(SCHEMA)
         if settings is not None:
             self._check_settings(settings)
+        self.input_root = self._input_root(input_root)
         self.recover()
+        # file paths taken, so that two images with one stem (a.png, a.jpg) never share a mask
+        self._files: dict[str, str] = {}
+        for image, mask, saliency in self.db.execute("SELECT image, mask, saliency FROM annotations"):
+            self._files.update({p: image for p in (mask, saliency) if p})
         self._pending = 0
         self._last_commit = time.monotonic()
 
+    def _input_root(self, given: str | os.PathLike | None) -> Path | None:
+        """The input root: given (and then recorded, absolute), or as recorded."""
+        if given is not None:
+            root = Path(given).resolve()
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('input_root', ?)", (str(root),))
+            return root
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'input_root'").fetchone()
+        return Path(row[0]) if row else None
+
+    def key(self, image: str | os.PathLike) -> str:
+        """The name this store gives ``image`` (see :func:`image_key`)."""
+        return image_key(image, self.input_root)
+
+    def resolve(self, key: str) -> Path:
+        """Where the image of a row's ``image`` key is on disk."""
+        path = Path(key)
+        if path.is_absolute() or self.input_root is None:
+            return path
+        return self.input_root / path
+
     # -- settings -------------------------------------------------------------------
     def _wipe(self) -> None:
-        for name in (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm", "summary.json"):
+        for name in (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm", "summary.json", *REVIEW_FILES):
             (self.out / name).unlink(missing_ok=True)
         for name in (MASK_DIR, SALIENCY_DIR):
             shutil.rmtree(self.out / name, ignore_errors=True)
@@ -168,17 +218,22 @@ class AnnotationStore:
 
     # -- writing --------------------------------------------------------------------
     def add(self, record: AnnotationRecord, overlay: np.ndarray | None = None) -> None:
-        """Store one record: its mask (and overlay) files first, then its row."""
-        name = relative_name(Path(record.image), self.input_root)
+        """Store one record: its mask (and overlay) files first, then its row.
+
+        ``record.image`` becomes the store's key for it (see :meth:`key`)."""
+        record.image = key = self.key(record.image)
+        name = self._file_name(key)
         mask_rel = saliency_rel = None
         if record.mask is not None:
             mask_rel = f"{MASK_DIR}/{name}.png"
             # 1-bit PNG: a quarter of the size of 8-bit 0/255 and 3x faster to encode;
             # viewers and OpenCV show it as 0/255, Pillow reads it as bool.
             _write_png_atomically(self.out / mask_rel, np.asarray(record.mask, dtype=bool))
+            self._files[mask_rel] = key
         if overlay is not None:
             saliency_rel = f"{SALIENCY_DIR}/{name}.png"
             _write_png_atomically(self.out / saliency_rel, overlay)
+            self._files[saliency_rel] = key
         record.mask_path = mask_rel
         if self._pending == 0:
             self.db.execute("BEGIN")
@@ -195,6 +250,14 @@ class AnnotationStore:
         self._pending += 1
         if self._pending >= 64 or time.monotonic() - self._last_commit > 2.0:
             self.commit()
+
+    def _file_name(self, key: str) -> PurePosixPath:
+        """The image's stem path, or its whole name when another image has that stem."""
+        name = file_stem_name(key)
+        taken = {self._files.get(f"{d}/{name}.png") for d in (MASK_DIR, SALIENCY_DIR)} - {None, key}
+        if taken:
+            name = file_stem_name(key).with_name(PurePosixPath(key).name)
+        return name
 
     def commit(self) -> None:
         if self._pending:
@@ -230,12 +293,25 @@ class AnnotationStore:
                 "decisions": counts, "flag_rate": counts.get(REVIEW, 0) / ok if ok else None,
                 "error_list": errors, "settings": self.settings}
 
-    def write_summary(self) -> dict:
-        summary = self.summary()
+    def write_summary(self, **extra: object) -> dict:
+        """:meth:`summary` plus ``extra`` entries, written to ``OUT/summary.json``."""
+        summary = {**self.summary(), **extra}
         tmp = self.out / ("summary.json" + TMP_SUFFIX)
         tmp.write_text(json.dumps(summary, indent=2))
         os.replace(tmp, self.out / "summary.json")
         return summary
+
+
+def open_store(out: str | os.PathLike) -> AnnotationStore:
+    """The store of an existing annotation folder (for reading and exporting).
+
+    Raises:
+        FileNotFoundError: ``out`` holds no ``annotations.sqlite``.
+    """
+    if not (Path(out) / DB_NAME).is_file():
+        what = "no such folder" if not Path(out).exists() else f"no {DB_NAME} here"
+        raise FileNotFoundError(f"{out}: {what}; run `aax annotate RUN IMAGES --out {out}` first")
+    return AnnotationStore(out)
 
 
 class BackgroundWriter:

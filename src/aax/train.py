@@ -84,6 +84,9 @@ class TrainConfig:
         class_weights: ``None`` or ``"balanced"`` (CE weights ``n / (C * n_c)``).
         resume: continue an interrupted run in ``out`` (the stored settings must match).
         augment: flip / affine / intensity augmentation of training batches.
+        hflip: the augmentation flips images left-right (turn off where sides differ,
+            as on chest X-rays: the heart is on the left).
+        label_map: renames dataset labels as they are read (``{"tb": "diseased"}``).
         recalibrate_bn: re-estimate batch-norm statistics on the training images after
             every epoch, before validation ("precise BN"; see
             :func:`aax.training.loop.recalibrate_bn`).
@@ -114,6 +117,8 @@ class TrainConfig:
     class_weights: str | None = None
     resume: bool = False
     augment: bool = True
+    hflip: bool = True
+    label_map: dict[str, str] = field(default_factory=dict)
     recalibrate_bn: bool = True
     zero_init_residual: bool = True
     warmup_epochs: float = 1.0
@@ -150,6 +155,7 @@ class TrainConfig:
                if f.name not in self.RUNTIME_FIELDS}
         out["members"] = list(self.members)
         out["weights"] = {k: str(v) for k, v in self.weights.items()}
+        out["label_map"] = dict(self.label_map)
         return out
 
     def member_lr(self, name: str) -> float:
@@ -192,7 +198,7 @@ def _open(data: Any, config: TrainConfig) -> tuple[Any, str | None]:
     if isinstance(data, (str, os.PathLike)):
         from aax.data import open_dataset
 
-        data = open_dataset(data, format=config.data_format)
+        data = open_dataset(data, format=config.data_format, label_map=config.label_map or None)
     source = getattr(data, "source", None)
     if source is None or str(source) in ("", "."):
         return data, None
@@ -233,8 +239,9 @@ def _check_resumable(out: Path, config: TrainConfig) -> dict[str, Any] | None:
     manifest = runfiles.read_json(manifest_path)
     stored = manifest.get("training", {})
     wanted = config.settings()
-    diffs = [f"{k}: run has {stored.get(k)!r}, asked {v!r}" for k, v in wanted.items()
-             if _jsonish(stored.get(k)) != _jsonish(v)]
+    defaults = TrainConfig().settings()  # a run from before a setting existed had its default
+    diffs = [f"{k}: run has {stored.get(k, defaults.get(k))!r}, asked {v!r}" for k, v in wanted.items()
+             if _jsonish(stored.get(k, defaults.get(k))) != _jsonish(v)]
     if diffs:
         raise RunError(f"cannot resume {out}: settings differ from the stored run:\n  "
                        + "\n  ".join(diffs))
@@ -427,7 +434,7 @@ def _train_one(name: str, config: TrainConfig, classes: Sequence[str], train_set
         seed=seed,
         class_weights=(None if config.class_weights is None else _class_weight_tensor(
             train_set.labels, len(classes), config.class_weights).to(device)),
-        augment=Augment() if config.augment else None,
+        augment=Augment(hflip=config.hflip) if config.augment else None,
         recalibrate_bn=config.recalibrate_bn, progress=config.progress,
         channels_last=(default_channels_last(device) if config.channels_last is None
                        else config.channels_last))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -31,15 +32,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``aax`` command; returns its exit status.
+
+    Exit status, for every command: 0 when all went well; 1 when the command finished
+    but some inputs could not be used (each is listed with its reason); 2 when it could
+    not run (bad options, a folder that is not a RUN, a missing file: one line says
+    which); 130 when interrupted. ``AAX_DEBUG=1`` shows the traceback of an error.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from aax.runtime import tune_allocator
+    from aax.runtime import set_threads, tune_allocator
+    from aax.store import SettingsMismatch
 
     tune_allocator()  # reuse freed tensor memory: 15-20 % faster on CPU (aax.runtime)
-    return int(args.func(args) or 0)
+    name = f"aax {args.command}"
+    try:
+        if hasattr(args, "threads"):  # commands that run the models
+            set_threads(args.threads)
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, SettingsMismatch) as exc:
+        if os.environ.get("AAX_DEBUG"):
+            raise
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from aax.cli._common import add_device_argument
+from aax.cli._common import add_device_argument, non_negative_int, positive_int, unit_float
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,12 +16,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="RUN folder written by `aax train`")
     p.add_argument("input", help="a folder of images (searched recursively), a CSV manifest or a TBX11K folder")
     p.add_argument("--out", required=True, help="output folder (annotations.sqlite, masks/, summary.json)")
-    p.add_argument("--mc-passes", type=int, default=None, help="MC Dropout passes K (default: the RUN's, 30)")
-    p.add_argument("--theta", type=float, default=None, help="uncertainty threshold (default: the RUN's)")
-    p.add_argument("--tau", type=float, default=None, help="saliency threshold for masks (default: the RUN's)")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--mc-passes", type=positive_int, default=None, help="MC Dropout passes K (default: the RUN's, 30)")
+    p.add_argument("--theta", type=unit_float, default=None, help="uncertainty threshold (default: the RUN's)")
+    p.add_argument("--tau", type=unit_float, default=None, help="saliency threshold for masks (default: the RUN's)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
                    help="images per batch (default: chosen for the device and input size)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=non_negative_int, default=None,
                    help="decoding worker processes (default: none on a CPU with 2 cores or fewer, "
                         "where the models use every core; 1 with more; up to 4 with CUDA)")
     p.add_argument("--save-saliency", action="store_true", help="also write saliency overlays to OUT/saliency/")
@@ -34,9 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``aax annotate``: 0 when every input was annotated, 1 when some could not be
+    read (each is listed), 2 when the run could not start, 130 on Ctrl-C."""
     from aax.annotate import annotate_to_folder
     from aax.ensemble import Ensemble
-    from aax.store import SettingsMismatch
 
     ensemble = Ensemble.load(args.run, device=args.device, channels_last=args.channels_last)
     try:
@@ -44,12 +45,32 @@ def run(args: argparse.Namespace) -> int:
                                      mc_passes=args.mc_passes, batch_size=args.batch_size,
                                      save_saliency=args.save_saliency, overwrite=args.overwrite,
                                      workers=args.workers, amp=args.amp)
-    except (SettingsMismatch, FileNotFoundError) as exc:
-        print(f"aax annotate: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"\naax annotate: interrupted; {_stored(args.out)} images are stored in {args.out}. "
+              "Run the same command again to resume: nothing stored is done twice.", file=sys.stderr)
+        return 130
     shown = {k: summary[k] for k in ("images", "annotated", "errors", "masks", "decisions", "flag_rate")}
     print(json.dumps(shown, indent=2))
     for err in summary["error_list"]:
         print(f"error: {err['image']}: {err['error']}", file=sys.stderr)
+    if summary.get("skipped_already_done"):
+        print(f"resumed: {summary['skipped_already_done']} images were already done and were skipped",
+              file=sys.stderr)
+    flagged = summary["decisions"].get("review", 0)
     print(f"annotations: {args.out}/annotations.sqlite, masks: {args.out}/masks/", file=sys.stderr)
-    return 0
+    print(f"review list ({flagged} flagged images, most uncertain first): {summary['review_list'][0]}",
+          file=sys.stderr)
+    return 1 if summary["errors"] else 0
+
+
+def _stored(out: str) -> int:
+    import sqlite3
+    from pathlib import Path
+
+    from aax.store import DB_NAME
+
+    try:
+        with sqlite3.connect(Path(out) / DB_NAME) as db:
+            return int(db.execute("SELECT COUNT(*) FROM annotations").fetchone()[0])
+    except sqlite3.Error:
+        return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from aax.cli._common import add_device_argument
+from aax.cli._common import add_device_argument, add_label_map_argument, positive_int, unit_float
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,11 +17,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="RUN folder written by `aax train`")
     p.add_argument("valdata", nargs="?", default=None,
                    help="labelled validation data (default: the validation split recorded in the RUN)")
-    p.add_argument("--max-flag-rate", type=float, default=0.2,
+    p.add_argument("--max-flag-rate", type=unit_float, default=0.2,
                    help="largest share of validation images theta may flag (default 0.2)")
-    p.add_argument("--mc-passes", type=int, default=None, help="MC Dropout passes K (default: the RUN's)")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--mc-passes", type=positive_int, default=None, help="MC Dropout passes K (default: the RUN's)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
                    help="images per batch (default: chosen for the device and input size)")
+    add_label_map_argument(p)
     add_device_argument(p)
     p.set_defaults(func=run)
 
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         valdata = args.valdata if args.valdata is not None else validation_split(args.run)
         name = None if args.valdata is not None else split_name(valdata)
         result = calibrate(ensemble, valdata, max_flag_rate=args.max_flag_rate, mc_passes=args.mc_passes,
-                           batch_size=args.batch_size, data_name=name)
+                           batch_size=args.batch_size, data_name=name, label_map=args.label_map)
     except (FileNotFoundError, ValueError) as exc:
         print(f"aax calibrate: {exc}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from aax.cli._common import add_label_map_argument
 from aax.data import FORMATS, open_dataset
 
 
@@ -27,6 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="TBX11K: keep sick (non-TB) images as the class 'sick'")
     check.add_argument("--classes", default=None,
                        help="comma-separated allowed class names; other labels are errors")
+    add_label_map_argument(check)
     check.add_argument("--json", action="store_true", help="print one JSON object")
     check.add_argument("--no-progress", action="store_true",
                        help="no progress bar (it goes to stderr)")
@@ -44,7 +46,7 @@ def run_check(args: argparse.Namespace) -> int:
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     try:
         dataset = open_dataset(args.source, args.format, include_sick=args.include_sick,
-                               split=args.split, classes=classes)
+                               split=args.split, classes=classes, label_map=args.label_map)
     except (OSError, ValueError) as exc:
         print(f"aax data check: {exc}", file=sys.stderr)
         return 2

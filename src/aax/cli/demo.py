@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from aax.cli._common import add_device_argument
+from aax.cli._common import add_device_argument, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -12,7 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Run the whole of AAX on synthetic chest-X-ray-like data.")
     p.add_argument("--out", default="demo-run", help="output folder (default: demo-run)")
     p.add_argument("--quick", action="store_true", help="a smaller, faster demo (64 px, fewer images)")
-    p.add_argument("--epochs", type=int, default=None, help="maximum epochs per member")
+    p.add_argument("--epochs", type=positive_int, default=None, help="maximum epochs per member")
     add_device_argument(p)
     p.set_defaults(func=run)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from aax.cli._common import add_device_argument
+from aax.cli._common import add_device_argument, add_label_map_argument, positive_int, unit_float
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,12 +20,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--unseen", default=None,
                    help="images of a kind never trained on: reports their flag rate and how well each "
                         "uncertainty tells them apart (AUROC)")
-    p.add_argument("--theta", type=float, default=None, help="uncertainty threshold (default: the RUN's)")
-    p.add_argument("--tau", type=float, default=None, help="saliency threshold for masks (default: the RUN's)")
-    p.add_argument("--mc-passes", type=int, default=None, help="MC Dropout passes K (default: the RUN's)")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--theta", type=unit_float, default=None, help="uncertainty threshold (default: the RUN's)")
+    p.add_argument("--tau", type=unit_float, default=None, help="saliency threshold for masks (default: the RUN's)")
+    p.add_argument("--mc-passes", type=positive_int, default=None, help="MC Dropout passes K (default: the RUN's)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
                    help="images per batch (default: chosen for the device and input size)")
     p.add_argument("--no-report", action="store_true", help="skip report.html")
+    add_label_map_argument(p)
     add_device_argument(p)
     p.set_defaults(func=run)
 
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         ensemble = Ensemble.load(args.run, device=args.device)
         result = evaluate(ensemble, args.data, unseen=args.unseen, theta=args.theta, tau=args.tau,
                           out=args.out, mc_passes=args.mc_passes, batch_size=args.batch_size,
-                          report=not args.no_report)
+                          report=not args.no_report, label_map=args.label_map)
     except (FileNotFoundError, ValueError) as exc:
         print(f"aax evaluate: {exc}", file=sys.stderr)
         return 2

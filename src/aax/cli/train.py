@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from aax.cli._common import add_device_argument
+from aax.cli._common import (add_device_argument, add_label_map_argument, dropout_float, non_negative_float,
+                             non_negative_int, open_unit_float, positive_float, positive_int)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,19 +25,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="RUN folder to write")
     p.add_argument("--members", nargs="+", choices=sorted(MEMBERS), default=None,
                    help=f"members to train (default: {' '.join(DEFAULT_MEMBERS)})")
-    p.add_argument("--epochs", type=int, default=None, help="maximum epochs per member (default 50)")
-    p.add_argument("--patience", type=int, default=None,
+    p.add_argument("--epochs", type=positive_int, default=None, help="maximum epochs per member (default 50)")
+    p.add_argument("--patience", type=non_negative_int, default=None,
                    help="early-stopping patience in epochs, 0 = off (default 5)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per step (default 16)")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=None, help="images per step (default 16)")
+    p.add_argument("--lr", type=positive_float, default=None,
                    help="Adam learning rate (default: 1e-3 from scratch, 1e-4 with --weights)")
-    p.add_argument("--image-size", type=int, default=None, help="input side in pixels (default 128)")
-    p.add_argument("--val-split", type=float, default=None,
+    p.add_argument("--image-size", type=_image_size, default=None, help="input side in pixels (default 128)")
+    p.add_argument("--val-split", type=open_unit_float, default=None,
                    help="fraction of each class held out for validation (default 0.2)")
-    p.add_argument("--dropout", type=float, default=None, help="MC head dropout p (default 0.2)")
-    p.add_argument("--lambda-var", type=float, default=None,
+    p.add_argument("--dropout", type=dropout_float, default=None, help="MC head dropout p (default 0.2)")
+    p.add_argument("--lambda-var", type=non_negative_float, default=None,
                    help="weight of the variance term (default 0.1)")
-    p.add_argument("--var-passes", type=int, default=None,
+    p.add_argument("--var-passes", type=_var_passes, default=None,
                    help="stochastic head passes T for the variance term (default 4)")
     p.add_argument("--weights", action="append", default=None, metavar="NAME=PATH",
                    help="pretrained checkpoint (file or URL) for a member; repeatable")
@@ -47,9 +48,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="weight the loss by inverse class frequency")
     p.add_argument("--format", dest="data_format", default=None,
                    help="dataset layout: folder, csv or tbx11k (default: detect)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    p.add_argument("--seed", type=non_negative_int, default=None, help="random seed (default 0)")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="train without augmentation")
+    p.add_argument("--no-hflip", dest="hflip", action="store_false", default=None,
+                   help="augment without left-right flips (for images whose sides differ, "
+                        "such as chest X-rays)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--no-calibrate", action="store_true",
                    help="skip calibrating theta/tau on the validation split afterwards "
@@ -57,8 +61,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last memory format (default: on for CPUs, off for CUDA)")
+    add_label_map_argument(p)
     add_device_argument(p)
     p.set_defaults(func=run)
+
+
+def _image_size(text: str) -> int:
+    from aax.cli._common import _number
+
+    return int(_number(int, 32, 4096)(text))  # below 32 px the last feature map is empty
+
+
+def _var_passes(text: str) -> int:
+    from aax.cli._common import _number
+
+    return int(_number(int, 2, None)(text))  # a variance needs two passes
 
 
 def _weights(items: list[str]) -> dict[str, str]:
@@ -95,6 +112,7 @@ def build_config(args: argparse.Namespace) -> Any:
         "weights": _weights(args.weights) if args.weights else None,
         "negative_class": args.negative_class, "class_weights": args.class_weights,
         "data_format": args.data_format, "seed": args.seed, "augment": args.augment,
+        "hflip": args.hflip, "label_map": args.label_map,
     }
     base.update({k: v for k, v in given.items() if v is not None})
     if "members" in base:

@@ -7,8 +7,9 @@ reason a person can act on; callers turn it into a record and go on.
 
 Conversions, so that every source means the same thing to a model:
 
-* 8-bit data is divided by 255, 16-bit grey data (``I;16`` PNG/TIFF) by 65535. Pillow
-  reads 16-bit colour PNGs at 8 bits per channel. 32-bit integer and float images are
+* 8-bit data is divided by 255, 16-bit data by 65535: grey (``I;16`` PNG/TIFF) through
+  Pillow, colour PNGs through ``pypng`` (Pillow would read them at 8 bits per channel, and
+  ignores their EXIF orientation). 32-bit integer and float images are
   divided by 65535 or kept as they are when they already lie in that range, and min-max
   scaled otherwise.
 * Grey and palette images are expanded to three equal channels.
@@ -24,8 +25,9 @@ Conversions, so that every source means the same thing to a model:
   inverted so that bone is bright in every image. Min-max over the pixels, rather than the
   nominal bit depth, because detectors rarely fill their range (a 12-bit range in a 16-bit
   container would come out nearly black); no VOI window is applied, because window presets
-  differ between sites and viewers while the pixel range does not. Multi-frame DICOM is
-  refused; colour DICOM is scaled by its bit depth.
+  differ between sites and viewers while the pixel range does not. Of a multi-frame DICOM
+  the first frame is read, with an :class:`ImageWarning` naming the file; colour DICOM is
+  scaled by its bit depth.
 
 Size limits: an image over :data:`MAX_SIDE` pixels a side or :data:`MAX_PIXELS` pixels is
 refused as a likely decompression bomb. Pillow's own guard, which only warns between
@@ -56,6 +58,10 @@ DICOM_SUFFIXES: frozenset[str] = frozenset({".dcm", ".dicom"})
 
 _EXIF_ORIENTATION = 0x0112
 _SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})  # those that rotate by 90 degrees
+
+
+class ImageWarning(UserWarning):
+    """An image was read, but not all of it (e.g. the first frame of a multi-frame DICOM)."""
 
 
 class ImageError(Exception):
@@ -166,6 +172,8 @@ def read_image(path: str | os.PathLike, *, max_side: int = MAX_SIDE,
     _check_file(path)
     if is_dicom(path):
         image = _read_dicom(path, max_side, max_pixels)
+    elif _is_16bit_colour_png(path):
+        image = _read_png16(path, max_side, max_pixels)
     else:
         try:
             with _open_pil(path) as im:
@@ -249,7 +257,14 @@ def _open_pil(path: Path) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return Image.open(path)
     except Image.DecompressionBombError as exc:
-        raise ImageError(path, f"image too large (possible decompression bomb): {exc}") from exc
+        # Pillow's guard (about 179 Mpixels) fires before ours can read the size: report
+        # the size it found against AAX's limit, which is what the user can change.
+        import re
+
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(found.group(1)):,} pixels" if found else "over Pillow's hard limit"
+        raise ImageError(path, f"image too large: {size} (limit {MAX_SIDE} px a side, "
+                               f"{MAX_PIXELS:,} pixels; possible decompression bomb)") from exc
     except UnidentifiedImageError:
         raise ImageError(path, "not an image (format not recognised)") from None
     except Exception as exc:
@@ -315,6 +330,39 @@ def _pil_to_array(im: Image.Image) -> np.ndarray:
     return np.asarray(im, dtype=np.float32) / 255.0
 
 
+def _is_16bit_colour_png(path: Path) -> bool:
+    """A PNG whose header says 16 bits per sample in colour (RGB or RGBA)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(26)
+    except OSError:
+        return False
+    # signature (8), IHDR length and type (8), width, height (8), bit depth, colour type
+    return (len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR"
+            and head[24] == 16 and head[25] in (2, 6))
+
+
+def _read_png16(path: Path, max_side: int, max_pixels: int) -> np.ndarray:
+    """A 16-bit colour PNG at full precision (``pypng``); alpha composited on black."""
+    import png
+
+    try:
+        reader = png.Reader(filename=str(path))
+        width, height, rows, info = reader.asDirect()
+        _check_dimensions(path, height, width, max_side, max_pixels)
+        planes = int(info["planes"])
+        a = np.vstack([np.asarray(r, dtype=np.uint16) for r in rows]).reshape(height, width, planes)
+    except ImageError:
+        raise
+    except Exception as exc:
+        raise ImageError(path, _decode_reason(exc)) from exc
+    scale = float(2 ** int(info["bitdepth"]) - 1)
+    rgb = a[..., :3].astype(np.float32) / scale
+    if planes == 4:
+        rgb *= a[..., 3:4].astype(np.float32) / scale
+    return np.ascontiguousarray(rgb)
+
+
 def _pydicom():
     try:
         import pydicom
@@ -333,9 +381,6 @@ def _read_dicom_header(path: Path):
         raise ImageError(path, f"unreadable DICOM header ({type(exc).__name__}: {exc})") from exc
     if "Rows" not in ds or "Columns" not in ds:
         raise ImageError(path, "DICOM file holds no image (no Rows/Columns)")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        raise ImageError(path, f"multi-frame DICOM ({frames} frames) is not supported")
     return ds
 
 
@@ -349,6 +394,11 @@ def _read_dicom(path: Path, max_side: int, max_pixels: int) -> np.ndarray:
         if "PixelData" not in ds:
             raise ImageError(path, "DICOM file has no pixel data")
         pixels = ds.pixel_array
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        if frames > 1:
+            warnings.warn(f"{path}: multi-frame DICOM ({frames} frames); reading the first frame",
+                          ImageWarning, stacklevel=2)
+            pixels = pixels[0]
     except ImageError:
         raise
     except Exception as exc:

@@ -29,7 +29,7 @@ import csv
 import os
 import sys
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import overload
@@ -241,7 +241,8 @@ class Dataset(Sequence[Sample]):
 
 def open_dataset(source: str | os.PathLike, format: str | None = None, *,
                  include_sick: bool = False, split: str | None = None,
-                 classes: Sequence[str] | None = None) -> Dataset:
+                 classes: Sequence[str] | None = None,
+                 label_map: Mapping[str, str] | None = None) -> Dataset:
     """Open a labelled image dataset.
 
     Args:
@@ -257,6 +258,9 @@ def open_dataset(source: str | os.PathLike, format: str | None = None, *,
         classes: the allowed class names. A sample with another label becomes an error,
             and ``Dataset.classes`` is this set (sorted) even where a class has no sample,
             so indices match a model trained on it.
+        label_map: renames labels as they are read (``{"tb": "diseased"}``), before
+            they are checked against ``classes``; labels it does not name are kept.
+            Datasets whose class names differ from a model's need no copying.
 
     Returns:
         The dataset; unusable files are in its ``errors``.
@@ -282,6 +286,8 @@ def open_dataset(source: str | os.PathLike, format: str | None = None, *,
         entries = _csv_entries(source, errors)
     else:
         entries = _tbx11k_entries(source, split, include_sick, errors)
+    if label_map:
+        entries = [replace(e, label=label_map.get(e.label, e.label)) for e in entries]
     allowed = None if classes is None else set(classes)
     samples = _check_entries(entries, allowed, errors)
     return Dataset(samples, classes=classes, errors=errors, source=source, format=fmt)

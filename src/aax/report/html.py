@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from html import escape
 from typing import Any
 
-from aax.evaluate import ENSEMBLE, Example, Tau, tau_text
+from aax.evaluate import ENSEMBLE, Example, Tau, method_label, tau_text
 from aax.records import REVIEW
 from aax.report import figures
 
@@ -30,7 +30,7 @@ table.grid th { font-size: 11px; padding: 2px 4px; background: #f4f4f6; }
 table.grid td { padding: 2px; text-align: center; vertical-align: top; }
 table.grid td.rowlabel { text-align: left; width: 120px; font-size: 11px; padding-right: 6px; }
 table.grid img { display: block; margin: 0 auto; width: 112px; height: auto; }
-table.grid .cap { color: #444; max-width: 118px; overflow-wrap: anywhere; }
+table.grid .cap { color: #444; max-width: 118px; overflow-wrap: normal; word-break: keep-all; }
 .tag { display: inline-block; border-radius: 3px; padding: 0 5px; color: #fff; font-weight: 600; }
 .tag.correct { background: #2e7d32; } .tag.wrong { background: #c62828; } .tag.flagged { background: #ef6c00; }
 img.fig { max-width: 100%; border: 1px solid #eee; }
@@ -57,8 +57,8 @@ def _table(header: Sequence[str], rows: Sequence[tuple[str, Sequence[str], bool]
 
 
 def _methods(result: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any], bool]]:
-    rows = [(name, m, False) for name, m in result["members"].items()]
-    return rows + [(f"{ENSEMBLE} (ensemble)", result["ensemble"], True)]
+    rows = [(method_label(name), m, False) for name, m in result["members"].items()]
+    return rows + [(method_label(ENSEMBLE), result["ensemble"], True)]
 
 
 def classification_table(result: Mapping[str, Any]) -> str:
@@ -121,7 +121,7 @@ def example_grid(examples: Sequence[Example], names: Sequence[str], tau: Tau, ne
         label = (f'<td class="rowlabel"><span class="tag {css}">{kind}</span><br>'
                  f"true: {escape(ex.label)}<br>AAX: {escape(ex.decision)}"
                  f"{f' ({escape(ex.reason)})' if ex.reason and ex.decision == REVIEW else ''}"
-                 f'<br><span class="cap">{escape(_short(ex.image))}</span></td>')
+                 f'<br><span class="cap">{escape(_short(ex.image)).replace("/", "/<wbr>")}</span></td>')
         cells = [label, _cell(image, "", "input")]
         if ex.gt_mask is not None:
             cells.append(_cell(figures.mask_tile(image, ex.gt_mask, colour=figures.GT_RGB), "", "ground truth"))
@@ -149,7 +149,15 @@ def example_grid(examples: Sequence[Example], names: Sequence[str], tau: Tau, ne
 
 
 def _short(path: str, keep: int = 28) -> str:
-    return path if len(path) <= keep else "…" + path[-keep:]
+    """The end of a path, cut at a folder boundary so that no name is cut mid-way; the
+    caption may break only after a ``/`` (a word-break opportunity), never inside a number."""
+    parts = path.replace("\\", "/").split("/")
+    tail = parts[-1]
+    for part in reversed(parts[:-1]):
+        if len(tail) + len(part) + 1 > keep:
+            break
+        tail = f"{part}/{tail}"
+    return tail if tail == path else "…/" + tail
 
 
 def _read_preview(path: str):

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from aax import runtime
 from aax.members.backbones import Member
 from aax.training.runfiles import load_torch, save_torch
 from aax.training.tensors import Cached
@@ -267,6 +268,7 @@ def train_member(member: Member, train: Cached, val: Cached, settings: LoopSetti
                 bar.set_postfix_str(f"epoch {epoch}/{settings.epochs} loss {loss_sum / seen:.3f} "
                                     f"{rate:.0f} img/s")
                 bar.update(1)
+                runtime.tick()  # give cores back when another job starts (aax.runtime)
             train_seconds = time.perf_counter() - t0
             if settings.recalibrate_bn:
                 recalibrate_bn(member, train, settings)
