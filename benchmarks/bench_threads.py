@@ -6,7 +6,10 @@ every core of a small machine collapse (measured on 2 cores: ``aax train`` fell 
 training workload (ResNet-50 forward + backward + Adam step, the costliest member):
 
 - ``all``: every job takes every usable CPU (torch's default; AAX before the fix);
-- ``default``: what ``aax`` does now (:func:`aax.runtime.set_threads`: the CPUs other work
+- ``spin``: every CPU, but OpenMP's waiting threads go to sleep after 10,000 spins
+  (``GOMP_SPINCOUNT``) instead of libgomp's 300,000;
+- ``start``: the CPUs other work leaves free when the job starts, kept for the whole job;
+- ``default``: what ``aax`` does (:func:`aax.runtime.set_threads`: the CPUs other work
   leaves free at start, re-checked every few seconds while the job runs).
 
 For each policy: one job alone, then two jobs started 3 s apart (the usual case: a second
@@ -34,10 +37,10 @@ import json, sys, time
 import torch
 policy, seconds, size, batch = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 import aax.runtime as runtime
-if policy == "all":
+if policy in ("all", "spin"):
     torch.set_num_threads(runtime.usable_cpus())
 else:
-    runtime.set_threads(None)
+    runtime.set_threads(None, adapt=policy == "default")
 from aax.members import build_member
 torch.manual_seed(0)
 model = build_member("resnet50", 2).train().to(memory_format=torch.channels_last)
@@ -54,16 +57,22 @@ while time.perf_counter() < t_end:
     runtime.tick()
     window.append((t0, time.perf_counter()))
 last = [w for w in window if w[0] >= t_end - seconds]
-span = last[-1][1] - last[0][0] if len(last) > 1 else float("nan")
+span = last[-1][1] - last[0][0] if last else float("nan")
 print(json.dumps({"policy": policy, "img_per_s": len(last) * batch / span, "steps": len(last),
                   "threads_at_start": start_threads, "threads_at_end": torch.get_num_threads()}))
 """
 
 
 def _start(policy: str, seconds: float, size: int, batch: int) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    if policy == "spin":
+        env["GOMP_SPINCOUNT"] = SPINCOUNT
     return subprocess.Popen([sys.executable, "-c", JOB, policy, str(seconds), str(size), str(batch)],
                             stdout=subprocess.PIPE, text=True, env=env)
+
+
+SPINCOUNT = "10000"  # the "spin" policy: OpenMP threads sleep after ~10k spins, not 300k
 
 
 def _result(proc: subprocess.Popen) -> dict:
@@ -88,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=30.0, help="measured seconds per job")
     parser.add_argument("--size", type=int, default=64, help="image side (default 64)")
     parser.add_argument("--batch", type=int, default=16, help="images per step (default 16)")
-    parser.add_argument("--policies", nargs="+", default=["all", "default"], choices=["all", "default"])
+    parser.add_argument("--policies", nargs="+", default=["all", "spin", "start", "default"],
+                        choices=["all", "spin", "start", "default"])
     parser.add_argument("--out", default=None, help="folder for threads-<date>.json")
     args = parser.parse_args(argv)
     results = {"cpus": os.cpu_count(), "seconds": args.seconds, "size": args.size, "batch": args.batch}

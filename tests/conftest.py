@@ -76,11 +76,16 @@ def trained_run(lesion_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     cache_root = os.environ.get("AAX_TEST_RUN_CACHE")
     cached = Path(cache_root) / _training_digest() if cache_root else None
     if cached is not None and (cached / "aax.json").is_file():
-        shutil.copytree(cached, out)
+        shutil.copytree(cached, out, ignore=shutil.ignore_patterns("lesion_dir.txt"))
+        # the cached run names the data folder of the session that trained it
+        manifest = (out / "aax.json").read_text()
+        old = (cached / "lesion_dir.txt").read_text().strip()
+        (out / "aax.json").write_text(manifest.replace(old, str(lesion_dir)))
         return out
     run = train(lesion_dir, out, TrainConfig(**TRAINED_RUN_CONFIG))
     if cached is not None:
         shutil.copytree(run, cached.with_name(cached.name + ".tmp"), dirs_exist_ok=True)
+        (cached.with_name(cached.name + ".tmp") / "lesion_dir.txt").write_text(str(lesion_dir))
         os.replace(cached.with_name(cached.name + ".tmp"), cached)
     return run
 

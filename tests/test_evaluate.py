@@ -178,7 +178,7 @@ def test_outputs_written(data, tmp_path):
     tables = (out / "tables.md").read_text()
     assert tables == result["tables"] + "\n"
     assert "| **AAX (intersection of agreeing members)** | 50.0 | 66.7 | 25.0 |" in tables
-    assert "| resnet50 with XGrad-CAM and MC Dropout | 25.0 | 33.3 |" in tables
+    assert "| ResNet-50 with XGrad-CAM and MC Dropout | 25.0 | 33.3 |" in tables
     assert not (out / "report.html").exists()
 
 

@@ -33,8 +33,6 @@ _ENTRY_POINTS = {
     "annotate": ("aax.annotate", "annotate"),
     "annotate_to_folder": ("aax.annotate", "annotate_to_folder"),
     "open_dataset": ("aax.data", "open_dataset"),
-    "evaluate": ("aax.evaluate", "evaluate"),
-    "calibrate": ("aax.calibrate", "calibrate"),
     "AnnotationRecord": ("aax.records", "AnnotationRecord"),
 }
 

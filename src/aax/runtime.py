@@ -165,6 +165,16 @@ def tick() -> None:
         _GOVERNOR.tick()
 
 
+def reset_threads(threads: int) -> None:
+    """Stop following the machine's load and set ``threads`` (what :func:`set_threads`
+    found), so that a command run in-process leaves the process as it was."""
+    import torch
+
+    global _GOVERNOR
+    _GOVERNOR = None
+    torch.set_num_threads(int(threads))
+
+
 def set_threads(threads: int | None = None, adapt: bool = True) -> int:
     """Set the number of threads the models run on (``torch.set_num_threads``) to
     ``threads``, or to :func:`default_threads` when None; return what was set.

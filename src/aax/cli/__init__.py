@@ -49,8 +49,12 @@ def main(argv: list[str] | None = None) -> int:
 
     tune_allocator()  # reuse freed tensor memory: 15-20 % faster on CPU (aax.runtime)
     name = f"aax {args.command}"
+    restore = None
     try:
         if hasattr(args, "threads"):  # commands that run the models
+            import torch
+
+            restore = torch.get_num_threads()
             set_threads(args.threads)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -61,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if restore is not None:  # called in-process (tests, notebooks): leave no trace
+            from aax.runtime import reset_threads
+
+            reset_threads(restore)
 
 
 if __name__ == "__main__":  # pragma: no cover

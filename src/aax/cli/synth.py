@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="lesion (healthy/diseased) or fire (no_fire/fire)")
     parser.add_argument("--out", required=True, help="folder to write")
     parser.add_argument("--n-per-class", type=positive_int, default=50, help="images per class")
-    parser.add_argument("--size", type=_number(int, 16, 4096), default=64, help="image side in pixels")
+    parser.add_argument("--size", type=_number(int, 1, 4096), default=64, help="image side in pixels")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
     parser.add_argument("--manifest", action="store_true",
                         help="also write OUT/manifest.csv (image,label,mask)")
