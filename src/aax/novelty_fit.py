@@ -172,3 +172,30 @@ def recorded_split(run: str | os.PathLike) -> tuple[list[str], list[int], list[s
     val = [dataset[int(i)] for i in d["val_indices"]]
     return ([str(s.image) for s in train], [classes.index(s.label) for s in train],
             [str(s.image) for s in val])
+
+
+def calibrate_novelty(ensemble: Ensemble, val_paths: Sequence[str | os.PathLike], *,
+                      score: str | None = None, pass_rate: float | None = None,
+                      k: int | None = None) -> dict[str, Any]:
+    """What ``aax calibrate`` does for novelty: training features from the split the
+    manifest records (kept when they were made from these checkpoints), thresholds on
+    ``val_paths``; the loaded ``ensemble`` gets the new scorers. Settings left None keep
+    the run's (or the defaults).
+
+    Raises:
+        ValueError: no stored features and no training images to take them from.
+    """
+    run = Path(ensemble.run)
+    block = runfiles.read_json(run / runfiles.MANIFEST).get("novelty") or {}
+    try:
+        train_paths, train_labels, _ = recorded_split(run)
+    except (ValueError, FileNotFoundError, KeyError):  # stored features may still serve
+        train_paths, train_labels = [], []
+    result = fit_run(run, train_paths, train_labels, val_paths, ensemble=ensemble,
+                     score=score or block.get("score", nv.DEFAULT_SCORE),
+                     pass_rate=float(pass_rate if pass_rate is not None else block.get("pass_rate", nv.DEFAULT_PASS_RATE)),
+                     k=int(k if k is not None else block.get("k", nv.DEFAULT_K)),
+                     shrinkage=block.get("shrinkage"))
+    ensemble.novelty = nv.load(run, runfiles.read_json(run / runfiles.MANIFEST), list(ensemble.members),
+                               ensemble.device)
+    return result
