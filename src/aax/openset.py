@@ -57,6 +57,43 @@ def member_scores(records: Sequence[AnnotationRecord], names: Sequence[str]) -> 
     return out
 
 
+def member_scores_from_rows(rows: Sequence[Mapping[str, Any]], names: Sequence[str],
+                            part: str = "data") -> dict[str, np.ndarray]:
+    """:func:`member_scores` from :func:`aax.evaluate.evaluate`'s per-image rows of one
+    ``part`` (``"data"`` or ``"unseen"``), so another unseen set needs no second pass
+    over the data."""
+    ok = [r for r in rows if r.get("set") == part and r.get("status") == "ok"]
+    out = {U: np.array([[r[f"{n}_{U}"] for n in names] for r in ok], dtype=float).reshape(len(ok), len(names))}
+    for s in SCORES:
+        if ok and all(f"{n}_{s}" in r for r in ok for n in names):
+            out[s] = np.array([[r[f"{n}_{s}"] for n in names] for r in ok], dtype=float)
+    return out
+
+
+def compare(result: Mapping[str, Any], unseen_records: Sequence[AnnotationRecord], ensemble: Any,
+            data: str = "") -> dict[str, Any]:
+    """The side-by-side summary for another unseen set, against the data of an
+    evaluation ``result`` (its per-image rows); ``unseen_records`` are annotated with
+    the same settings."""
+    names = list(result["members"])
+    theta = float(result["settings"]["theta"])
+    scorer = getattr(ensemble, "novelty", None)
+    seen = member_scores_from_rows(result["per_image"], names)
+    unseen = member_scores(unseen_records, names)
+    ok = [r for r in unseen_records if r.status == "ok"]
+    data_rows = [r for r in result["per_image"] if r.get("set") == "data" and r.get("status") == "ok"]
+    return {
+        "data": data, "n": len(ok), "available": len(seen) > 1 and len(unseen) > 1,
+        "score": None if scorer is None else scorer.score,
+        "pass_rate": None if scorer is None else scorer.pass_rate,
+        "rows": side_by_side(seen, unseen, names, scorer.thresholds if scorer is not None else {}, theta,
+                             int(ensemble.quorum)),
+        "novel_rate_seen": _rate(np.array([r.get("reason") == "novel" for r in data_rows])),
+        "novel_rate_unseen": _rate(np.array([r.reason == "novel" for r in ok])),
+        "flag_rate_unseen": _rate(np.array([r.flagged for r in ok])),
+    }
+
+
 def _rate(flags: np.ndarray) -> float | None:
     return float(np.mean(flags)) if flags.size else None
 
