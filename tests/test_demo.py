@@ -23,7 +23,7 @@ def test_demo_end_to_end_on_the_shared_run(trained_run, tmp_path, capsys):
         assert step in printed
     assert "report:" in printed and "| AAX" in printed
     # the open-set rows: every score side by side, far (fire) and near (implant) OOD
-    assert "| KNN | **AAX (2 of 3)** |" in printed and "near OOD" in printed
+    assert "| Mahalanobis (shrunk) | **AAX (2 of 3)** |" in printed and "near OOD" in printed
     near = json.loads((out / "evaluation" / "near_ood.json").read_text())
     assert near["n"] == config.near_unseen and {r["score"] for r in near["rows"]} >= {"u", "knn", "rmd"}
     manifest = json.loads((out / "run" / "aax.json").read_text())

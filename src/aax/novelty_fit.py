@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -103,7 +104,9 @@ def fit_run(run: str | os.PathLike, train_paths: Sequence[str | os.PathLike], tr
         raise ValueError(f"pass_rate must be in (0, 1], got {pass_rate}")
     run = Path(run)
     if ensemble is None:
-        ensemble = Ensemble.load(run, device=device)
+        with warnings.catch_warnings():  # "no novelty features yet": what this call is making
+            warnings.simplefilter("ignore", UserWarning)
+            ensemble = Ensemble.load(run, device=device)
     names = list(ensemble.members)
     weights = run_fingerprint(ensemble)
     manifest = runfiles.read_json(run / runfiles.MANIFEST)
