@@ -391,6 +391,8 @@ def annotate_to_folder(ensemble: Ensemble, source: str | os.PathLike, out: str |
     fingerprint = {"run": str(Path(ensemble.run).resolve()), "weights": run_fingerprint(ensemble),
                    "input": str(Path(source).resolve()), "classes": list(ensemble.classes),
                    "negative_class": ensemble.negative_class, **dataclasses.asdict(settings)}
+    if fingerprint["novelty"] is None:  # as folders made before the step existed: they resume
+        del fingerprint["novelty"]
     store = AnnotationStore(out, fingerprint, input_root=root, overwrite=overwrite)
     done = store.done()
     render = (lambda r: render_record(r, settings.tau_for(r.decision))) if save_saliency else None
