@@ -178,7 +178,9 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
         x: normalised input batch, on any device (moved to the ensemble's).
         sizes: each image's original ``(height, width)``: masks and kept maps come back
             at that size.
-        settings: theta, tau, K and quorum.
+        settings: theta, tau, K, quorum and the novelty step (each member's novelty
+            scores are computed from the pooled features and logits whenever the
+            ensemble has novelty data; the step applies when ``settings.novelty`` is set).
         keep_saliency: keep every member's map (at the original size) in the records.
         amp: run the backbones under autocast (CUDA), the head and maps in float32.
         seeds: one MC Dropout seed per image (see :func:`image_seed`), for results that
