@@ -159,6 +159,7 @@ class ShrunkPrecision:
         self.a = 0.0  # weight of |z|^2
         self.b = 1.0  # weight of |R z|^2
         self.r: torch.Tensor | None = None
+        self.r32: torch.Tensor | None = None  # float32 copy for the per-image product
 
     def fit(self, centred: np.ndarray) -> ShrunkPrecision:
         x = np.asarray(centred, dtype=np.float64)
@@ -189,6 +190,7 @@ class ShrunkPrecision:
     def to(self, device: torch.device | str) -> ShrunkPrecision:
         if self.r is not None:
             self.r = self.r.to(device)
+            self.r32 = self.r.float()
         return self
 
     def quad(self, z: torch.Tensor) -> torch.Tensor:
@@ -200,6 +202,24 @@ class ShrunkPrecision:
         out = self.b * (rz * rz).sum(dim=-1)
         if self.a:
             out = out + self.a * (z * z).sum(dim=-1)
+        return out.clamp_min(0.0)
+
+    def quad_to(self, z: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+        """``q(z - c)`` for every row of ``z`` ``[B, d]`` and centre ``c`` ``[K, d]``:
+        ``[B, K]``. The form is linear inside, so ``R z`` is computed once for all
+        centres (one ``[B, d] x [d, r]`` product, not K)."""
+        if self.r is None:
+            raise RuntimeError("ShrunkPrecision.quad_to before fit")
+        # the product (the cost) in float32, the sums whose difference is taken in float64
+        r32 = self.r32 if self.r32 is not None and self.r32.device == self.r.device else self.r.float()
+        self.r32 = r32
+        z32 = z.to(r32.device, torch.float32)
+        c32 = centres.to(r32.device, torch.float32)
+        diff = ((z32 @ r32.T)[:, None, :] - (c32 @ r32.T)[None]).double()
+        out = self.b * (diff * diff).sum(dim=-1)
+        if self.a:
+            gap = z32.double()[:, None, :] - c32.double()[None]
+            out = out + self.a * (gap * gap).sum(dim=-1)
         return out.clamp_min(0.0)
 
 
@@ -253,9 +273,8 @@ class MahalanobisScore:
         if self.means is None:
             raise RuntimeError("MahalanobisScore.score before fit")
         z = features.to(self.means.device, torch.float64)
-        per_class = self.within.quad(z[:, None, :] - self.means[None])  # [B, C]
-        maha = per_class.amin(dim=1)
-        return {"maha": maha, "rmd": maha - self.background.quad(z - self.mean0)}
+        maha = self.within.quad_to(z, self.means).amin(dim=1)
+        return {"maha": maha, "rmd": maha - self.background.quad_to(z, self.mean0[None])[:, 0]}
 
 
 # --------------------------------------------------------------------------------------
