@@ -37,6 +37,36 @@ def test_protocol_table(probs, uncertainty, expected):
     assert decide(np.array(probs), np.array(uncertainty), THETA, negative_index=0) == expected
 
 
+NOVEL_CASES = [
+    # (id, probs, uncertainty, novel, expected): the novelty step comes before the paper's
+    ("two novel flag even when confident and agreeing", [D, D, D], [0.0, 0.0, 0.0], [True, True, False],
+     Decision(None, True, "novel")),
+    ("all novel", [H, H, H], [0.0, 0.0, 0.0], [True, True, True], Decision(None, True, "novel")),
+    ("novel wins over uncertain", [D, D, D], [0.5, 0.5, 0.5], [True, False, True], Decision(None, True, "novel")),
+    ("one novel member: the paper's protocol decides", [D, D, H], [0.01, 0.02, 0.03], [True, False, False],
+     Decision(1, False, "consensus", (0, 1))),
+    ("one novel, two uncertain -> uncertain", [D, D, D], [0.2, 0.3, 0.0], [False, False, True],
+     Decision(None, True, "uncertain")),
+    ("nothing novel: unchanged", [H, D, H], [0.05, 0.05, 0.05], [False, False, False], Decision(0, False, "consensus")),
+    ("novel=None skips the step", [D, D, D], [0.0, 0.0, 0.0], None, Decision(1, False, "consensus", (0, 1, 2))),
+]
+
+
+@pytest.mark.parametrize("probs,uncertainty,novel,expected", [c[1:] for c in NOVEL_CASES],
+                         ids=[c[0] for c in NOVEL_CASES])
+def test_protocol_table_novel(probs, uncertainty, novel, expected):
+    novel = None if novel is None else np.array(novel)
+    assert decide(np.array(probs), np.array(uncertainty), THETA, negative_index=0, novel=novel) == expected
+
+
+def test_novel_quorum_and_shape():
+    probs, unc = np.array([D, D, D, D]), np.zeros(4)
+    assert decide(probs, unc, THETA, 0, quorum=3, novel=np.array([True, True, False, False])).reason == "consensus"
+    assert decide(probs, unc, THETA, 0, quorum=3, novel=np.array([True, True, True, False])).reason == "novel"
+    with pytest.raises(ValueError):
+        decide(np.array([D, D, D]), np.zeros(3), THETA, 0, novel=np.array([True, False]))
+
+
 A, B, N = [0.1, 0.8, 0.1], [0.1, 0.1, 0.8], [0.8, 0.1, 0.1]  # three classes, negative = 0
 MULTI = [
     ("two agree on positive class 2", [B, B, A], [0, 0, 0], 2, Decision(2, False, "consensus", (0, 1))),

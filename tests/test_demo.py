@@ -22,6 +22,10 @@ def test_demo_end_to_end_on_the_shared_run(trained_run, tmp_path, capsys):
     for step in ("1/6", "2/6", "3/6", "4/6", "5/6", "6/6"):
         assert step in printed
     assert "report:" in printed and "| AAX" in printed
+    # the open-set rows: every score side by side, far (fire) and near (implant) OOD
+    assert "| Mahalanobis (shrunk) | **AAX (2 of 3)** |" in printed and "near OOD" in printed
+    near = json.loads((out / "evaluation" / "near_ood.json").read_text())
+    assert near["n"] == config.near_unseen and {r["score"] for r in near["rows"]} >= {"u", "knn", "rmd"}
     manifest = json.loads((out / "run" / "aax.json").read_text())
     assert manifest["calibration"] and set(m["name"] for m in manifest["members"]) == {
         "resnet50", "efficientnet-b0", "densenet121"}

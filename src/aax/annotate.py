@@ -51,6 +51,8 @@ class AnnotateSettings:
     tau: float | dict[str, float]  # one threshold, or one per positive class
     mc_passes: int
     quorum: int
+    # the novelty step (aax.novelty): score name and member -> threshold; None = skipped
+    novelty: dict[str, Any] | None = None
 
     def tau_for(self, class_name: str) -> float:
         """The mask threshold for ``class_name``."""
@@ -58,12 +60,15 @@ class AnnotateSettings:
 
     @classmethod
     def from_ensemble(cls, ensemble: Ensemble, theta: float | None = None, tau: float | None = None,
-                      mc_passes: int | None = None) -> AnnotateSettings:
+                      mc_passes: int | None = None, novelty: bool = True) -> AnnotateSettings:
         tau = ensemble.tau if tau is None else tau
+        scorer = getattr(ensemble, "novelty", None)
+        step = ({"score": scorer.score, "thresholds": scorer.member_thresholds()}
+                if novelty and scorer is not None and scorer.ready else None)
         return cls(theta=float(ensemble.theta if theta is None else theta),
                    tau=dict(tau) if isinstance(tau, dict) else float(tau),
                    mc_passes=int(ensemble.mc_passes if mc_passes is None else mc_passes),
-                   quorum=int(ensemble.quorum))
+                   quorum=int(ensemble.quorum), novelty=step)
 
 
 @dataclass
@@ -177,7 +182,9 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
         x: normalised input batch, on any device (moved to the ensemble's).
         sizes: each image's original ``(height, width)``: masks and kept maps come back
             at that size.
-        settings: theta, tau, K and quorum.
+        settings: theta, tau, K, quorum and the novelty step (each member's novelty
+            scores are computed from the pooled features and logits whenever the
+            ensemble has novelty data; the step applies when ``settings.novelty`` is set).
         keep_saliency: keep every member's map (at the original size) in the records.
         amp: run the backbones under autocast (CUDA), the head and maps in float32.
         seeds: one MC Dropout seed per image (see :func:`image_seed`), for results that
@@ -189,13 +196,18 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
         x = x.contiguous(memory_format=torch.channels_last)
     names = list(ensemble.members)
     probs, uncert, feats = [], [], []
+    scorer = getattr(ensemble, "novelty", None)
+    scores: list[dict[str, np.ndarray]] = []  # per member: score name -> [B]
     autocast = torch.autocast(device.type) if amp and device.type == "cuda" else contextlib.nullcontext()
     for m, member in enumerate(ensemble.members.values()):
         member_seeds = None if seeds is None else [(s * 31 + m) & 0xFFFFFFFF for s in seeds]
         with autocast:
             a = member.features(x)
         a = a.float()
-        summary = summarize(mc_probabilities(member.head, member.head.pool(a), settings.mc_passes, member_seeds))
+        pooled = member.head.pool(a)
+        summary = summarize(mc_probabilities(member.head, pooled, settings.mc_passes, member_seeds))
+        if scorer is not None:  # the pooled feature is at hand: no extra backbone pass
+            scores.append(scorer.score_member(names[m], pooled, member.head.classify(pooled)))
         probs.append(summary.probs)
         uncert.append(summary.uncertainty)
         feats.append(a)
@@ -208,7 +220,12 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
     raw = torch.stack(raw, dim=1)  # [B, M, h, w]
 
     classes = ensemble.classes
-    decisions = [decide(probs_np[b], uncert_np[b], settings.theta, ensemble.negative_index, settings.quorum)
+    novel = None
+    if settings.novelty is not None and scores:
+        limits = settings.novelty["thresholds"]
+        novel = np.stack([s[settings.novelty["score"]] > limits[n] for n, s in zip(names, scores)], axis=1)
+    decisions = [decide(probs_np[b], uncert_np[b], settings.theta, ensemble.negative_index, settings.quorum,
+                        None if novel is None else novel[b])
                  for b in range(len(sizes))]
     taus = [settings.tau_for(classes[d.label]) if d.agreeing else 0.0 for d in decisions]
     wanted = [b for b, d in enumerate(decisions) if keep_saliency or d.agreeing]
@@ -226,7 +243,9 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
             agreeing=[names[i] for i in decision.agreeing],
             members=[MemberResult(name=n, probs=[float(v) for v in probs_np[b, i]],
                                   uncertainty=float(uncert_np[b, i]),
-                                  predicted=None if predicted[i] == NO_PREDICTION else classes[predicted[i]])
+                                  predicted=None if predicted[i] == NO_PREDICTION else classes[predicted[i]],
+                                  novelty={k: float(v[b]) for k, v in scores[i].items()} if scores else None,
+                                  novel=None if novel is None else bool(novel[b, i]))
                      for i, n in enumerate(names)],
             mask=masks.get(b),
             saliency=dict(zip(names, maps[b])) if keep_saliency else None,
@@ -281,15 +300,16 @@ def _maps_and_masks(raw: torch.Tensor, sizes: Sequence[tuple[int, int]], wanted:
 def annotate(ensemble: Ensemble, images: Iterable[Any], *, theta: float | None = None,
              tau: float | None = None, mc_passes: int | None = None, batch_size: int | None = None,
              keep_saliency: bool = False, keep_preview: bool = False, workers: int | None = None,
-             amp: bool = False) -> Iterator[AnnotationRecord]:
+             amp: bool = False, novelty: bool = True) -> Iterator[AnnotationRecord]:
     """Annotate ``images`` (paths, or an :mod:`aax.data` dataset) and yield one record per
     image, in input order. Unreadable files yield ``status="error"`` records.
 
     Memory does not grow with the number of images: records are yielded as batches finish.
     With ``keep_preview`` each record carries ``preview``, a small uint8 copy of the image
-    (for overlays).
+    (for overlays). ``novelty=False`` skips the novelty step (the scores are still
+    recorded when the run has novelty data).
     """
-    settings = AnnotateSettings.from_ensemble(ensemble, theta, tau, mc_passes)
+    settings = AnnotateSettings.from_ensemble(ensemble, theta, tau, mc_passes, novelty)
     items = as_items(images)
     if not items:
         return
@@ -372,7 +392,7 @@ def annotate_to_folder(ensemble: Ensemble, source: str | os.PathLike, out: str |
                        mc_passes: int | None = None, batch_size: int | None = None,
                        save_saliency: bool = False, overwrite: bool = False,
                        workers: int | None = None, amp: bool = False,
-                       progress: bool = True) -> dict:
+                       progress: bool = True, novelty: bool = True) -> dict:
     """Annotate ``source`` into ``out`` (``annotations.sqlite``, ``masks/``, ``summary.json``,
     and ``saliency/`` with ``save_saliency``); return the summary.
 
@@ -385,12 +405,14 @@ def annotate_to_folder(ensemble: Ensemble, source: str | os.PathLike, out: str |
     from aax.overlay import render_record
     from aax.store import AnnotationStore, BackgroundWriter
 
-    settings = AnnotateSettings.from_ensemble(ensemble, theta, tau, mc_passes)
+    settings = AnnotateSettings.from_ensemble(ensemble, theta, tau, mc_passes, novelty)
     items, root, bad = collect_inputs(source, exclude=out)
     fingerprint = {"store": STORE_FORMAT, "run": str(Path(ensemble.run).resolve()),
                    "weights": run_fingerprint(ensemble), "input": str(Path(source).resolve()),
                    "classes": list(ensemble.classes), "negative_class": ensemble.negative_class,
                    **dataclasses.asdict(settings)}
+    if fingerprint["novelty"] is None:  # as folders made before the step existed
+        del fingerprint["novelty"]
     store = AnnotationStore(out, fingerprint, input_root=root, overwrite=overwrite)
     done = store.done()
     render = (lambda r: render_record(r, settings.tau_for(r.decision), settings.theta)) if save_saliency else None
@@ -409,7 +431,7 @@ def annotate_to_folder(ensemble: Ensemble, source: str | os.PathLike, out: str |
         for record in annotate(ensemble, todo, theta=settings.theta, tau=settings.tau,
                                mc_passes=settings.mc_passes, batch_size=batch_size,
                                keep_saliency=save_saliency, keep_preview=save_saliency,
-                               workers=workers, amp=amp):
+                               workers=workers, amp=amp, novelty=novelty):
             writer.put(record)
             flagged += record.flagged
             bar.update()

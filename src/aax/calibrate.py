@@ -200,7 +200,9 @@ def _load(ensemble_or_run: Any, device: str | None) -> Ensemble:
 def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_FLAG_RATE,
               taus: Sequence[float] = TAU_GRID, mc_passes: int | None = None, batch_size: int | None = None,
               device: str | None = None, workers: int | None = None, write: bool = True,
-              data_name: str | None = None, label_map: Mapping[str, str] | None = None) -> dict[str, Any]:
+              data_name: str | None = None, label_map: Mapping[str, str] | None = None,
+              novelty: bool = True, novelty_score: str | None = None,
+              novelty_pass_rate: float | None = None) -> dict[str, Any]:
     """Choose theta (and tau, where ground-truth masks exist) on validation data.
 
     Args:
@@ -217,12 +219,18 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
         data_name: how the entry names the data (default: its path or source).
         label_map: renames the labels of ``valdata`` as it is read (default: the map
             the run was trained with).
+        novelty: with ``write``, also store the novelty features (from the training split
+            the manifest records) and set the novelty thresholds on ``valdata``
+            (:mod:`aax.novelty_fit`); ``novelty_score``/``novelty_pass_rate`` override
+            the run's (default ``knn``, 0.95).
 
     Returns:
         The calibration entry: ``theta``, ``tau``, ``previous``, ``n``, ``n_errors``,
         ``accuracy``, ``accuracy_kept``, ``flag_rate``, ``coverage``, ``constraint_met``,
         ``iou_mean``/``iou_micro``/``n_masks`` (None without masks), ``n_candidates``,
-        ``tau_curve``, ``risk_coverage`` (the points), ``mc_passes``, ``date``.
+        ``tau_curve``, ``risk_coverage`` (the points), ``mc_passes``, ``date``; with
+        ``write`` and ``novelty``, ``novelty``: the manifest's novelty block, or
+        ``{"skipped": why}``.
     """
     if not 0.0 <= max_flag_rate <= 1.0:
         raise ValueError(f"max_flag_rate must be in [0, 1], got {max_flag_rate}")
@@ -267,7 +275,22 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
         if run is None:
             raise ValueError("write=True needs an ensemble loaded from a RUN folder")
         write_calibration(Path(run), result)
+        if novelty:
+            result["novelty"] = _novelty(ensemble, valdata, novelty_score, novelty_pass_rate)
     return result
+
+
+def _novelty(ensemble: Ensemble, valdata: Any, score: str | None, pass_rate: float | None) -> dict[str, Any] | None:
+    """Novelty features and thresholds (:func:`aax.novelty_fit.calibrate_novelty`); a run
+    whose training images cannot be found again, and that has no features, keeps
+    working without the step, and the entry says why."""
+    from aax.novelty_fit import calibrate_novelty
+
+    paths = [str(s.image) for s in _samples(open_data(valdata, list(ensemble.classes)))]
+    try:
+        return calibrate_novelty(ensemble, paths, score=score, pass_rate=pass_rate)
+    except ValueError as exc:
+        return {"skipped": str(exc)}
 
 
 def write_calibration(run: Path, result: dict[str, Any]) -> Path:

@@ -2,6 +2,9 @@
 
 Pure NumPy: no torch, no I/O, so every branch is testable from a table.
 
+0. (ours, optional) at least ``quorum`` members find the image novel
+   (far from their training data in feature space, :mod:`aax.novelty`)
+                                                             -> review ("novel")
 1. at least ``quorum`` members with ``u > theta``           -> review ("uncertain")
 2. else at least ``quorum`` confident members (``u <= theta``) predict the same positive
    class                                                     -> that class ("consensus");
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+NOVEL = "novel"
 UNCERTAIN = "uncertain"
 CONSENSUS = "consensus"
 NO_CONSENSUS = "no-consensus"
@@ -51,7 +55,7 @@ def predicted_classes(probs: np.ndarray) -> np.ndarray:
 
 
 def decide(probs: np.ndarray, uncertainty: np.ndarray, theta: float, negative_index: int,
-           quorum: int = 2) -> Decision:
+           quorum: int = 2, novel: np.ndarray | None = None) -> Decision:
     """Apply the protocol to one image.
 
     Args:
@@ -60,11 +64,19 @@ def decide(probs: np.ndarray, uncertainty: np.ndarray, theta: float, negative_in
         theta: uncertainty threshold; a member is confident when ``u <= theta``.
         negative_index: index of the negative class (e.g. healthy).
         quorum: members needed to flag, or to agree (2 of 3 by default).
+        novel: ``[M]`` bool, whether each member finds the image novel; None skips
+            the novelty step (the paper's protocol).
     """
     probs = np.asarray(probs, dtype=float)
     uncertainty = np.asarray(uncertainty, dtype=float)
     if probs.ndim != 2 or uncertainty.shape != (probs.shape[0],):
         raise ValueError(f"probs must be [M, C] and uncertainty [M]; got {probs.shape}, {uncertainty.shape}")
+    if novel is not None:
+        novel = np.asarray(novel, dtype=bool)
+        if novel.shape != uncertainty.shape:
+            raise ValueError(f"novel must be [M] like uncertainty; got {novel.shape}")
+        if np.count_nonzero(novel) >= quorum:
+            return Decision(None, True, NOVEL)
     if np.count_nonzero(uncertainty > theta) >= quorum:
         return Decision(None, True, UNCERTAIN)
     confident = uncertainty <= theta

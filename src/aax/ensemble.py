@@ -8,6 +8,7 @@ and refuses one that does not fit with a message naming the file.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +96,7 @@ class Ensemble:
     run: Path = Path(".")
     device: torch.device = torch.device("cpu")
     channels_last: bool = False
+    novelty: Any = field(default=None, repr=False)  # aax.novelty.Novelty, or None (no features)
 
     @classmethod
     def load(cls, run: str | os.PathLike[str], device: str | torch.device | None = None,
@@ -144,7 +146,8 @@ class Ensemble:
             tau=_tau(manifest.get("tau", 0.5)),
             mc_passes=int(manifest.get("mc_passes", 30)),
             quorum=int(manifest.get("quorum", len(members) // 2 + 1)),
-            manifest=manifest, run=run, device=dev, channels_last=channels_last)
+            manifest=manifest, run=run, device=dev, channels_last=channels_last,
+            novelty=_novelty(run, manifest, list(members), dev))
 
     # -- annotation: thin wrappers over aax.annotate --------------------------------
     def annotate(self, images: Iterable[Any], **options: Any) -> Iterator[AnnotationRecord]:
@@ -161,6 +164,25 @@ class Ensemble:
         from aax.annotate import annotate_to_folder
 
         return annotate_to_folder(self, source, out, **options)
+
+
+def _novelty(run: Path, manifest: dict[str, Any], names: list[str], device: torch.device) -> Any:
+    """The run's novelty scorers (:func:`aax.novelty.load`); a run without stored
+    features loads and annotates as before, and says once that the step is skipped."""
+    from aax import novelty
+
+    try:
+        found = novelty.load(run, manifest, names, device)
+    except ValueError as exc:
+        warnings.warn(f"{exc}; the novelty step is skipped (refit with `aax calibrate {run}`)", stacklevel=3)
+        return None
+    if found is None:
+        warnings.warn(f"{run}: no novelty features (a run trained before they were stored); the novelty "
+                      f"step is skipped. Add it with `aax calibrate {run}`", stacklevel=3)
+    elif not found.ready:
+        warnings.warn(f"{run}: novelty features but no thresholds; the novelty step is skipped. "
+                      f"Set them with `aax calibrate {run}`", stacklevel=3)
+    return found
 
 
 def _tau(value: Any) -> Any:

@@ -42,6 +42,7 @@ from aax.metrics import (
     theta_candidates,
 )
 from aax.decide import tau_for
+from aax.openset import member_columns, novelty_summary, table_markdown
 from aax.records import REVIEW, AnnotationRecord
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -258,6 +259,7 @@ class _Scorer:
         self.masks: dict[str, MaskScores] = {n: MaskScores() for n in [ENSEMBLE, *names]}
         self.probs: list[np.ndarray] = []
         self.uncertainty: list[np.ndarray] = []
+        self.seen: list[AnnotationRecord] = []  # the members' answers only, for the open-set table
         self.rows: list[dict[str, Any]] = []
         self.errors: list[dict[str, str]] = []
         self.has_masks = False
@@ -276,6 +278,8 @@ class _Scorer:
         self.labels.append(label)
         self.probs.append(np.array([m.probs for m in record.members], dtype=float))
         self.uncertainty.append(np.array([m.uncertainty for m in record.members], dtype=float))
+        self.seen.append(AnnotationRecord(image=record.image, decision=record.decision, reason=record.reason,
+                                          members=record.members))
         decisions = {ENSEMBLE: record.decision}
         preds = {ENSEMBLE: record.mask}
         for i, name in enumerate(self.names):
@@ -304,6 +308,7 @@ class _Scorer:
             for c, p in zip(self.classes, m.probs):
                 row[f"{m.name}_p_{c}"] = p
             row[f"{m.name}_iou"] = ious.get(m.name)
+        row.update(member_columns(record))
         self.rows.append(row)
         self._maybe_keep(record, label, gt, decisions, preds, ious)
 
@@ -374,6 +379,7 @@ def open_set(seen_unc: np.ndarray, seen_flagged: np.ndarray, unseen_records: Seq
             for m in r.members:
                 row[f"{m.name}_u"] = m.uncertainty
                 row[f"{m.name}_decision"] = REVIEW if (m.uncertainty > theta or m.predicted is None) else m.predicted
+            row.update(member_columns(r))
         rows.append(row)
     unseen_unc = np.array([[m.uncertainty for m in r.members] for r in ok], dtype=float).reshape(len(ok), len(names))
     scores = {n: (seen_unc[:, i], unseen_unc[:, i]) for i, n in enumerate(names)}
@@ -468,6 +474,7 @@ def evaluate(ensemble: Ensemble, data: Any, *, unseen: Any = None, theta: float 
             "run": str(getattr(ensemble, "run", "")), "data": _describe(data),
             "classes": classes, "negative_class": negative, "n_images": len(scorer.rows),
             "n_errors": len(errors), "has_masks": scorer.has_masks,
+            "novelty": _novelty_settings(ensemble),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         },
         "confusion": {
@@ -486,6 +493,7 @@ def evaluate(ensemble: Ensemble, data: Any, *, unseen: Any = None, theta: float 
         seen_flagged = np.array([p == REVIEW for p in scorer.predictions[ENSEMBLE]])
         summary, rows = open_set(unc, seen_flagged, unseen_records, names, theta, int(ensemble.quorum))
         summary["data"] = _describe(unseen)
+        summary["novelty"] = novelty_summary(scorer.seen, unseen_records, names, ensemble, theta)
         result["unseen"] = summary
         per_image = per_image + rows
     result["tables"] = tables_markdown(result)
@@ -497,6 +505,14 @@ def evaluate(ensemble: Ensemble, data: Any, *, unseen: Any = None, theta: float 
 
             write_report(result, scorer.examples(), out)
     return result
+
+
+def _novelty_settings(ensemble: Any) -> dict[str, Any] | None:
+    """The run's novelty step as evaluated: the score, pass rate and member thresholds."""
+    scorer = getattr(ensemble, "novelty", None)
+    if scorer is None or not scorer.ready:
+        return None
+    return {"score": scorer.score, "pass_rate": scorer.pass_rate, "thresholds": scorer.member_thresholds()}
 
 
 def _describe(data: Any) -> str:
@@ -552,7 +568,16 @@ def tables_markdown(result: dict[str, Any]) -> str:
     else:
         out += ["No ground-truth masks in this data: no IoU tables.", ""]
     u = result.get("unseen")
-    if u:
+    nov = (u or {}).get("novelty") or {}
+    if u and nov.get("available"):
+        out += ["## Open set: unseen images", "",
+                f"{u['n']} images of a kind never trained on ({u['data']}). Flag rate: "
+                f"{_pct(u['flag_rate_unseen'])}% on them vs {_pct(u['flag_rate_seen'])}% on the evaluation data; "
+                f"sent to review as novel: {_pct(nov['novel_rate_unseen'])}% vs {_pct(nov['novel_rate_seen'])}%. "
+                f"Every score side by side (higher = more novel; flagged = over the stored threshold: theta "
+                f"for u, else the {_pct(nov['pass_rate'])}% quantile on the validation split; the protocol "
+                f"thresholds {nov['score']}):", "", *table_markdown(nov), ""]
+    elif u:
         out += ["## Open set: unseen images", "",
                 f"{u['n']} images of a kind never trained on ({u['data']}). Flag rate: "
                 f"{_pct(u['flag_rate_unseen'])}% on them vs {_pct(u['flag_rate_seen'])}% on the evaluation data.",

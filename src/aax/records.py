@@ -21,10 +21,16 @@ class MemberResult:
     probs: list[float]  # mean class probabilities over the K MC passes (p_i)
     uncertainty: float  # std over passes of the predicted class's probability (u_i)
     predicted: str | None  # class of the strictly highest probability; None on a tie
+    novelty: dict[str, float] | None = None  # score name -> value (aax.novelty; higher = more novel)
+    novel: bool | None = None  # over this member's novelty threshold; None: no threshold
 
     def to_json(self) -> dict:
-        return {"name": self.name, "probs": self.probs, "uncertainty": self.uncertainty,
-                "predicted": self.predicted}
+        out = {"name": self.name, "probs": self.probs, "uncertainty": self.uncertainty,
+               "predicted": self.predicted}
+        if self.novelty is not None:  # absent for runs without novelty data: rows stay as they were
+            out["novelty"] = self.novelty
+            out["novel"] = self.novel
+        return out
 
 
 @dataclass

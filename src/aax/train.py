@@ -364,7 +364,22 @@ def train(data: Any, out: str | os.PathLike[str], config: TrainConfig | None = N
     manifest["members"].sort(key=lambda m: order.get(m["name"], len(order)))
     manifest["status"] = "complete"
     runfiles.write_json(out / runfiles.MANIFEST, manifest)
+    _fit_novelty(out, dataset, train_set, val_set, device)
     return out
+
+
+def _fit_novelty(out: Path, dataset: Any, train_set: Cached, val_set: Cached, device: torch.device) -> None:
+    """Keep the training features for the novelty scores and set their thresholds on the
+    validation split (:func:`aax.novelty_fit.fit_run`). A failure leaves a usable run
+    without novelty (``aax calibrate RUN`` adds it later) and says so."""
+    from aax.novelty_fit import fit_run
+
+    try:
+        fit_run(out, [dataset[i].image for i in train_set.indices], train_set.labels.tolist(),
+                [dataset[i].image for i in val_set.indices], device=str(device))
+    except Exception as exc:  # noqa: BLE001 - the trained members stay usable without it
+        _say(f"WARNING: novelty features not stored ({type(exc).__name__}: {exc}); "
+             f"add them with `aax calibrate {out}`")
 
 
 def _check_data(train_set: Cached, val_set: Cached, classes: Sequence[str]) -> None:

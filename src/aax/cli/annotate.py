@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-saliency", action="store_true", help="also write saliency overlays to OUT/saliency/")
     p.add_argument("--overwrite", action="store_true", help="start afresh when OUT holds other settings")
     p.add_argument("--amp", action="store_true", help="mixed precision backbones (CUDA)")
+    p.add_argument("--no-novelty", dest="novelty", action="store_false",
+                   help="skip the novelty step (images far from the training data go to review as "
+                        "'novel'); the scores are still recorded")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last memory format (default: on for CPUs, off for CUDA)")
     add_device_argument(p)
@@ -44,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         summary = annotate_to_folder(ensemble, args.input, args.out, theta=args.theta, tau=args.tau,
                                      mc_passes=args.mc_passes, batch_size=args.batch_size,
                                      save_saliency=args.save_saliency, overwrite=args.overwrite,
+                                     novelty=args.novelty,
                                      workers=args.workers, amp=args.amp)
     except KeyboardInterrupt:
         print(f"\naax annotate: interrupted; {_stored(args.out)} images are stored in {args.out}. "

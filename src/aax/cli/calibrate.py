@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from aax.cli._common import add_device_argument, add_label_map_argument, positive_int, unit_float
+from aax.cli._common import _number, add_device_argument, add_label_map_argument, positive_int, unit_float
+
+_pass_rate = _number(float, 0.0, 1.0, low_open=True)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from aax.novelty import SCORES
+
     p = sub.add_parser("calibrate", help="choose theta and tau on validation data",
                        description="Annotate VALDATA once and choose theta (best accuracy on the images not "
                                    "flagged, with at most --max-flag-rate of them flagged) and, where VALDATA "
@@ -23,6 +27,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="images per batch (default: chosen for the device and input size)")
     add_label_map_argument(p)
+    p.add_argument("--no-novelty", dest="novelty", action="store_false",
+                   help="leave the novelty features and thresholds as they are")
+    p.add_argument("--novelty-score", choices=list(SCORES), default=None,
+                   help="the score the novelty step thresholds (default: the RUN's, else knn)")
+    p.add_argument("--novelty-pass-rate", type=_pass_rate, default=None,
+                   help="share of in-distribution validation images each member's novelty threshold "
+                        "lets pass, in (0, 1] (default: the RUN's, else 0.95)")
     add_device_argument(p)
     p.set_defaults(func=run)
 
@@ -37,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
         valdata = args.valdata if args.valdata is not None else validation_split(args.run)
         name = None if args.valdata is not None else split_name(valdata)
         result = calibrate(ensemble, valdata, max_flag_rate=args.max_flag_rate, mc_passes=args.mc_passes,
-                           batch_size=args.batch_size, data_name=name, label_map=args.label_map)
+                           batch_size=args.batch_size, data_name=name, label_map=args.label_map,
+                           novelty=args.novelty, novelty_score=args.novelty_score,
+                           novelty_pass_rate=args.novelty_pass_rate)
     except (FileNotFoundError, ValueError) as exc:
         print(f"aax calibrate: {exc}", file=sys.stderr)
         return 2
@@ -49,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
               f"on {result['n_masks']} masks")
     else:
         print(f"tau = {tau_text(result['tau'])} (unchanged: no ground-truth masks)")
+    print_novelty(result.get("novelty"))
     if result.get("warning"):
         print(f"warning: {result['warning']}", file=sys.stderr)
     print(f"written to {args.run}/aax.json and {args.run}/calibration/", file=sys.stderr)
@@ -57,3 +71,17 @@ def run(args: argparse.Namespace) -> int:
 
 def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def print_novelty(block: dict | None) -> None:
+    """One line per member: the novelty threshold and its flag rate on the validation images."""
+    if not block:
+        return
+    if "skipped" in block:
+        print(f"novelty: not set ({block['skipped']})", file=sys.stderr)
+        return
+    score, val = block["score"], block["validation"]
+    limits = ", ".join(f"{n} {t[score]['threshold']:.4g} (flags {_pct(val['flag_rate'][n])})"
+                       for n, t in block["thresholds"].items())
+    print(f"novelty ({score}, {block['pass_rate']:.0%} of {val['n']} validation images pass): {limits}; "
+          f"quorum flags {_pct(val['flag_rate_quorum'])}")

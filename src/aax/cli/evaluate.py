@@ -18,8 +18,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("data", help="labelled data: a folder, a CSV manifest or a TBX11K folder")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--unseen", default=None,
-                   help="images of a kind never trained on: reports their flag rate and how well each "
-                        "uncertainty tells them apart (AUROC)")
+                   help="images of a kind never trained on: reports their flag rate and, side by side for "
+                        "MC-Dropout u, max softmax, energy, KNN and (relative) Mahalanobis, per member and "
+                        "for the ensemble rule, the AUROC, FPR at 95%% TPR and flag rates at the stored "
+                        "thresholds (docs/novelty.md)")
     p.add_argument("--theta", type=unit_float, default=None, help="uncertainty threshold (default: the RUN's)")
     p.add_argument("--tau", type=unit_float, default=None, help="saliency threshold for masks (default: the RUN's)")
     p.add_argument("--mc-passes", type=positive_int, default=None, help="MC Dropout passes K (default: the RUN's)")

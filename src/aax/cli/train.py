@@ -139,6 +139,9 @@ def _after_training(run: Path, args: argparse.Namespace) -> None:
         return
     print(f"calibrated on the validation split: theta {result['theta']:.4g}, "
           f"tau {result['tau']}")
+    from aax.cli.calibrate import print_novelty
+
+    print_novelty(result.get("novelty"))
 
 
 def run(args: argparse.Namespace) -> int:

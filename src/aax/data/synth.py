@@ -21,6 +21,12 @@ Per-image random brightness, contrast, gamma and (for ``fire``) colour balance a
 than the shift that the finding gives the image's mean or its coarse histogram, so a
 classifier cannot win on such a global statistic: it has to find the finding.
 
+``implant`` (classes ``no_implant`` / ``implant``)
+    The ``lesion`` anatomy (a ``no_implant`` image is a healthy chest) with a finding a
+    lesion run never saw: a bright, sharp-edged device (a rounded box high on the chest)
+    and its lead wire curving down to the heart (the mask). Near-OOD data for the
+    open-set check of a ``lesion`` run: same modality, new kind of finding.
+
 Every image is drawn from its own generator, seeded by ``(seed, kind, class, index)``:
 the same seed gives byte-identical files, and asking for more images per class keeps
 the first ones as they were.
@@ -37,7 +43,8 @@ import numpy as np
 from PIL import Image
 
 KINDS: dict[str, tuple[str, str]] = {"lesion": ("healthy", "diseased"),
-                                     "fire": ("no_fire", "fire")}
+                                     "fire": ("no_fire", "fire"),
+                                     "implant": ("no_implant", "implant")}
 """Kind -> (negative class, positive class)."""
 
 MIN_AREA, MAX_AREA = 0.03, 0.15
@@ -49,7 +56,7 @@ def generate(kind: str, out: str | os.PathLike, n_per_class: int = 50, size: int
     """Write a synthetic dataset in the folder layout.
 
     Args:
-        kind: ``"lesion"`` or ``"fire"``.
+        kind: ``"lesion"``, ``"fire"`` or ``"implant"``.
         out: the folder to write (created; existing files of the same names are replaced).
         n_per_class: images per class.
         size: side of the square images, in pixels (16 or more).
@@ -189,9 +196,39 @@ def fire_image(rng: np.random.Generator, size: int,
     return _to_uint8(img), mask
 
 
+def implant_image(rng: np.random.Generator, size: int,
+                  implant: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """A healthy chest-X-ray-like image (:func:`lesion_image`), with a device and its
+    lead when ``implant``: ``uint8 [size, size]`` and the device's mask (or ``None``)."""
+    rng, device_rng = rng.spawn(2)
+    base, _ = lesion_image(rng, size, False)
+    if not implant:
+        return base, None
+    y, x = _grid(size)
+    r = device_rng
+    cx, cy = r.choice([-1.0, 1.0]) * r.uniform(0.18, 0.30) + 0.5, r.uniform(0.14, 0.24)
+    w, h = r.uniform(0.07, 0.11), r.uniform(0.05, 0.08)
+    # a rounded box: superellipse of exponent 4
+    box = (np.abs(x - cx) / w) ** 4 + (np.abs(y - cy) / h) ** 4 < 1.0
+    # the lead: a quadratic curve from the box to the heart, a few pixels thick
+    t = np.linspace(0.0, 1.0, 4 * size)
+    hx, hy = 0.5 + r.uniform(0.0, 0.08), r.uniform(0.55, 0.65)
+    bx, by = (cx + hx) / 2 + r.uniform(-0.12, 0.12), (cy + hy) / 2 + r.uniform(-0.1, 0.1)
+    px = (1 - t) ** 2 * cx + 2 * (1 - t) * t * bx + t**2 * hx
+    py = (1 - t) ** 2 * cy + 2 * (1 - t) * t * by + t**2 * hy
+    thick = max(1.0, size / 96) / size
+    lead = np.zeros((size, size), dtype=bool)
+    for qx, qy in zip(px[::2], py[::2]):
+        lead |= np.hypot(x - qx, y - qy) < thick
+    mask = box | lead
+    img = base.astype(np.float64) / 255.0
+    img = np.where(mask, np.maximum(img, r.uniform(0.88, 0.98)), img)
+    return _to_uint8(img), mask
+
+
 _DRAW: dict[str, Callable[[np.random.Generator, int, bool],
                           tuple[np.ndarray, np.ndarray | None]]] = {
-    "lesion": lesion_image, "fire": fire_image}
+    "lesion": lesion_image, "fire": fire_image, "implant": implant_image}
 
 
 # --- building blocks -------------------------------------------------------------------

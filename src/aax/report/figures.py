@@ -222,3 +222,29 @@ def histogram_figure(seen: Mapping[str, Sequence[float]], unseen: Mapping[str, S
         ax.legend(fontsize=7)
     axes[0].set_ylabel("images", fontsize=8)
     return fig
+
+
+def score_histogram_figure(seen: Mapping[str, Sequence[float]], unseen: Mapping[str, Sequence[float]],
+                           thresholds: Mapping[str, float], score: str) -> Any:
+    """Per member, histograms of a novelty score on the evaluation data and on the unseen
+    images, with the member's stored threshold marked."""
+    names = list(seen)
+    fig = _figure(min(3.4 * len(names), 16), 2.8)
+    axes = fig.subplots(1, len(names), squeeze=False)[0]
+    for ax, name in zip(axes, names):
+        s = np.asarray(seen[name], dtype=float)
+        u = np.asarray(unseen.get(name, []), dtype=float)
+        values = np.concatenate([s, u, [thresholds[name]] if name in thresholds else []])
+        lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+        bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 30)
+        ax.hist(s, bins=bins, color="#1f77b4", alpha=0.7, label=f"data (n={s.size})")
+        if u.size:
+            ax.hist(u, bins=bins, color="#ff7f0e", alpha=0.6, label=f"unseen (n={u.size})")
+        if name in thresholds:
+            ax.axvline(thresholds[name], color="#d62728", ls="--", lw=1, label=f"threshold {thresholds[name]:.3g}")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel(f"{score} (higher = more novel)", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("images", fontsize=8)
+    return fig

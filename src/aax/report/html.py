@@ -227,6 +227,20 @@ def page(result: Mapping[str, Any], examples: Sequence[Example]) -> str:
                   f'<p>{u["n"]} unseen images ({escape(str(u.get("data", "")))}): flag rate '
                   f"<b>{_pct(u['flag_rate_unseen'])} %</b> vs {_pct(u['flag_rate_seen'])} % on the data.</p>",
                   open_set_table(u)]
+        nov = u.get("novelty") or {}
+        if nov.get("available"):
+            parts += ["<h3>Novelty scores side by side</h3>", novelty_table(nov),
+                      f'<p class="note">Higher = more novel. Flagged: over the stored threshold (theta for u; '
+                      f"else the quantile that lets {_pct(nov['pass_rate'])} % of the validation images pass). "
+                      f"Sent to review as novel: {_pct(nov['novel_rate_unseen'])} % of the unseen images, "
+                      f"{_pct(nov['novel_rate_seen'])} % of the data.</p>"]
+            chosen = nov.get("score")
+            seen_s, unseen_s = _column(result, names, chosen)
+            limits = _thresholds(result, names, chosen)
+            if chosen and any(seen_s.values()):
+                parts += [f"<h3>{escape(str(chosen))}: seen vs unseen, per member</h3>",
+                          _fig(figures.score_histogram_figure(seen_s, unseen_s, limits, str(chosen)),
+                               f"{chosen} histograms")]
     errors = result.get("errors") or []
     if errors:
         items = "".join(f"<li>{escape(err['image'])}: {escape(err['error'])}</li>" for err in errors[:50])
@@ -234,6 +248,27 @@ def page(result: Mapping[str, Any], examples: Sequence[Example]) -> str:
         parts += [f"<h2>Input errors ({len(errors)})</h2><ul class=note>{items}{more}</ul>"]
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def novelty_table(nov: Mapping[str, Any]) -> str:
+    """Every novelty score and MC Dropout's u, per member and for the ensemble rule."""
+    rows = [(f"{r['label']} · {r['method']}",
+             [_num(r["auroc"]), _pct(r["fpr95"]), _pct(r["flag_seen"]), _pct(r["flag_unseen"])],
+             r["method"].startswith(ENSEMBLE)) for r in nov["rows"]]
+    return _table(["Score · member / rule", "AUROC", "FPR at 95 % TPR %", "flagged, data %", "flagged, unseen %"],
+                  rows)
+
+
+def _column(result: Mapping[str, Any], names: Sequence[str], score: str | None) -> tuple[dict, dict]:
+    rows = [r for r in result.get("per_image") or [] if r.get("status") == "ok"]
+    pick = (lambda part: {n: [r[f"{n}_{score}"] for r in rows if r.get("set") == part and f"{n}_{score}" in r]
+                          for n in names})
+    return pick("data"), pick("unseen")
+
+
+def _thresholds(result: Mapping[str, Any], names: Sequence[str], score: str | None) -> dict[str, float]:
+    stored = ((result.get("settings") or {}).get("novelty") or {}).get("thresholds") or {}
+    return {n: stored[n] for n in names if n in stored}
 
 
 def _fig(fig: Any, alt: str) -> str:

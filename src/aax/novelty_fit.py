@@ -1,0 +1,204 @@
+"""Fitting the novelty scores of a RUN: training features in, thresholds from validation.
+
+``fit_run`` is what ``aax train`` (at its end) and ``aax calibrate`` call:
+
+1. each member's pooled features of the training images (eval mode, no augmentation,
+   the same decoding and resizing as annotation) are stored in ``RUN/novelty.npz``
+   (float16; at most :data:`aax.novelty.MAX_FEATURES` per member, a seeded draw
+   stratified by class beyond that);
+2. every score of every member is computed on the validation images, and each
+   threshold is the score's quantile at ``pass_rate`` there (never on training images);
+3. the ``novelty`` block of ``RUN/aax.json`` records the file, the settings, the
+   thresholds and what was measured on the validation images.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from aax import novelty as nv
+from aax.training import runfiles
+
+if TYPE_CHECKING:  # pragma: no cover
+    from aax.ensemble import Ensemble
+
+
+@torch.no_grad()
+def extract(ensemble: Ensemble, paths: Sequence[str | os.PathLike], batch_size: int = 32,
+            ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[int]]:
+    """Pooled features ``[n, d]`` and deterministic head logits ``[n, C]`` of every member
+    for ``paths``, decoded as annotation decodes them; and the indices of the paths that
+    could be read (an unreadable file is left out, not fatal)."""
+    from torch.utils.data import DataLoader
+
+    from aax.annotate import InputItem, _collate, _Decoded
+
+    mean, std = ensemble.normalisation
+    source = _Decoded([InputItem(Path(p)) for p in paths], ensemble.image_size, mean, std, False)
+    loader = DataLoader(source, batch_size=batch_size, num_workers=0, collate_fn=_collate)
+    feats: dict[str, list[np.ndarray]] = {n: [] for n in ensemble.members}
+    logits: dict[str, list[np.ndarray]] = {n: [] for n in ensemble.members}
+    kept: list[int] = []
+    for batch in loader:
+        if batch["x"] is None:
+            continue
+        kept += batch["index"]
+        x = batch["x"].to(ensemble.device)
+        if getattr(ensemble, "channels_last", False):
+            x = x.contiguous(memory_format=torch.channels_last)
+        for name, member in ensemble.members.items():
+            pooled = member.head.pool(member.features(x).float())
+            feats[name].append(pooled.cpu().numpy())
+            logits[name].append(member.head.classify(pooled).cpu().numpy())
+    cat = (lambda v: np.concatenate(v) if v else np.zeros((0, 0), dtype=np.float32))
+    return {n: cat(v) for n, v in feats.items()}, {n: cat(v) for n, v in logits.items()}, kept
+
+
+def validation_scores(novelty: nv.Novelty, feats: dict[str, np.ndarray],
+                      logits: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """member -> score -> ``[n]`` for extracted features and logits."""
+    return {n: novelty.members[n].score(torch.from_numpy(feats[n]), torch.from_numpy(logits[n]))
+            for n in novelty.members}
+
+
+def thresholds_from(scores: dict[str, dict[str, np.ndarray]], pass_rate: float) -> dict[str, dict[str, dict]]:
+    """member -> score -> :func:`aax.novelty.threshold_at` of the validation scores."""
+    return {n: {s: nv.threshold_at(v, pass_rate) for s, v in per.items()} for n, per in scores.items()}
+
+
+def fit_run(run: str | os.PathLike, train_paths: Sequence[str | os.PathLike], train_labels: Sequence[int],
+            val_paths: Sequence[str | os.PathLike], *, ensemble: Ensemble | None = None,
+            score: str = nv.DEFAULT_SCORE, pass_rate: float = nv.DEFAULT_PASS_RATE, k: int = nv.DEFAULT_K,
+            shrinkage: float | None = None, max_features: int = nv.MAX_FEATURES, seed: int = 0,
+            device: str | None = None, reuse_features: bool = True) -> dict[str, Any]:
+    """Store the training features of every member and set the thresholds on the
+    validation images; write the ``novelty`` block into ``RUN/aax.json`` and return it.
+
+    Args:
+        run: the RUN folder.
+        train_paths, train_labels: the training images and their class indices.
+        val_paths: in-distribution validation images (the thresholds' only source).
+        ensemble: the loaded ensemble (loaded from ``run`` when None).
+        score: the score the protocol thresholds.
+        pass_rate: share of validation images each threshold lets pass.
+        k: the KNN neighbour; shrinkage: Mahalanobis covariance shrinkage (None:
+            Ledoit-Wolf).
+        max_features: training features kept per member (stratified, seeded beyond it).
+        reuse_features: keep ``RUN/novelty.npz`` when it was made from these very
+            checkpoints (only the thresholds are set again).
+    """
+    from aax.annotate import run_fingerprint
+    from aax.ensemble import Ensemble
+
+    if score not in nv.SCORES:
+        raise ValueError(f"unknown novelty score {score!r}; choose from {', '.join(nv.SCORES)}")
+    if not 0.0 < pass_rate <= 1.0:
+        raise ValueError(f"pass_rate must be in (0, 1], got {pass_rate}")
+    run = Path(run)
+    if ensemble is None:
+        with warnings.catch_warnings():  # "no novelty features yet": what this call is making
+            warnings.simplefilter("ignore", UserWarning)
+            ensemble = Ensemble.load(run, device=device)
+    names = list(ensemble.members)
+    weights = run_fingerprint(ensemble)
+    manifest = runfiles.read_json(run / runfiles.MANIFEST)
+    old = manifest.get("novelty") or {}
+    path = run / nv.FEATURES_FILE
+    same = (reuse_features and path.is_file() and old.get("weights") == weights
+            and old.get("max_features") == max_features)
+    if same:
+        stored = nv.load_features(path)
+        same = all(n in stored for n in names)
+    if not same:
+        if not train_paths:
+            raise ValueError(f"{run}: no training images to take novelty features from")
+        keep = nv.stratified_cap(np.asarray(train_labels), max_features, seed)
+        paths = [train_paths[i] for i in keep]
+        feats, _, kept = extract(ensemble, paths)
+        if not kept:
+            raise ValueError(f"{run}: none of the training images could be read for novelty features")
+        labels = np.asarray(train_labels)[keep][kept]
+        nv.save_features(path, feats, {n: labels for n in names})
+        stored = {n: (feats[n].astype(np.float16).astype(np.float32), labels) for n in names}
+    novelty = nv.Novelty(members={n: nv.MemberNovelty.fit(*stored[n], k=k, shrinkage=shrinkage) for n in names},
+                         score=score, pass_rate=pass_rate, k=k)
+    vfeats, vlogits, vkept = extract(ensemble, val_paths)
+    if not vkept:
+        raise ValueError(f"{run}: no readable validation images to set novelty thresholds on")
+    scores = validation_scores(novelty, vfeats, vlogits)
+    thresholds = thresholds_from(scores, pass_rate)
+    flags = np.stack([scores[n][score] > thresholds[n][score]["threshold"] for n in names], axis=1)
+    block = {
+        "file": nv.FEATURES_FILE, "score": score, "pass_rate": pass_rate, "k": k, "shrinkage": shrinkage,
+        "max_features": max_features, "weights": weights,
+        "n_features": {n: int(stored[n][0].shape[0]) for n in names},
+        "feature_dim": {n: int(stored[n][0].shape[1]) for n in names},
+        "thresholds": thresholds,
+        "validation": {"n": len(vkept),
+                       "flag_rate": {n: float(flags[:, i].mean()) for i, n in enumerate(names)},
+                       "flag_rate_quorum": float((flags.sum(axis=1) >= ensemble.quorum).mean())},
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    manifest = runfiles.read_json(run / runfiles.MANIFEST)  # fresh: calibration may have written
+    manifest["novelty"] = block
+    runfiles.write_json(run / runfiles.MANIFEST, manifest)
+    return block
+
+
+def recorded_split(run: str | os.PathLike) -> tuple[list[str], list[int], list[str]]:
+    """The training images (paths, class indices) and validation images a RUN's manifest
+    records, re-opened from its data source.
+
+    Raises:
+        ValueError: the manifest records no source, or the source changed.
+    """
+    from aax.data import open_dataset
+
+    manifest = runfiles.read_json(Path(run) / runfiles.MANIFEST)
+    d = manifest.get("data") or {}
+    if not d.get("source") or d.get("train_indices") is None or d.get("val_indices") is None:
+        raise ValueError(f"{run}: the manifest records no training split (data.source / data.train_indices)")
+    dataset = open_dataset(d["source"], format=d.get("format"))
+    if d.get("n_images") is not None and len(dataset) != int(d["n_images"]):
+        raise ValueError(f"{run}: {d['source']} now holds {len(dataset)} images, the run was trained on "
+                         f"{d['n_images']}; its training split cannot be found again")
+    classes = list(manifest["classes"])
+    train = [dataset[int(i)] for i in d["train_indices"]]
+    val = [dataset[int(i)] for i in d["val_indices"]]
+    return ([str(s.image) for s in train], [classes.index(s.label) for s in train],
+            [str(s.image) for s in val])
+
+
+def calibrate_novelty(ensemble: Ensemble, val_paths: Sequence[str | os.PathLike], *,
+                      score: str | None = None, pass_rate: float | None = None,
+                      k: int | None = None) -> dict[str, Any]:
+    """What ``aax calibrate`` does for novelty: training features from the split the
+    manifest records (kept when they were made from these checkpoints), thresholds on
+    ``val_paths``; the loaded ``ensemble`` gets the new scorers. Settings left None keep
+    the run's (or the defaults).
+
+    Raises:
+        ValueError: no stored features and no training images to take them from.
+    """
+    run = Path(ensemble.run)
+    block = runfiles.read_json(run / runfiles.MANIFEST).get("novelty") or {}
+    try:
+        train_paths, train_labels, _ = recorded_split(run)
+    except (ValueError, FileNotFoundError, KeyError):  # stored features may still serve
+        train_paths, train_labels = [], []
+    result = fit_run(run, train_paths, train_labels, val_paths, ensemble=ensemble,
+                     score=score or block.get("score", nv.DEFAULT_SCORE),
+                     pass_rate=float(pass_rate if pass_rate is not None else block.get("pass_rate", nv.DEFAULT_PASS_RATE)),
+                     k=int(k if k is not None else block.get("k", nv.DEFAULT_K)),
+                     shrinkage=block.get("shrinkage"))
+    ensemble.novelty = nv.load(run, runfiles.read_json(run / runfiles.MANIFEST), list(ensemble.members),
+                               ensemble.device)
+    return result
