@@ -146,7 +146,8 @@ def read_annotations(path: str | os.PathLike, classes: Sequence[str], negative: 
 
     Every ``<image>`` counts as reviewed unless it still carries a ``review`` tag. Its
     decision is the label of its masks or polygons (their union is the mask), else the
-    class of its tag, else (no annotation left) the negative class. ``key_of`` maps
+    class of its tag, else (no annotation left) the negative class; images with labels
+    that are no class, or masks of two classes, are skipped with a note. ``key_of`` maps
     the image names of the file to the store's keys; names it lacks are refused by the
     import.
     """
@@ -183,14 +184,16 @@ def read_annotations(path: str | os.PathLike, classes: Sequence[str], negative: 
         if REVIEW in tags and not shape_labels:
             notes.append(f"{name}: still tagged 'review'")
             continue
+        strangers = sorted({t for t in tags if t not in classes and t != REVIEW} |
+                           {s for s in shape_labels if s not in classes})
+        if strangers:
+            notes.append(f"{name}: {strangers} not among the classes {list(classes)}")
+            continue
         if len(shape_labels) > 1:
             notes.append(f"{name}: masks of several classes ({sorted(shape_labels)})")
             continue
         decision = next(iter(shape_labels)) if shape_labels else next(
             (t for t in tags if t in classes), negative)
-        if decision not in classes:
-            notes.append(f"{name}: '{decision}' is not one of the classes {list(classes)}")
-            continue
         reviews.append(Review(image=key_of.get(name, name), decision=decision,
                               mask=mask if decision != negative else None, tool="cvat",
                               tool_ref=f"frame {image.get('id')}"))
