@@ -37,6 +37,11 @@ ROWS = {
 MEMBERS = ["resnet50", "efficientnet-b0", "densenet121"]
 
 
+def short(image: str) -> str:
+    """``class/file.png`` of a stored image key, however the store spells the key."""
+    return "/".join(Path(image).parts[-2:])
+
+
 def make_store(root: Path) -> tuple[Path, Path]:
     """Images under ``root/input`` and their annotations in ``root/out``."""
     images = root / "input"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _stores import MODEL_MASKS, ROWS, box, make_store
+from _stores import MODEL_MASKS, ROWS, box, make_store, short
 
 from aax.cli import main
 from aax.cvat import export_cvat, mask_to_rle, rle_to_mask
@@ -110,7 +110,7 @@ def test_import_reviewed_cvat_file(store, tmp_path):
     # d0, d1, d2, h0 reviewed; h2 still 'review'; h1's label is no class
     assert result["added"] == 4 and len(result["skipped"]) == 2
     db = sqlite3.connect(out / "annotations.sqlite")
-    reviews = {i.rsplit("input/", 1)[1]: (d, m) for i, d, m in db.execute("SELECT image, decision, mask FROM reviews")}
+    reviews = {short(i): (d, m) for i, d, m in db.execute("SELECT image, decision, mask FROM reviews")}
     assert reviews["diseased/d1.png"] == ("healthy", None)
     polygon = load_mask(out / reviews["diseased/d0.png"][1])
     assert polygon[6:21, 4:25].all() and polygon.sum() == 15 * 21  # PIL fills the polygon's outline too

@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
-from _stores import MODEL_MASKS, ROWS, box, make_store
+from _stores import MODEL_MASKS, ROWS, box, make_store, short
 
 from aax import brush
 from aax.cli import main
@@ -44,8 +44,8 @@ def test_tasks_carry_decision_mask_scores_and_member_fields(store, tmp_path):
     images, out = store
     tasks = _tasks(out, tmp_path, image_root="http://files.example/lesion")
     assert len(tasks) == len(ROWS)
-    by_image = {t["data"]["aax_image"]: t for t in tasks}
-    d0 = by_image[str(images / "diseased/d0.png")]
+    by_image = {short(t["data"]["aax_image"]): t for t in tasks}
+    d0 = by_image["diseased/d0.png"]
     assert d0["data"]["image"] == "http://files.example/lesion/diseased/d0.png"
     assert d0["data"]["aax_u_resnet50"] == pytest.approx(0.01)
     assert d0["data"]["aax_p_diseased_densenet121"] == pytest.approx(0.4)
@@ -58,7 +58,7 @@ def test_tasks_carry_decision_mask_scores_and_member_fields(store, tmp_path):
     assert (mask["original_height"], mask["original_width"]) == MODEL_MASKS["diseased/d0.png"].shape
     assert np.array_equal(brush.rle_to_mask(mask["value"]["rle"], 32, 40), MODEL_MASKS["diseased/d0.png"])
     # no brush for negatives and flagged images; the flag's reason is kept
-    h2 = by_image[str(images / "healthy/h2.png")]["predictions"][0]
+    h2 = by_image["healthy/h2.png"]["predictions"][0]
     assert [r["type"] for r in h2["result"]] == ["choices", "textarea"]
     assert h2["result"][0]["value"]["choices"] == ["review"]
     assert h2["result"][1]["value"]["text"] == ["no-consensus"]
@@ -66,7 +66,7 @@ def test_tasks_carry_decision_mask_scores_and_member_fields(store, tmp_path):
 
 def test_flagged_images_score_lowest(store, tmp_path):
     _, out = store
-    scores = {t["data"]["aax_image"].split("input/")[1]: t["predictions"][0]["score"]
+    scores = {short(t["data"]["aax_image"]): t["predictions"][0]["score"]
               for t in _tasks(out, tmp_path)}
     flagged = [scores[n] for n, r in ROWS.items() if r[0] == "review"]
     decided = [scores[n] for n, r in ROWS.items() if r[0] != "review"]
@@ -134,14 +134,14 @@ def test_import_records_reviews_beside_the_model(store, tmp_path):
     result = import_file(out, "label-studio", tmp_path / "export.json")
     assert (result["added"], result["updated"], result["unchanged"]) == (5, 0, 0)
     db = sqlite3.connect(out / "annotations.sqlite")
-    reviews = {i.split("input/")[1]: (d, m, note) for i, d, m, note in
+    reviews = {short(i): (d, m, note) for i, d, m, note in
                db.execute("SELECT image, decision, mask, note FROM reviews")}
     assert reviews["diseased/d1.png"] == ("healthy", None, None)
     assert reviews["healthy/h2.png"][2] == "faint lesion"
     assert np.array_equal(load_mask(out / reviews["diseased/d0.png"][1]), REVIEWED_D0)
     # the model's rows are kept as they were
-    model = dict(db.execute("SELECT image, decision FROM annotations"))
-    assert model[str(images / "diseased/d1.png")] == "diseased"
+    model = {short(i): d for i, d in db.execute("SELECT image, decision FROM annotations")}
+    assert model["diseased/d1.png"] == "diseased"
     # the same export again changes nothing
     again = import_file(out, "label-studio", tmp_path / "export.json")
     assert (again["added"], again["updated"], again["unchanged"]) == (0, 0, 5)
@@ -196,7 +196,7 @@ def test_exports_prefer_reviewed_annotations(store, tmp_path):
     images, out = store
     _export(_tasks(out, tmp_path), tmp_path / "export.json", images)
     import_file(out, "label-studio", tmp_path / "export.json")
-    tasks = {t["data"]["aax_image"].split("input/")[1]: t for t in _tasks(out, tmp_path / "again")}
+    tasks = {short(t["data"]["aax_image"]): t for t in _tasks(out, tmp_path / "again")}
     d0 = tasks["diseased/d0.png"]
     assert d0["data"]["aax_reviewed"] is True and d0["predictions"][0]["model_version"].endswith("+reviewed")
     rle = next(r for r in d0["predictions"][0]["result"] if r["type"] == "brushlabels")["value"]["rle"]
@@ -205,7 +205,7 @@ def test_exports_prefer_reviewed_annotations(store, tmp_path):
     assert tasks["healthy/h1.png"]["data"]["aax_reviewed"] is False
     assert main(["export", str(out), "--format", "coco", "--to", str(tmp_path / "coco.json")]) == 0
     coco = json.loads((tmp_path / "coco.json").read_text())
-    decisions = {i["file_name"].split("input/")[1]: i["aax"]["decision"] for i in coco["images"]}
+    decisions = {short(i["file_name"]): i["aax"]["decision"] for i in coco["images"]}
     assert decisions["diseased/d1.png"] == "healthy" and decisions["healthy/h2.png"] == "diseased"
     assert len(coco["annotations"]) == 2  # d0 (reviewed mask) and d2 (drawn by the reviewer)
 

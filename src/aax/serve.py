@@ -122,7 +122,9 @@ class ImageSource:
         query = urllib.parse.parse_qs(urllib.parse.urlparse(where).query)
         if "d" in query:  # local-files URLs carry the file name in ?d=
             name = Path(query["d"][0]).name
-        path = folder / f"{len(list(folder.iterdir())):05d}_{name or 'image'}"
+        # the file keeps its name: MC Dropout seeds come from it (aax.annotate.image_seed)
+        path = folder / f"{len(list(folder.iterdir())):05d}" / (name or "image")
+        path.parent.mkdir()
         path.write_bytes(data)
         return path
 
