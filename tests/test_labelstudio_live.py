@@ -215,11 +215,14 @@ def test_connected_backend_predicts_a_new_task(label_studio, project, trained_ru
         ls.api("PATCH", f"/api/projects/{project['id']}", {"evaluate_predictions_automatically": True})
         image = sorted((project["images"] / "healthy").glob("*.png"))[-1]
         url = "/data/local-files/?d=" + image.relative_to(ls.files).as_posix()
-        ls.api("POST", f"/api/projects/{project['id']}/import", [{"data": {"image": url}}])
+        # a task without predictions: with a backend connected, Label Studio asks it on
+        # import, and again when the task is opened if it still has none
+        imported = ls.api("POST", f"/api/projects/{project['id']}/import", [{"data": {"image": url}}])
+        assert imported["prediction_count"] == 0
         new = next(t for t in _project_tasks(ls, project["id"]) if t["data"]["image"] == url)
-        assert new["total_predictions"] == 0
         opened = ls.api("GET", f"/api/tasks/{new['id']}")  # what the labeling UI asks for
         assert len(opened["predictions"]) == 1, log.read_text()[-2000:]
+        assert '"POST /predict HTTP/1.1" 200' in log.read_text()
         prediction = opened["predictions"][0]
         assert prediction["model_version"] == backend["model_version"]
         assert prediction["model_version"].startswith("lesion-run@")

@@ -61,8 +61,16 @@ def fake_label_studio(images):
 
 
 @pytest.fixture(scope="module")
-def backend_url(ensemble, lesion_dir, fake_label_studio):
-    source = ImageSource(fake_label_studio[0], TOKEN, [lesion_dir / "images"])
+def junk_dir(tmp_path_factory) -> Path:
+    """A second folder the backend may read: it holds a file that is no image."""
+    folder = tmp_path_factory.mktemp("junk")
+    (folder / "not-an-image.png").write_bytes(b"garbage")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def backend_url(ensemble, lesion_dir, fake_label_studio, junk_dir):
+    source = ImageSource(fake_label_studio[0], TOKEN, [lesion_dir / "images", junk_dir])
     server = make_server(Backend(ensemble, source, max_batch=4), "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -95,7 +103,8 @@ def test_predict_matches_annotate_in_one_batch(backend_url, ensemble, images):
     tasks = [{"id": i, "data": {"image": str(p)}} for i, p in enumerate(images)]
     status, body = call(backend_url + "/predict", "POST", {"tasks": tasks, "label_config": None})
     assert status == 200 and len(body["results"]) == len(images)
-    for record, result in zip(annotate(ensemble, images, workers=0), body["results"]):
+    # the backend's batches (max_batch 4), so that not even float rounding can differ
+    for record, result in zip(annotate(ensemble, images, workers=0, batch_size=4), body["results"]):
         regions = {r["type"]: r for r in result["result"]}
         assert regions["choices"]["value"]["choices"] == [record.decision]
         assert regions["textarea"]["value"]["text"] == [record.reason]
@@ -144,15 +153,10 @@ def test_bad_requests_get_a_json_error_and_the_server_goes_on(backend_url, body,
     assert call(backend_url + "/health")[0] == 200
 
 
-def test_one_bad_task_in_a_batch_leaves_the_others(backend_url, images, tmp_path):
-    unreadable = Path(images[0]).parent / "not-an-image.png"  # inside the allowed folder
-    unreadable.write_bytes(b"garbage")
-    try:
-        tasks = [{"id": 1, "data": {"image": str(images[0])}}, {"id": 2, "data": {"image": "/etc/passwd"}},
-                 {"id": 3, "data": {"image": str(unreadable)}}]
-        status, body = call(backend_url + "/predict", "POST", {"tasks": tasks})
-    finally:
-        unreadable.unlink()
+def test_one_bad_task_in_a_batch_leaves_the_others(backend_url, images, junk_dir):
+    tasks = [{"id": 1, "data": {"image": str(images[0])}}, {"id": 2, "data": {"image": "/etc/passwd"}},
+             {"id": 3, "data": {"image": str(junk_dir / "not-an-image.png")}}]
+    status, body = call(backend_url + "/predict", "POST", {"tasks": tasks})
     assert status == 200 and len(body["results"]) == 3
     assert body["results"][0]["result"]
     assert body["results"][1]["result"] == [] and "not under a folder" in body["results"][1]["error"]
