@@ -229,7 +229,7 @@ def export_label_studio(out: str | os.PathLike, to: str | os.PathLike, *, image_
 def _write_json(path: Path, value) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(value, f, separators=(",", ":"))
+        f.write(json.dumps(value, separators=(",", ":")))  # dumps uses the C encoder; dump does not
     os.replace(tmp, path)
 
 
