@@ -6,7 +6,7 @@ STAMP := $(VENV)/.aax-installed
 # The CPU wheel is local here; on a user's machine the same pin fetches the normal build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install test demo bench clean
+.PHONY: install interop test demo bench clean
 
 install: $(STAMP)
 
@@ -18,7 +18,30 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP)
+# The real tools the interop tests check AAX's files against, each in its own virtual
+# environment: Label Studio (with its SDK) pins numpy, pillow and OpenCV versions of its
+# own and Datumaro needs a pyarrow that Label Studio refuses, so neither shares AAX's.
+LS_VENV := .venv-ls
+DM_VENV := .venv-dm
+LABEL_STUDIO_PIN ?= label-studio==1.23.2
+DATUMARO_PIN ?= datumaro==1.13.12
+LS_STAMP := $(LS_VENV)/.installed-$(subst ==,-,$(LABEL_STUDIO_PIN))
+DM_STAMP := $(DM_VENV)/.installed-$(subst ==,-,$(DATUMARO_PIN))
+
+interop: $(LS_STAMP) $(DM_STAMP)
+
+$(LS_STAMP):
+	test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LS_VENV)/bin/python -m pip install -q "$(LABEL_STUDIO_PIN)"
+	touch $@
+
+$(DM_STAMP):
+	test -x $(DM_VENV)/bin/python || $(PYTHON) -m venv $(DM_VENV)
+	$(DM_VENV)/bin/python -m pip install -q "$(DATUMARO_PIN)"
+	touch $@
+
+test: $(STAMP) $(LS_STAMP) $(DM_STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
@@ -28,4 +51,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_annotate.py --out benchmarks/results
 
 clean:
-	rm -rf $(VENV) demo-run .pytest_cache
+	rm -rf $(VENV) $(LS_VENV) $(DM_VENV) demo-run .pytest_cache

@@ -96,3 +96,47 @@ def ensemble(trained_run: Path):
     from aax.ensemble import Ensemble
 
     return Ensemble.load(trained_run, device="cpu")
+
+
+# -- the real annotation tools (make interop) -------------------------------------
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _tool_python(venv: str, what: str) -> Path:
+    """The Python of a tool environment that `make interop` builds; in CI a missing one
+    fails the test (`make test` builds them), elsewhere it skips."""
+    python = REPO / venv / "bin" / "python"
+    if python.is_file():
+        return python
+    message = f"{python} is missing: `make interop` installs {what} there (`make test` does too)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def label_studio_python() -> Path:
+    """Python of ``.venv-ls``: Label Studio and its SDK."""
+    return _tool_python(".venv-ls", "Label Studio")
+
+
+@pytest.fixture(scope="session")
+def datumaro_python() -> Path:
+    """Python of ``.venv-dm``: Datumaro."""
+    return _tool_python(".venv-dm", "Datumaro")
+
+
+@pytest.fixture(scope="session")
+def lesion_store(ensemble, lesion_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An output folder with 12 images of ``lesion_dir`` annotated by ``ensemble``
+    (positives, negatives and flagged ones alike; tests copy it before changing it)."""
+    from aax.annotate import annotate_to_folder
+
+    images = tmp_path_factory.mktemp("store_input")
+    for cls in ("diseased", "healthy"):
+        (images / cls).mkdir()
+        for path in sorted((lesion_dir / "images" / cls).glob("*.png"))[:6]:
+            (images / cls / path.name).symlink_to(path)
+    out = tmp_path_factory.mktemp("stores") / "lesion-out"
+    annotate_to_folder(ensemble, images, out, progress=False, workers=0)
+    return out

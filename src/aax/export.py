@@ -1,4 +1,8 @@
-"""Annotations out, in the formats annotation tools read: COCO (compressed RLE) and PNG."""
+"""Annotations out, in the formats annotation tools read: COCO (compressed RLE) and PNG.
+
+Label Studio and CVAT have their own modules (:mod:`aax.labelstudio`, :mod:`aax.cvat`).
+Every format prefers reviewed annotations (:func:`aax.reviews.reviewed_rows`).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from aax.reviews import reviewed_rows
 from aax.store import AnnotationStore, open_store
 
 
@@ -41,14 +46,14 @@ def export_coco(out: str | os.PathLike, to: str | os.PathLike) -> dict:
     categories = [{"id": i + 1, "name": c, "supercategory": "finding"} for i, c in enumerate(classes)]
     category_id = {c["name"]: c["id"] for c in categories}
     images, annotations = [], []
-    for row in store.rows():
+    for row in reviewed_rows(store):
         if row["status"] != "ok":
             continue
         image_id = len(images) + 1
         images.append({"id": image_id, "file_name": row["image"], "height": row["height"],
                        "width": row["width"],
                        "aax": {"decision": row["decision"], "reason": row["reason"],
-                               "members": row["members"]}})
+                               "members": row["members"], "reviewed": row["reviewed"]}})
         if not row["mask"]:
             continue
         mask = _load_mask(Path(out) / row["mask"])
@@ -79,7 +84,7 @@ def export_png(out: str | os.PathLike, to: str | os.PathLike) -> dict:
     with open(target / "index.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["mask", "image", "decision", "reason", "mask_area", "height", "width"])
-        for row in store.rows():
+        for row in reviewed_rows(store):
             if not row["mask"]:
                 continue
             n += 1
