@@ -61,6 +61,9 @@ LEVERS: list[tuple[str, int, dict[str, Any]]] = [
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lesion", action="store_true", help="synthetic lesions (aax synth --kind lesion)")
+    p.add_argument("--lesion-run", type=Path, default=None,
+                   help="use this trained stride-32 RUN for the lesions (e.g. make demo's) instead of training")
+    p.add_argument("--lesion-test", type=Path, default=None, help="the lesion test images (with --lesion-run)")
     p.add_argument("--busi", type=Path, default=None, help="BUSI manifest (aax data convert busi)")
     p.add_argument("--bsdata", type=Path, default=None, help="BSData manifest (aax data convert labelme)")
     p.add_argument("--out", type=Path, required=True, help="results folder (runs are kept there and reused)")
@@ -140,17 +143,26 @@ def run_lever(ensemble: Ensemble, val: Any, test: Any, options: MapOptions, args
             "seconds_per_image": cost}
 
 
-def run_dataset(name: str, source: Any, image_size: int, args: argparse.Namespace) -> dict[str, Any]:
+def run_dataset(name: str, source: Any, image_size: int, args: argparse.Namespace,
+                runs: dict[int, Path] | None = None, test: Any = None) -> dict[str, Any]:
+    """Every lever on one data set; ``runs`` (stride -> RUN) and ``test`` given: no
+    training, and only the levers of those runs."""
     out = args.out / name
     out.mkdir(parents=True, exist_ok=True)
     dataset = open_dataset(source)
-    trainval, test = subsample(dataset, args.per_class, args.test_fraction, args.seed)
-    print(f"\n## {name}: {len(trainval)} train+val, {len(test)} test images at {image_size} px, "
-          f"{args.epochs} epochs from scratch", flush=True)
-    runs: dict[int, Path] = {}
+    if test is None:
+        trainval, test = subsample(dataset, args.per_class, args.test_fraction, args.seed)
+    else:
+        trainval = []  # the given runs' own training data (its size is in their manifest)
+    print(f"\n## {name}: {len(trainval)} train+val, {len(test)} test images at {image_size} px", flush=True)
     results: dict[str, Any] = {}
-    wanted = [lv for lv in LEVERS if args.levers is None or lv[0] in args.levers]
+    wanted = [lv for lv in LEVERS if (args.levers is None or lv[0] in args.levers)
+              and (runs is None or lv[1] in runs)]
+    given = runs is not None
+    runs = dict(runs or {})
     for stride in sorted({lv[1] for lv in wanted}, reverse=True):
+        if given:
+            continue
         run = out / f"run-os{stride}"
         if not (run / "aax.json").is_file() or json.loads((run / "aax.json").read_text()).get("status") != "complete":
             t0 = time.perf_counter()
@@ -186,7 +198,10 @@ def run_dataset(name: str, source: Any, image_size: int, args: argparse.Namespac
     base = results.get("stride 32 (today)", {}).get("seconds_per_image")
     for r in results.values():
         r["relative_cost"] = None if not base else r["seconds_per_image"] / base
-    return {"settings": {"image_size": image_size, "n_trainval": len(trainval), "n_test": len(test),
+    manifest = json.loads((runs[32 if 32 in runs else stride] / "aax.json").read_text())
+    n_trainval = len(trainval) or manifest["data"]["n_train"] + manifest["data"]["n_val"]
+    return {"settings": {"image_size": image_size, "n_trainval": n_trainval, "n_test": len(test),
+                         "training": {k: manifest["training"].get(k) for k in ("epochs", "image_size", "lr")},
                          "per_class": args.per_class, "epochs": args.epochs, "seed": args.seed,
                          "mc_passes": args.mc_passes, "source": str(source), "classes": list(dataset.classes)},
             "best_on_validation": best, "levers": results, "trivial": trivial_rows(test, negative)}
@@ -220,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     args.out.mkdir(parents=True, exist_ok=True)
     sets: list[tuple[str, Any, int]] = []
-    if args.lesion:
+    if args.lesion_run:
+        sets.append(("lesion", args.lesion_run, 0))
+    elif args.lesion:
         from aax.data import synth
 
         folder = args.out / "lesion-data"
@@ -237,7 +254,13 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / "quality.json"
     everything = json.loads(path.read_text()) if path.is_file() else {}
     for name, source, size in sets:
-        everything[name] = run_dataset(name, source, size, args)
+        if name == "lesion" and args.lesion_run:
+            run = Path(source)
+            size = json.loads((run / "aax.json").read_text())["image_size"]
+            everything[name] = run_dataset(name, args.lesion_test, size, args, runs={32: run},
+                                           test=open_dataset(args.lesion_test))
+        else:
+            everything[name] = run_dataset(name, source, size, args)
         path.write_text(json.dumps(everything, indent=2) + "\n")
         md = "\n".join(table(n, r) for n, r in everything.items())
         (args.out / "quality.md").write_text(md)

@@ -19,6 +19,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="labelled validation data (default: the validation split recorded in the RUN)")
     p.add_argument("--max-flag-rate", type=float, default=0.2,
                    help="largest share of validation images theta may flag (default 0.2)")
+    p.add_argument("--fusions", nargs="+", choices=["min", "mean", "vote"], default=["min", "mean", "vote"],
+                   help="mask fusions to choose from where VALDATA has masks (default: all three; "
+                        "'min' alone keeps the paper's intersection)")
+    p.add_argument("--tau-without-masks", choices=["keep", "otsu"], default="keep",
+                   help="without ground-truth masks: keep the RUN's tau, or use each image's Otsu "
+                        "threshold (default keep)")
     p.add_argument("--mc-passes", type=int, default=None, help="MC Dropout passes K (default: the RUN's)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per batch (default: chosen for the device and input size)")
@@ -36,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
         valdata = args.valdata if args.valdata is not None else validation_split(args.run)
         name = None if args.valdata is not None else split_name(valdata)
         result = calibrate(ensemble, valdata, max_flag_rate=args.max_flag_rate, mc_passes=args.mc_passes,
-                           batch_size=args.batch_size, data_name=name)
+                           batch_size=args.batch_size, data_name=name, fusions=tuple(args.fusions),
+                           tau_without_masks=None if args.tau_without_masks == "keep" else args.tau_without_masks)
     except (FileNotFoundError, ValueError) as exc:
         print(f"aax calibrate: {exc}", file=sys.stderr)
         return 2
@@ -44,10 +51,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"theta = {result['theta']:.4g} (was {prev['theta']:.4g}): accuracy on kept images "
           f"{_pct(result['accuracy_kept'])}, flag rate {_pct(result['flag_rate'])} on {result['n']} images")
     if result["iou_mean"] is not None:
-        print(f"tau = {result['tau']:.2f} (was {tau_text(prev['tau'])}): mean IoU {_pct(result['iou_mean'])} "
-              f"on {result['n_masks']} masks")
+        print(f"tau = {tau_text(result['tau'])}, fusion {result['fusion']} (was {tau_text(prev['tau'])}, "
+              f"{prev['fusion']}): mean IoU {_pct(result['iou_mean'])} on {result['n_masks']} masks")
     else:
-        print(f"tau = {tau_text(result['tau'])} (unchanged: no ground-truth masks)")
+        print(f"tau = {tau_text(result['tau'])} (no ground-truth masks; was {tau_text(prev['tau'])})")
     if result.get("warning"):
         print(f"warning: {result['warning']}", file=sys.stderr)
     print(f"written to {args.run}/aax.json and {args.run}/calibration/", file=sys.stderr)
