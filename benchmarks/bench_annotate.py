@@ -108,6 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reference-repeats", type=int, default=1)
     p.add_argument("--workers", type=int, default=None,
                    help="decoding workers for end to end / memory; aax's choice if not given")
+    p.add_argument("--new-maps", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the AAX core with the map settings new runs get "
+                        "(aax.train.default_maps: finer map stride, fusion), beside stride 32")
     p.add_argument("--heads", choices=("positive", "untouched"), default="positive",
                    help="positive: bias the untrained heads so that members agree with confidence "
                         "and every image gets a mask (the costliest path); untouched: as initialised")
@@ -224,6 +227,13 @@ def bench_size(size: int, args: argparse.Namespace, members: dict[str, torch.nn.
                     m(xb)
 
     last: dict[str, Any] = {}
+    from aax.train import default_maps
+
+    new_settings = dataclasses.replace(settings, maps=default_maps(32))
+
+    def aax_new_maps() -> None:
+        for xb, sz, seeds in batches:
+            annotate_batch(ens, xb, sz, new_settings, amp=args.amp, **({"seeds": seeds} if seeds else {}))
 
     def aax_core() -> None:
         records = []
@@ -288,6 +298,8 @@ def bench_size(size: int, args: argparse.Namespace, members: dict[str, torch.nn.
     fns: dict[str, Callable[[], Any]] = {}
     if "core" in args.parts:
         fns.update(floor=floor, aax=aax_core)
+        if args.new_maps:
+            fns["aax_new_maps"] = aax_new_maps
         if not args.no_breakdown:
             fns["breakdown"] = breakdown
     if "end-to-end" in args.parts:
@@ -299,9 +311,11 @@ def bench_size(size: int, args: argparse.Namespace, members: dict[str, torch.nn.
     result: dict[str, Any] = {"size": size, "images": n, "batch_size": B, "source_size": args.source_size,
                               "mc_passes": args.mc_passes, "amp": amp_on,
                               "channels_last": args.channels_last}
-    for key in ("floor", "aax", "end_to_end"):
+    for key in ("floor", "aax", "aax_new_maps", "end_to_end"):
         if key in times:
             result[key] = rate(args.e2e_images if key == "end_to_end" else n, times[key])
+    if "aax_new_maps" in result:
+        result["aax_new_maps"]["maps"] = new_settings.maps.to_dict()
     if "end_to_end" in times:
         s = last["e2e_summary"]
         result["end_to_end"]["summary"] = {k: s.get(k) for k in ("images", "annotated", "errors",
@@ -328,6 +342,7 @@ def bench_size(size: int, args: argparse.Namespace, members: dict[str, torch.nn.
     aax_r = result.get("aax", {}).get("images_per_s")
     result["ratios"] = {
         "aax_over_floor": ratio(aax_r, floor_r),
+        "aax_new_maps_over_floor": ratio(result.get("aax_new_maps", {}).get("images_per_s"), floor_r),
         "aax_over_reference": ratio(aax_r, result.get("reference", {}).get("images_per_s")),
         "end_to_end_over_floor": ratio(result.get("end_to_end", {}).get("images_per_s"), floor_r),
     }
@@ -403,6 +418,7 @@ def image_seeds(paths: list[Path]) -> list[int] | None:
 
 def print_size(r: dict[str, Any]) -> None:
     rows = [("floor", "floor (members' forward)"), ("aax", "AAX core (annotate_batch)"),
+            ("aax_new_maps", "AAX core, new runs' map settings"),
             ("reference", "reference (K fwd + fwd/bwd)"), ("end_to_end", "end to end (annotate_to_folder)")]
     for key, label in rows:
         if key in r:

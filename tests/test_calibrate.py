@@ -93,7 +93,8 @@ def test_writes_manifest_and_curve(run, tmp_path):
     assert manifest["theta"] == result["theta"] and manifest["tau"] == result["tau"]
     assert manifest["other"] == {"kept": True}  # the rest of the manifest is untouched
     cal = manifest["calibration"]
-    assert cal["previous"] == {"theta": 0.1, "tau": 0.9}
+    assert cal["previous"] == {"theta": 0.1, "tau": 0.9, "fusion": "min"}
+    assert manifest["maps"] == {"fusion": result["fusion"]} and result["fusion"] == "min"
     assert cal["n"] == 10 and cal["n_candidates"] == 8 and "date" in cal
     assert "risk_coverage" not in cal  # the curve lives in its own file
     curves = json.loads((run / cal["curves"]).read_text())
@@ -214,3 +215,43 @@ def test_calibrate_command(request, tmp_path):
     cal = json.loads((run / "aax.json").read_text())["calibration"]
     assert cal["n"] == 8 and cal["max_flag_rate"] == 0.5 and cal["data"] == str(val)
     assert main(["calibrate", str(tmp_path / "no-run"), str(val)]) == 2
+
+
+# Three agreeing members: A has a false positive R (1.0) beside the lesion, B a hole H in it
+# (0.0), the lesion is 0.5 elsewhere. min loses H at every tau; mean puts R and H both at
+# 1/3 and cannot separate them; a 2-of-3 vote (the second largest value) is exactly GT.
+HOLE = np.zeros((S, S), bool)
+HOLE[16:24, 16:48] = True  # 256 px of GT
+LESION = np.where(GT, 0.5, 0.0).astype(np.float32)
+MAP_A = np.where(RING, 1.0, LESION).astype(np.float32)
+MAP_B = np.where(HOLE, 0.0, LESION).astype(np.float32)
+FUSE = {
+    "p1.png": ("diseased", GT, [D, D, D], [0.01, 0.01, 0.01], [MAP_A, MAP_B, LESION], True),
+    "p2.png": ("diseased", GT, [D, D, D], [0.01, 0.01, 0.01], [MAP_A, MAP_B, LESION], True),
+    **{f"h{i}.png": ("healthy", None, [H, H, H], [0.0, 0.0, 0.0], BLANK, True) for i in range(3, 8)},
+}
+
+
+def test_fusion_is_chosen_by_iou(run, tmp_path):
+    data = fake_data(tmp_path, FUSE)
+    result = calibrate(FakeEnsemble(spec=FUSE, run=run), data, write=False)
+    table = {row["fusion"]: row for row in result["fusions"]}
+    assert table["min"]["iou_mean"] == pytest.approx((1024 - 256) / 1024)
+    assert table["mean"]["iou_mean"] < 1.0
+    assert table["vote"]["iou_mean"] == pytest.approx(1.0)
+    assert result["fusion"] == "vote" and result["iou_mean"] == pytest.approx(1.0)
+    assert 0.0 <= result["tau"] < 0.5
+    # only the intersection allowed: today's choice
+    only_min = calibrate(FakeEnsemble(spec=FUSE, run=run), data, write=False, fusions=("min",))
+    assert only_min["fusion"] == "min" and only_min["iou_mean"] == pytest.approx(0.75)
+
+
+def test_otsu_when_no_masks_and_as_a_candidate(run, tmp_path):
+    spec = {k: (v[0], None, *v[2:]) for k, v in VAL.items()}
+    result = calibrate(FakeEnsemble(spec=spec, run=run, tau=0.9), fake_data(tmp_path, spec), write=False,
+                       tau_without_masks="otsu")
+    assert result["tau"] == "otsu" and result["iou_mean"] is None
+    # with masks, Otsu's point is in the table beside the grid; on VAL it ties the grid's best,
+    # so the grid value is kept
+    result = calibrate(FakeEnsemble(spec=VAL, run=run, tau=0.9), fake_data(tmp_path, VAL), write=False)
+    assert result["tau"] == pytest.approx(0.8)

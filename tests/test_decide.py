@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from aax.decide import Decision, decide, intersect, map_class, predicted_classes
+from aax.decide import Decision, decide, intersect, map_class, predicted_classes, tau_for
 
 H, D = [0.9, 0.1], [0.2, 0.8]  # healthy (index 0, negative) / diseased (index 1)
 TIE = [0.5, 0.5]
@@ -110,3 +110,55 @@ def test_intersect_is_min_over_maps():
 def test_map_class_skips_negative():
     assert map_class(np.array([H, H, H]), negative_index=0) == 1
     assert map_class(np.array([N, B, A, B]), negative_index=0) == 2
+
+
+# --- fusion and thresholds ---------------------------------------------------------------
+
+def test_fuse_by_hand() -> None:
+    from aax.decide import fuse
+
+    maps = np.array([[[0.9, 0.2, 0.6]], [[0.8, 0.7, 0.1]], [[0.3, 0.9, 0.7]]])
+    np.testing.assert_allclose(fuse(maps, "min"), [[0.3, 0.2, 0.1]])
+    np.testing.assert_allclose(fuse(maps, "mean"), [[2.0 / 3, 0.6, 1.4 / 3]])
+    # 2-of-3 vote: the second largest value; > tau exactly when two maps are > tau
+    np.testing.assert_allclose(fuse(maps, "vote", votes=2), [[0.8, 0.7, 0.6]])
+    assert (fuse(maps, "vote", votes=2) > 0.65).tolist() == [[True, True, False]]
+    np.testing.assert_allclose(fuse(maps, "vote", votes=3), fuse(maps, "min"))
+    np.testing.assert_allclose(fuse(maps[:2], "vote", votes=2), fuse(maps[:2], "min"))  # 2 agreeing: all
+    np.testing.assert_allclose(fuse(maps, "vote", votes=1), maps.max(axis=0))
+    with pytest.raises(ValueError, match="fusion"):
+        fuse(maps, "median")
+
+
+def test_intersect_is_the_min_fusion() -> None:
+    from aax.decide import fuse
+
+    rng = np.random.default_rng(0)
+    maps = rng.random((3, 5, 5))
+    assert np.array_equal(intersect(maps, 0.4), fuse(maps, "min") > 0.4)
+
+
+def test_otsu_by_hand() -> None:
+    from aax.decide import otsu_threshold
+
+    # two clusters: the threshold falls between them
+    t = otsu_threshold(np.array([0.1] * 5 + [0.9] * 5))
+    assert 0.1 < t < 0.9
+    # values 0, 0, 0, .4, 1, 1: splitting after 0 gives between-class variance
+    # .5 * .5 * (0 - .8)^2 = .16; after .4 gives (4/6)(2/6)(.1 - 1)^2 = .18: the latter wins
+    v = np.array([0.0, 0.0, 0.0, 0.4, 1.0, 1.0])
+    t = otsu_threshold(v)
+    assert (v > t).tolist() == [False, False, False, False, True, True]
+    assert t == pytest.approx(0.7)  # midway between .4 and 1
+    assert otsu_threshold(np.full(4, 0.3)) == 0.3  # constant: nothing above
+
+
+def test_binarise_and_tau_parsing() -> None:
+    from aax.decide import OTSU, binarise, parse_tau
+
+    score = np.array([[0.0, 0.0, 0.0], [0.4, 1.0, 1.0]])
+    assert binarise(score, 0.3).tolist() == [[False] * 3, [True] * 3]
+    assert binarise(score, OTSU).tolist() == [[False] * 3, [False, True, True]]
+    assert parse_tau("otsu") == OTSU and parse_tau("0.25") == 0.25
+    assert parse_tau({"a": 0.4, "b": "otsu"}) == {"a": 0.4, "b": OTSU}
+    assert tau_for({"a": "otsu"}, "a") == OTSU and tau_for({"a": "otsu"}, "b") == 0.5

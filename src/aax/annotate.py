@@ -18,7 +18,7 @@ import math
 import os
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,10 +27,11 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from aax.decide import NO_PREDICTION, decide, map_class, predicted_classes, tau_for
-from aax.explain import XGradCAM, normalise, upsample
-from aax.records import REVIEW, AnnotationRecord, MemberResult
+from aax.decide import NO_PREDICTION, OTSU, decide, map_class, otsu_threshold, predicted_classes, tau_for
+from aax.explain import normalise, upsample
+from aax.maps import MapOptions, class_features, fuse_maps, saliency_maps
 from aax import runtime
+from aax.records import REVIEW, AnnotationRecord, MemberResult
 from aax.training import runfiles
 from aax.uncertainty import mc_probabilities, summarize
 
@@ -48,27 +49,29 @@ class AnnotateSettings:
     """Everything that changes an annotation; a store refuses to mix two of these."""
 
     theta: float
-    tau: float | dict[str, float]  # one threshold, or one per positive class
+    tau: float | str | dict[str, float | str]  # one threshold ("otsu": per image), or one per positive class
     mc_passes: int
     quorum: int
     # the novelty step (aax.novelty): score name and member -> threshold; None = skipped
     novelty: dict[str, Any] | None = None
+    maps: MapOptions = field(default_factory=MapOptions)  # strides, test-time augmentation, fusion
 
-    def tau_for(self, class_name: str) -> float:
-        """The mask threshold for ``class_name``."""
+    def tau_for(self, class_name: str) -> float | str:
+        """The mask threshold for ``class_name`` (a number, or ``"otsu"``)."""
         return tau_for(self.tau, class_name)
 
     @classmethod
-    def from_ensemble(cls, ensemble: Ensemble, theta: float | None = None, tau: float | None = None,
+    def from_ensemble(cls, ensemble: Ensemble, theta: float | None = None, tau: float | str | None = None,
                       mc_passes: int | None = None, novelty: bool = True) -> AnnotateSettings:
         tau = ensemble.tau if tau is None else tau
         scorer = getattr(ensemble, "novelty", None)
         step = ({"score": scorer.score, "thresholds": scorer.member_thresholds()}
                 if novelty and scorer is not None and scorer.ready else None)
         return cls(theta=float(ensemble.theta if theta is None else theta),
-                   tau=dict(tau) if isinstance(tau, dict) else float(tau),
+                   tau=dict(tau) if isinstance(tau, dict) else (tau if tau == OTSU else float(tau)),
                    mc_passes=int(ensemble.mc_passes if mc_passes is None else mc_passes),
-                   quorum=int(ensemble.quorum), novelty=step)
+                   quorum=int(ensemble.quorum), novelty=step,
+                   maps=getattr(ensemble, "maps", None) or MapOptions())
 
 
 @dataclass
@@ -202,7 +205,7 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
     for m, member in enumerate(ensemble.members.values()):
         member_seeds = None if seeds is None else [(s * 31 + m) & 0xFFFFFFFF for s in seeds]
         with autocast:
-            a = member.features(x)
+            a = class_features(member, x, settings.maps)
         a = a.float()
         pooled = member.head.pool(a)
         summary = summarize(mc_probabilities(member.head, pooled, settings.mc_passes, member_seeds))
@@ -216,8 +219,7 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
 
     # Every member's map of an image shows the same class: the positive class in question.
     cam_class = torch.tensor([map_class(p, ensemble.negative_index) for p in probs_np], device=device)
-    raw = [XGradCAM(member).raw(a, cam_class) for member, a in zip(ensemble.members.values(), feats)]
-    raw = torch.stack(raw, dim=1)  # [B, M, h, w]
+    raw = saliency_maps(ensemble, x, feats, cam_class, settings.maps, autocast)  # [B, M, h, w]
 
     classes = ensemble.classes
     novel = None
@@ -229,7 +231,8 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
                  for b in range(len(sizes))]
     taus = [settings.tau_for(classes[d.label]) if d.agreeing else 0.0 for d in decisions]
     wanted = [b for b, d in enumerate(decisions) if keep_saliency or d.agreeing]
-    masks, maps = _maps_and_masks(raw, sizes, wanted, decisions, taus, keep_saliency)
+    masks, maps = _maps_and_masks(raw, sizes, wanted, decisions, taus, keep_saliency,
+                                  settings.maps.fusion, settings.quorum)
 
     predicted_all = predicted_classes(probs_np.reshape(-1, probs_np.shape[-1])).reshape(probs_np.shape[:2])
     records = []
@@ -263,10 +266,11 @@ def map_budget(device: torch.device) -> int:
 
 
 def _maps_and_masks(raw: torch.Tensor, sizes: Sequence[tuple[int, int]], wanted: Sequence[int],
-                    decisions: Sequence, taus: Sequence[float], keep: bool,
+                    decisions: Sequence, taus: Sequence[float | str], keep: bool,
+                    fusion: str = "min", votes: int = 2,
                     ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
-    """Masks (``min`` over the agreeing members' maps ``> tau``, as
-    :func:`aax.decide.intersect`) and, with ``keep``, every member's map, at each image's
+    """Masks (the agreeing members' maps fused, ``> tau``, as :func:`aax.decide.fuse` and
+    :func:`aax.decide.binarise`) and, with ``keep``, every member's map, at each image's
     original size.
 
     Images of one size are upsampled together, on the device, in chunks of
@@ -289,7 +293,9 @@ def _maps_and_masks(raw: torch.Tensor, sizes: Sequence[tuple[int, int]], wanted:
                 if agreeing:
                     # all members agree most of the time: a view then, not a gathered copy
                     chosen = up[j] if len(agreeing) == m else up[j, agreeing]
-                    masks[b] = (chosen.amin(dim=0) > taus[b]).cpu().numpy()
+                    score = fuse_maps(chosen, fusion, votes)
+                    tau = otsu_threshold(score.cpu().numpy()) if taus[b] == OTSU else taus[b]
+                    masks[b] = (score > tau).cpu().numpy()
             if keep:
                 kept = up.cpu().numpy()
                 for j, b in enumerate(chunk):

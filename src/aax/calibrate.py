@@ -21,8 +21,14 @@ Procedure (one annotate pass over the validation images, saliency maps kept):
    :mod:`aax.evaluate` scores them) wins, ties going to the value nearest the current
    tau. Per image, the pixel counts of ``min_i S_i > tau`` are computed once for every
    set of members that can agree on it, at the image's own size, so the sweep is exact.
-   Without masks tau is left as it is. One tau is chosen for all classes (a per-class
-   tau in the run is replaced by it).
+   Without masks tau is left as it is (or set to ``tau_without_masks``, e.g. ``"otsu"``).
+3. **fusion and per-class tau**, where masks exist: the same exact counts are made for
+   each fusion of :data:`aax.decide.FUSIONS` (intersection, mean, 2-of-3 vote) and for
+   Otsu's per-image threshold beside the grid. The fusion with the best mean IoU wins
+   (ties: the intersection, the paper's, then mean, then vote); with more than one
+   positive class, each class gets its own tau (the best for its images; overall mean
+   IoU is then the best too, since each image counts for its own class only). Otsu is
+   taken over a grid value only when strictly better.
 
 Results: ``theta``/``tau`` and a ``calibration`` entry (what was measured, on what, and
 when) are written into ``RUN/aax.json`` atomically; the risk-coverage curve (accuracy on
@@ -43,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from aax.decide import FUSIONS, OTSU, fuse, otsu_threshold
 from aax.evaluate import (_describe, _samples, annotate_with, ground_truth, no_labelled_images, open_data,
                           paired, run_label_map)
 from aax.metrics import MaskScores, ThetaSweep, risk_coverage, theta_candidates
@@ -58,11 +65,13 @@ MANIFEST = "aax.json"
 
 @dataclass
 class _ImageMasks:
-    """One positive validation image with a ground-truth mask: its pixel counts for
-    each set of members that can form its mask (``subset -> [tau] TP, FP``)."""
+    """One positive validation image with a ground-truth mask: its pixel counts for each
+    fusion and set of members that can form its mask (``(fusion, subset) -> [tau] TP,
+    FP``, the last entry at the image's own Otsu threshold), and its class index."""
 
     gt_pixels: int
-    counts: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    counts: dict[tuple[str, tuple[int, ...]], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    label: int = -1
 
 
 @dataclass
@@ -87,9 +96,16 @@ def _counts_over_taus(values_in: np.ndarray, values_out: np.ndarray,
     return tp.astype(np.int64), fp.astype(np.int64)
 
 
+def _counts_with_otsu(score: np.ndarray, gt: np.ndarray, taus: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    tp, fp = _counts_over_taus(score[gt], score[~gt], taus)
+    above = score > otsu_threshold(score)
+    return (np.append(tp, np.count_nonzero(above & gt)).astype(np.int64),
+            np.append(fp, np.count_nonzero(above & ~gt)).astype(np.int64))
+
+
 def collect(ensemble: Ensemble, data: Any, *, taus: Sequence[float] = TAU_GRID,
             mc_passes: int | None = None, batch_size: int | None = None, workers: int | None = None,
-            label_map: Mapping[str, str] | None = None) -> Collected:
+            label_map: Mapping[str, str] | None = None, fusions: Sequence[str] = FUSIONS) -> Collected:
     """Annotate ``data`` once (maps kept) and keep only what the sweeps need: the
     members' probabilities and uncertainties, and per-tau pixel counts of every mask
     the ensemble could form on each positive image with a ground-truth mask."""
@@ -119,12 +135,14 @@ def collect(ensemble: Ensemble, data: Any, *, taus: Sequence[float] = TAU_GRID,
         if gt is None or record.saliency is None:
             continue  # (a bad mask is left out here; aax evaluate lists it)
         maps = [record.saliency[m.name] for m in record.members]
-        entry = _ImageMasks(gt_pixels=int(gt.sum()))
+        entry = _ImageMasks(gt_pixels=int(gt.sum()), label=index[label])
         # the member sets that can agree on this image, whatever theta turns out to be
         row = ThetaSweep.build(p[None], u[None], ensemble.negative_index, ensemble.quorum).agreeing[0]
         for subset in {s for s in row if s}:
-            low = np.min(np.stack([maps[i] for i in subset]), axis=0)
-            entry.counts[subset] = _counts_over_taus(low[gt], low[~gt], taus_arr)
+            stack = np.stack([maps[i] for i in subset])
+            for fusion in fusions:
+                score = fuse(stack, fusion, ensemble.quorum)
+                entry.counts[(fusion, subset)] = _counts_with_otsu(score, gt, taus_arr)
         masks[j] = entry
     if not labels:
         raise no_labelled_images(data, dataset, classes)
@@ -158,35 +176,102 @@ def settle_theta(theta: float, uncertainty: np.ndarray) -> float:
     return float(theta) if above.size == 0 else float((theta + above[0]) / 2.0)
 
 
-def tau_curve(collected: Collected, sweep: ThetaSweep, theta: float) -> list[dict[str, Any]]:
-    """Mean and micro IoU of the ensemble's masks for every tau of the grid, with the
-    decisions at ``theta``; an image the ensemble does not call positive scores 0."""
+def tau_curve(collected: Collected, sweep: ThetaSweep, theta: float, fusion: str = "min",
+              label: int | None = None, otsu: bool = False) -> list[dict[str, Any]]:
+    """Mean and micro IoU of the ensemble's masks (fused by ``fusion``) for every tau of
+    the grid (and, with ``otsu``, a last point ``tau="otsu"``), with the decisions at
+    ``theta``, over the images of class ``label`` (all when None); an image the ensemble
+    does not call positive scores 0."""
     if not collected.masks:
         return []
     agreeing = sweep.agreeing_at(theta)
-    scores = [MaskScores() for _ in collected.taus]
+    n = len(collected.taus) + 1
+    scores = [MaskScores() for _ in range(n)]
     for j, entry in collected.masks.items():
+        if label is not None and entry.label != label:
+            continue
         subset = agreeing[j]
         if subset:
-            tp, fp = entry.counts[subset]
+            tp, fp = entry.counts[(fusion, subset)]
         else:
-            tp = fp = np.zeros(len(collected.taus), dtype=np.int64)
+            tp = fp = np.zeros(n, dtype=np.int64)
         for t, acc in enumerate(scores):
             acc.add_counts(int(tp[t]), int(fp[t]), entry.gt_pixels - int(tp[t]))
-    return [{"tau": float(tau), **s.result()} for tau, s in zip(collected.taus, scores)]
+    points = [{"tau": float(tau), **s.result()} for tau, s in zip(collected.taus, scores)]
+    if otsu:
+        points.append({"tau": OTSU, **scores[-1].result()})
+    return points
 
 
 def choose_tau(curve: Sequence[dict[str, Any]], current: float) -> dict[str, Any] | None:
-    """The best mean IoU; ties go to the tau nearest the current one, then the smaller."""
+    """The best mean IoU; ties go to a grid value over Otsu, then to the tau nearest the
+    current one, then the smaller."""
     usable = [p for p in curve if p["iou_mean"] is not None]
     if not usable:
         return None
-    return max(usable, key=lambda p: (p["iou_mean"], -abs(p["tau"] - current), -p["tau"]))
+
+    def key(p: dict[str, Any]) -> tuple:
+        if p["tau"] == OTSU:
+            return (p["iou_mean"], 0, 0.0, 0.0)
+        return (p["iou_mean"], 1, -abs(p["tau"] - current), -p["tau"])
+
+    return max(usable, key=key)
+
+
+def choose_masks(collected: Collected, sweep: ThetaSweep, theta: float, classes: Sequence[str],
+                 current_tau: Any, fusions: Sequence[str] = FUSIONS) -> dict[str, Any] | None:
+    """The fusion and tau (one per positive class when several have masks) with the best
+    mean IoU of the ensemble's masks at ``theta`` (rule: the module docstring). Returns
+    ``fusion``, ``tau``, ``iou_mean``, ``iou_micro``, ``n_masks``, ``tau_curve`` (the
+    chosen fusion, all classes) and ``fusions`` (each fusion's best), or None without masks."""
+    if not collected.masks:
+        return None
+    labels = sorted({e.label for e in collected.masks.values()})
+    current = _one_tau(current_tau)
+    table = []
+    for fusion in fusions:
+        per_class: dict[int, dict[str, Any]] = {}
+        for c in labels:
+            best = choose_tau(tau_curve(collected, sweep, theta, fusion, c if len(labels) > 1 else None, otsu=True),
+                              current)
+            if best is not None:
+                per_class[c] = best
+        if not per_class:
+            continue
+        index = {c: (len(collected.taus) if p["tau"] == OTSU else
+                     int(np.argmin(np.abs(collected.taus - p["tau"])))) for c, p in per_class.items()}
+        overall = _scores_at(collected, sweep, theta, fusion, index)
+        tau = (per_class[labels[0]]["tau"] if len(labels) == 1
+               else {classes[c]: p["tau"] for c, p in per_class.items()})
+        table.append({"fusion": fusion, "tau": tau, **overall})
+    if not table:
+        return None
+    order = {f: i for i, f in enumerate(FUSIONS)}
+    best = max(table, key=lambda t: (t["iou_mean"] if t["iou_mean"] is not None else -1.0,
+                                     -order.get(t["fusion"], len(order))))
+    return {**best, "tau_curve": tau_curve(collected, sweep, theta, best["fusion"]),
+            "fusions": table}
+
+
+def _scores_at(collected: Collected, sweep: ThetaSweep, theta: float, fusion: str,
+               index: dict[int, int]) -> dict[str, Any]:
+    """Mean/micro IoU with each class's tau at grid position ``index[class]``."""
+    agreeing = sweep.agreeing_at(theta)
+    acc = MaskScores()
+    for j, entry in collected.masks.items():
+        t = index[entry.label]
+        subset = agreeing[j]
+        tp, fp = (int(v[t]) for v in entry.counts[(fusion, subset)]) if subset else (0, 0)
+        acc.add_counts(tp, fp, entry.gt_pixels - tp)
+    return acc.result()
 
 
 def _one_tau(tau: Any) -> float:
-    """A per-class tau's mean, for breaking ties (the sweep chooses one tau for all)."""
-    return float(np.mean(list(tau.values()))) if isinstance(tau, dict) and tau else float(tau)
+    """A per-class tau's mean, for breaking ties (Otsu counts as 0.5)."""
+    if isinstance(tau, dict):
+        values = [_one_tau(v) for v in tau.values()]
+        return float(np.mean(values)) if values else 0.5
+    return 0.5 if tau == OTSU else float(tau)
 
 
 def _load(ensemble_or_run: Any, device: str | None) -> Ensemble:
@@ -202,7 +287,8 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
               device: str | None = None, workers: int | None = None, write: bool = True,
               data_name: str | None = None, label_map: Mapping[str, str] | None = None,
               novelty: bool = True, novelty_score: str | None = None,
-              novelty_pass_rate: float | None = None) -> dict[str, Any]:
+              novelty_pass_rate: float | None = None, fusions: Sequence[str] = FUSIONS,
+              tau_without_masks: float | str | None = None) -> dict[str, Any]:
     """Choose theta (and tau, where ground-truth masks exist) on validation data.
 
     Args:
@@ -223,6 +309,10 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
             the manifest records) and set the novelty thresholds on ``valdata``
             (:mod:`aax.novelty_fit`); ``novelty_score``/``novelty_pass_rate`` override
             the run's (default ``knn``, 0.95).
+        fusions: the fusions to choose from where masks exist (``("min",)`` keeps the
+            paper's intersection).
+        tau_without_masks: the tau to set when the data has no masks (``"otsu"``: each
+            image's own Otsu threshold); None leaves the run's tau.
 
     Returns:
         The calibration entry: ``theta``, ``tau``, ``previous``, ``n``, ``n_errors``,
@@ -237,20 +327,29 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
     ensemble = _load(ensemble_or_run, device)
     k = int(ensemble.mc_passes if mc_passes is None else mc_passes)
     collected = collect(ensemble, valdata, taus=taus, mc_passes=k, batch_size=batch_size, workers=workers,
-                        label_map=run_label_map(ensemble) if label_map is None else label_map)
+                        label_map=run_label_map(ensemble) if label_map is None else label_map,
+                        fusions=fusions)
     sweep = ThetaSweep.build(collected.probs, collected.uncertainty, ensemble.negative_index, ensemble.quorum)
     candidates = theta_candidates(collected.uncertainty, default=float(ensemble.theta))
     curve = risk_coverage(sweep, collected.labels, candidates)
     point, met = choose_theta(curve, max_flag_rate)
     theta = settle_theta(point["theta"], collected.uncertainty)
-    taus_curve = tau_curve(collected, sweep, theta)
     previous_tau = ensemble.tau  # a float, or one per class (kept as is when no masks)
-    best_tau = choose_tau(taus_curve, _one_tau(previous_tau))
-    tau = previous_tau if best_tau is None else best_tau["tau"]
+    maps = getattr(ensemble, "maps", None)
+    previous_fusion = getattr(maps, "fusion", "min")
+    best_tau = choose_masks(collected, sweep, theta, ensemble.classes, previous_tau, fusions)
+    taus_curve = [] if best_tau is None else best_tau["tau_curve"]
+    if best_tau is not None:
+        tau, fusion = best_tau["tau"], best_tau["fusion"]
+    else:
+        tau = previous_tau if tau_without_masks is None else tau_without_masks
+        fusion = previous_fusion
 
     result: dict[str, Any] = {
         "theta": theta, "tau": tau, "theta_candidate": point["theta"],
-        "previous": {"theta": float(ensemble.theta), "tau": previous_tau},
+        "fusion": fusion,
+        "previous": {"theta": float(ensemble.theta), "tau": previous_tau, "fusion": previous_fusion},
+        "fusions": None if best_tau is None else best_tau["fusions"],
         "data": data_name or _describe(valdata), "n": int(len(collected.labels)), "n_errors": collected.n_errors,
         "mc_passes": k, "max_flag_rate": max_flag_rate, "constraint_met": met,
         "accuracy": point["accuracy"], "accuracy_kept": point["accuracy_kept"],
@@ -265,7 +364,8 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "procedure": "theta: best accuracy on kept images with flag rate <= max_flag_rate over the observed "
                      "uncertainties (ties: larger coverage, smaller theta); tau: best mean IoU of the "
-                     "ensemble masks at that theta over tau_grid (ties: nearest the previous tau)",
+                     "ensemble masks at that theta over tau_grid and Otsu's per-image threshold, for each "
+                     "fusion, per positive class (ties: the intersection, a grid value, nearest the previous tau)",
     }
     if not met:
         result["warning"] = (f"no theta keeps the flag rate at or below {max_flag_rate:g} on this data; "
@@ -315,6 +415,8 @@ def write_calibration(run: Path, result: dict[str, Any]) -> Path:
     entry = {k: v for k, v in result.items() if k not in ("risk_coverage", "tau_curve")}
     entry["curves"] = f"{CALIBRATION_DIR}/risk_coverage.json"
     manifest["theta"], manifest["tau"] = result["theta"], result["tau"]
+    if result.get("fusion") is not None:
+        manifest["maps"] = {**(manifest.get("maps") or {}), "fusion": result["fusion"]}
     manifest["calibration"] = entry
     _atomic_write(manifest_path, json.dumps(manifest, indent=2) + "\n")
     return manifest_path

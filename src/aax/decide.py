@@ -13,6 +13,12 @@ Pure NumPy: no torch, no I/O, so every branch is testable from a table.
                                                              -> negative ("consensus")
 4. else                                                      -> review ("no-consensus")
 
+Masks (:func:`fuse`, :func:`binarise`): the agreeing members' maps are fused into one
+score map and thresholded. ``min`` is the paper's intersection (``min_i S_i > tau``);
+``mean`` thresholds the mean map; ``vote`` keeps a pixel when at least ``votes`` maps
+exceed tau. ``tau`` is a number in [0, 1], or ``"otsu"``: Otsu's threshold of each
+image's own fused map (a data-driven threshold for runs without ground-truth masks).
+
 Step 4 departs from the paper, whose pseudocode calls this case healthy: one uncertain
 member and two that disagree is not a consensus, so a person looks at it.
 A member predicts the class of its strictly highest mean probability; a member whose
@@ -30,6 +36,8 @@ UNCERTAIN = "uncertain"
 CONSENSUS = "consensus"
 NO_CONSENSUS = "no-consensus"
 NO_PREDICTION = -1
+FUSIONS: tuple[str, ...] = ("min", "mean", "vote")
+OTSU = "otsu"
 
 
 @dataclass(frozen=True)
@@ -108,12 +116,74 @@ def intersect(maps: np.ndarray, tau: float) -> np.ndarray:
     return maps.min(axis=0) > tau
 
 
-def tau_for(tau: float | dict[str, float], class_name: str, default: float = 0.5) -> float:
+def fuse(maps: np.ndarray, fusion: str = "min", votes: int = 2) -> np.ndarray:
+    """One score map ``[H, W]`` from ``[M, H, W]`` maps, such that ``score > tau`` is the mask.
+
+    ``min``: every map exceeds tau (intersection); ``mean``: the mean map exceeds tau;
+    ``vote``: at least ``votes`` maps exceed tau, i.e. the ``votes``-th largest value
+    does (``votes >= M`` is the intersection).
+    """
+    maps = np.asarray(maps, dtype=float)
+    if maps.ndim != 3 or maps.shape[0] == 0:
+        raise ValueError(f"maps must be a non-empty [M, H, W] stack, got shape {maps.shape}")
+    if fusion == "min":
+        return maps.min(axis=0)
+    if fusion == "mean":
+        return maps.mean(axis=0)
+    if fusion == "vote":
+        v = min(max(1, int(votes)), maps.shape[0])
+        return np.sort(maps, axis=0)[maps.shape[0] - v]
+    raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of values in [0, 1]: the split of a ``bins``-bin histogram with the
+    largest between-class variance. Returned as the midpoint between the largest value
+    below the split and the smallest above it, so that ``values > t`` is exactly the upper
+    class. A constant input gives its value (nothing exceeds it)."""
+    v = np.asarray(values, dtype=float).ravel()
+    if v.size == 0:
+        raise ValueError("otsu_threshold needs at least one value")
+    lo, hi = float(v.min()), float(v.max())
+    if hi <= lo:
+        return hi
+    counts, edges = np.histogram(v, bins=bins, range=(0.0, 1.0) if lo >= 0.0 and hi <= 1.0 else (lo, hi))
+    centres = (edges[:-1] + edges[1:]) / 2.0
+    w0 = np.cumsum(counts)[:-1].astype(float)
+    w1 = v.size - w0
+    s0 = np.cumsum(counts * centres)[:-1]
+    m0 = s0 / np.maximum(w0, 1)
+    m1 = (float((counts * centres).sum()) - s0) / np.maximum(w1, 1)
+    between = np.where((w0 > 0) & (w1 > 0), w0 * w1 * (m0 - m1) ** 2, -1.0)
+    k = int(between.argmax())  # bins 0..k below the split
+    split = edges[k + 1]
+    below, above = v[v < split], v[v >= split]
+    return float((below.max() + above.min()) / 2.0)
+
+
+def binarise(score: np.ndarray, tau: float | str) -> np.ndarray:
+    """``score > tau``; with ``tau == "otsu"``, ``score > otsu_threshold(score)``."""
+    score = np.asarray(score)
+    return score > (otsu_threshold(score) if tau == OTSU else float(tau))
+
+
+def parse_tau(value: object) -> float | str | dict[str, float | str]:
+    """A tau as read from JSON or given by a user: a number, ``"otsu"``, or one of those per
+    class (``{"class": tau}``)."""
+    if isinstance(value, dict):
+        return {str(k): parse_tau(v) for k, v in value.items()}  # type: ignore[misc]
+    if value == OTSU:
+        return OTSU
+    return float(value)  # type: ignore[arg-type]
+
+
+def tau_for(tau: float | str | dict[str, float | str], class_name: str,
+            default: float = 0.5) -> float | str:
     """The mask threshold of ``class_name``: ``tau`` itself, or its entry when ``tau`` is
-    per class (a missing class gets ``default``)."""
+    per class (a missing class gets ``default``); a number, or ``"otsu"``."""
     if isinstance(tau, dict):
-        return float(tau.get(class_name, default))
-    return float(tau)
+        tau = tau.get(class_name, default)
+    return tau if tau == OTSU else float(tau)
 
 
 def map_class(probs: np.ndarray, negative_index: int) -> int:

@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from aax.decide import parse_tau
 from aax.device import default_channels_last, resolve_device
+from aax.maps import MapOptions
 from aax.members import MEMBERS, Member, build_member
 from aax.training import runfiles
 from aax.training.runfiles import RunError
@@ -57,7 +59,7 @@ def _load_member(run: Path, entry: dict[str, Any], manifest: dict[str, Any],
             raise _fail(path, f"does not fit the run: its {key} is {found!r}, the manifest "
                               f"says {expected!r}")
     dropout = float(ckpt.get("dropout", entry.get("dropout", 0.2)))
-    member = build_member(name, len(manifest["classes"]), dropout)
+    member = build_member(name, len(manifest["classes"]), dropout, _train_stride(manifest))
     try:
         member.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as exc:
@@ -80,6 +82,8 @@ class Ensemble:
             has been calibrated).
         manifest: ``aax.json`` as a dict; run: the RUN folder; device: where members live.
         channels_last: whether the members' weights are in channels-last memory format.
+        maps: output strides, test-time augmentation and fusion of the saliency maps
+            (:class:`aax.maps.MapOptions`, from the manifest's ``"maps"``).
     """
 
     members: dict[str, Member]
@@ -97,6 +101,7 @@ class Ensemble:
     device: torch.device = torch.device("cpu")
     channels_last: bool = False
     novelty: Any = field(default=None, repr=False)  # aax.novelty.Novelty, or None (no features)
+    maps: MapOptions = field(default_factory=MapOptions)
 
     @classmethod
     def load(cls, run: str | os.PathLike[str], device: str | torch.device | None = None,
@@ -143,11 +148,12 @@ class Ensemble:
                            tuple(float(v) for v in norm["std"])),
             # aax calibrate rewrites these two in place (and records how in "calibration").
             theta=float(manifest.get("theta", 0.1)),
-            tau=_tau(manifest.get("tau", 0.5)),
+            tau=parse_tau(manifest.get("tau", 0.5)),
             mc_passes=int(manifest.get("mc_passes", 30)),
             quorum=int(manifest.get("quorum", len(members) // 2 + 1)),
             manifest=manifest, run=run, device=dev, channels_last=channels_last,
-            novelty=_novelty(run, manifest, list(members), dev))
+            novelty=_novelty(run, manifest, list(members), dev),
+            maps=MapOptions.from_dict(manifest.get("maps"), _train_stride(manifest)))
 
     # -- annotation: thin wrappers over aax.annotate --------------------------------
     def annotate(self, images: Iterable[Any], **options: Any) -> Iterator[AnnotationRecord]:
@@ -185,8 +191,5 @@ def _novelty(run: Path, manifest: dict[str, Any], names: list[str], device: torc
     return found
 
 
-def _tau(value: Any) -> Any:
-    # tau may be per class ({"class": tau}); keep that shape, else a float.
-    if isinstance(value, dict):
-        return {str(k): float(v) for k, v in value.items()}
-    return float(value)
+def _train_stride(manifest: dict[str, Any]) -> int:
+    return int((manifest.get("training") or {}).get("output_stride", 32))

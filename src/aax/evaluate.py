@@ -41,7 +41,7 @@ from aax.metrics import (
     risk_coverage,
     theta_candidates,
 )
-from aax.decide import tau_for
+from aax.decide import binarise, parse_tau, tau_for
 from aax.openset import member_columns, novelty_summary, table_markdown
 from aax.records import REVIEW, AnnotationRecord
 
@@ -208,14 +208,14 @@ def member_decision(record: AnnotationRecord, index: int, theta: float) -> str:
     return m.predicted
 
 
-Tau = float | dict[str, float]  # one threshold, or one per positive class
+Tau = float | str | dict[str, float | str]  # one threshold ("otsu": per image), or one per positive class
 
 
 def tau_text(tau: Tau) -> str:
     """``0.5`` or ``fire: 0.4, smoke: 0.6``."""
     if isinstance(tau, dict):
-        return ", ".join(f"{k}: {v:g}" for k, v in tau.items())
-    return f"{tau:g}"
+        return ", ".join(f"{k}: {tau_text(v)}" for k, v in tau.items())
+    return tau if isinstance(tau, str) else f"{tau:g}"
 
 
 def member_mask(record: AnnotationRecord, index: int, decision: str, negative: str,
@@ -223,7 +223,7 @@ def member_mask(record: AnnotationRecord, index: int, decision: str, negative: s
     """A member's own mask: its saliency map ``> tau`` when it alone predicts a positive class."""
     if decision in (REVIEW, negative) or record.saliency is None:
         return None
-    return record.saliency[record.members[index].name] > tau_for(tau, decision)
+    return binarise(record.saliency[record.members[index].name], tau_for(tau, decision))
 
 
 @dataclass
@@ -443,7 +443,7 @@ def evaluate(ensemble: Ensemble, data: Any, *, unseen: Any = None, theta: float 
     """
     theta = float(ensemble.theta if theta is None else theta)
     tau = ensemble.tau if tau is None else tau
-    tau = {str(k): float(v) for k, v in tau.items()} if isinstance(tau, dict) else float(tau)
+    tau = parse_tau(tau)
     names = list(ensemble.members)
     classes = list(ensemble.classes)
     dataset = open_data(data, classes, run_label_map(ensemble) if label_map is None else label_map)

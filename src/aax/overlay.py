@@ -49,7 +49,7 @@ def _panel(image: np.ndarray, caption: str) -> np.ndarray:
     return np.asarray(tile)
 
 
-def render_record(record: AnnotationRecord, tau: float, theta: float | None = None) -> np.ndarray:
+def render_record(record: AnnotationRecord, tau: float | str, theta: float | None = None) -> np.ndarray:
     """Side-by-side panels: input, each member's map, and the intersection of the
     agreeing members' maps (the AAX mask) or, without a mask, the decision.
 
@@ -65,7 +65,7 @@ def render_record(record: AnnotationRecord, tau: float, theta: float | None = No
         caption = f"{m.name} -> {m.predicted}\np={max(m.probs):.2f} u={m.uncertainty:.4f}{versus}"
         panels.append(_panel(heat_overlay(image, record.saliency[m.name]), caption))
     if record.mask is not None:
-        caption = f"AAX mask (tau={tau:g})\n{'+'.join(record.agreeing)}"
+        caption = f"AAX mask (tau={tau if isinstance(tau, str) else format(tau, 'g')})\n{'+'.join(record.agreeing)}"
         panels.append(_panel(mask_overlay(image, record.mask), caption))
     else:
         panels.append(_panel(image, f"no mask\n{record.decision}"))

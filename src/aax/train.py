@@ -98,6 +98,11 @@ class TrainConfig:
         progress: show a progress bar.
         channels_last: train in channels-last memory format; ``None``: on for CPUs, where
             a training step is 1.1-1.4x faster (:func:`aax.device.default_channels_last`).
+        output_stride: the members' output stride while training (32, 16 or 8; see
+            :meth:`aax.members.Member.set_output_stride`); annotation may use another.
+        pretrained: ``"imagenet"``: every member without ``weights`` starts from its
+            standard ImageNet checkpoint (:data:`aax.members.weights.IMAGENET_URLS`,
+            fetched once into torch hub's cache); ``None``: from scratch.
     """
 
     members: tuple[str, ...] = DEFAULT_MEMBERS
@@ -126,6 +131,8 @@ class TrainConfig:
     data_format: str | None = None
     progress: bool = True
     channels_last: bool | None = None
+    output_stride: int = 32
+    pretrained: str | None = None
 
     # Fields that do not change what is trained: free to differ on --resume.
     RUNTIME_FIELDS = ("device", "resume", "progress", "channels_last")
@@ -145,6 +152,12 @@ class TrainConfig:
             raise ValueError("var_passes must be >= 2 when lambda_var > 0")
         if self.class_weights not in (None, "balanced"):
             raise ValueError(f"class_weights must be None or 'balanced', got {self.class_weights!r}")
+        from aax.members import OUTPUT_STRIDES
+
+        if self.output_stride not in OUTPUT_STRIDES:
+            raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {self.output_stride}")
+        if self.pretrained not in (None, "imagenet"):
+            raise ValueError(f"pretrained must be None or 'imagenet', got {self.pretrained!r}")
         extra = sorted(set(self.weights) - set(self.members))
         if extra:
             raise ValueError(f"weights given for members not trained: {extra}")
@@ -158,11 +171,30 @@ class TrainConfig:
         out["label_map"] = dict(self.label_map)
         return out
 
+    def member_weights(self, name: str) -> str | None:
+        """The checkpoint member ``name`` starts from: its ``weights`` entry, its ImageNet
+        checkpoint with ``pretrained="imagenet"``, or None (from scratch)."""
+        if name in self.weights:
+            return self.weights[name]
+        if self.pretrained == "imagenet":
+            from aax.members.weights import IMAGENET_URLS
+
+            return IMAGENET_URLS[name]
+        return None
+
     def member_lr(self, name: str) -> float:
         """The learning rate member ``name`` trains with."""
         if self.lr is not None:
             return float(self.lr)
-        return FINETUNE_LR if name in self.weights else SCRATCH_LR
+        return FINETUNE_LR if self.member_weights(name) is not None else SCRATCH_LR
+
+
+def default_maps(train_stride: int) -> Any:
+    """The map settings a new run gets: its class pass at the trained stride, its maps at
+    :data:`aax.maps.DEFAULT_MAP_STRIDE` (or the trained stride, if finer)."""
+    from aax.maps import DEFAULT_MAP_STRIDE, MapOptions
+
+    return MapOptions(class_stride=train_stride, map_stride=min(train_stride, DEFAULT_MAP_STRIDE))
 
 
 def default_negative_class(classes: Sequence[str]) -> str:
@@ -239,7 +271,8 @@ def _check_resumable(out: Path, config: TrainConfig) -> dict[str, Any] | None:
     manifest = runfiles.read_json(manifest_path)
     stored = manifest.get("training", {})
     wanted = config.settings()
-    defaults = TrainConfig().settings()  # a run from before a setting existed had its default
+    defaults = TrainConfig().settings()
+    # a setting added after the run was made is absent from it: the run had its default
     diffs = [f"{k}: run has {stored.get(k, defaults.get(k))!r}, asked {v!r}" for k, v in wanted.items()
              if _jsonish(stored.get(k, defaults.get(k))) != _jsonish(v)]
     if diffs:
@@ -335,6 +368,7 @@ def train(data: Any, out: str | os.PathLike[str], config: TrainConfig | None = N
         "theta": manifest.get("theta", THETA), "tau": manifest.get("tau", TAU),
         "mc_passes": manifest.get("mc_passes", MC_PASSES),
         "quorum": _quorum(len(config.members)),
+        "maps": manifest.get("maps") or default_maps(config.output_stride).to_dict(),
         "data": _data_block(dataset, root, config, train_idx, val_idx, train_set, val_set,
                             classes, skipped),
         "training": config.settings(),
@@ -428,13 +462,14 @@ def _train_one(name: str, config: TrainConfig, classes: Sequence[str], train_set
                ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     seed = _member_seed(config.seed, name)
     torch.manual_seed(seed)
-    member = build_member(name, len(classes), config.dropout)
+    member = build_member(name, len(classes), config.dropout, config.output_stride)
     weights_report = None
     init = "default"
-    if name in config.weights:
+    source = config.member_weights(name)
+    if source is not None:
         from aax.members.weights import load_weights
 
-        report = load_weights(member, config.weights[name])
+        report = load_weights(member, source)
         _say(report.summary())
         weights_report = report.to_dict()
         init = "pretrained"

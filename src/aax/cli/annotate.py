@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from aax.cli._common import add_device_argument, non_negative_int, positive_int, unit_float
+from aax.cli._common import add_device_argument, non_negative_int, positive_float, positive_int, unit_float
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,7 +18,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder (annotations.sqlite, masks/, summary.json)")
     p.add_argument("--mc-passes", type=positive_int, default=None, help="MC Dropout passes K (default: the RUN's, 30)")
     p.add_argument("--theta", type=unit_float, default=None, help="uncertainty threshold (default: the RUN's)")
-    p.add_argument("--tau", type=unit_float, default=None, help="saliency threshold for masks (default: the RUN's)")
+    p.add_argument("--tau", type=_tau, default=None,
+                   help="saliency threshold for masks in [0, 1], or 'otsu' (each image's own; default: the RUN's)")
+    p.add_argument("--map-stride", type=int, choices=[32, 16, 8], default=None,
+                   help="output stride of the pass the maps come from (default: the RUN's)")
+    p.add_argument("--fusion", choices=["min", "mean", "vote"], default=None,
+                   help="how agreeing members' maps form the mask (default: the RUN's; min = intersection)")
+    p.add_argument("--tta-scales", type=positive_float, nargs="+", default=None, metavar="S",
+                   help="CAM test-time augmentation: input scales whose maps are averaged, e.g. 1 1.5 2")
+    p.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="CAM test-time augmentation: average the mirrored image's map too")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="images per batch (default: chosen for the device and input size)")
     p.add_argument("--workers", type=non_negative_int, default=None,
@@ -36,6 +45,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _tau(text: str) -> float | str:
+    if text == "otsu":
+        return text
+    try:
+        return unit_float(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}; or 'otsu'") from None
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``aax annotate``: 0 when every input was annotated, 1 when some could not be
     read (each is listed), 2 when the run could not start, 130 on Ctrl-C."""
@@ -43,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
     from aax.ensemble import Ensemble
 
     ensemble = Ensemble.load(args.run, device=args.device, channels_last=args.channels_last)
+    changes = {k: v for k, v in (("map_stride", args.map_stride), ("fusion", args.fusion),
+                                 ("tta_scales", args.tta_scales), ("tta_flip", args.tta_flip)) if v is not None}
+    ensemble.maps = ensemble.maps.replace(**changes)
     try:
         summary = annotate_to_folder(ensemble, args.input, args.out, theta=args.theta, tau=args.tau,
                                      mc_passes=args.mc_passes, batch_size=args.batch_size,

@@ -23,6 +23,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="labelled validation data (default: the validation split recorded in the RUN)")
     p.add_argument("--max-flag-rate", type=unit_float, default=0.2,
                    help="largest share of validation images theta may flag (default 0.2)")
+    p.add_argument("--fusions", nargs="+", choices=["min", "mean", "vote"], default=["min", "mean", "vote"],
+                   help="mask fusions to choose from where VALDATA has masks (default: all three; "
+                        "'min' alone keeps the paper's intersection)")
+    p.add_argument("--tau-without-masks", choices=["keep", "otsu"], default="keep",
+                   help="without ground-truth masks: keep the RUN's tau, or use each image's Otsu "
+                        "threshold (default keep)")
     p.add_argument("--mc-passes", type=positive_int, default=None, help="MC Dropout passes K (default: the RUN's)")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="images per batch (default: chosen for the device and input size)")
@@ -50,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         result = calibrate(ensemble, valdata, max_flag_rate=args.max_flag_rate, mc_passes=args.mc_passes,
                            batch_size=args.batch_size, data_name=name, label_map=args.label_map,
                            novelty=args.novelty, novelty_score=args.novelty_score,
-                           novelty_pass_rate=args.novelty_pass_rate)
+                           novelty_pass_rate=args.novelty_pass_rate, fusions=tuple(args.fusions),
+                           tau_without_masks=None if args.tau_without_masks == "keep" else args.tau_without_masks)
     except (FileNotFoundError, ValueError) as exc:
         print(f"aax calibrate: {exc}", file=sys.stderr)
         return 2
@@ -58,10 +65,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"theta = {result['theta']:.4g} (was {prev['theta']:.4g}): accuracy on kept images "
           f"{_pct(result['accuracy_kept'])}, flag rate {_pct(result['flag_rate'])} on {result['n']} images")
     if result["iou_mean"] is not None:
-        print(f"tau = {result['tau']:.2f} (was {tau_text(prev['tau'])}): mean IoU {_pct(result['iou_mean'])} "
-              f"on {result['n_masks']} masks")
+        print(f"tau = {tau_text(result['tau'])}, fusion {result['fusion']} (was {tau_text(prev['tau'])}, "
+              f"{prev['fusion']}): mean IoU {_pct(result['iou_mean'])} on {result['n_masks']} masks")
     else:
-        print(f"tau = {tau_text(result['tau'])} (unchanged: no ground-truth masks)")
+        print(f"tau = {tau_text(result['tau'])} (no ground-truth masks; was {tau_text(prev['tau'])})")
     print_novelty(result.get("novelty"))
     if result.get("warning"):
         print(f"warning: {result['warning']}", file=sys.stderr)

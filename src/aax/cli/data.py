@@ -33,6 +33,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("--no-progress", action="store_true",
                        help="no progress bar (it goes to stderr)")
     check.set_defaults(func=run_check)
+    convert = sub.add_parser(
+        "convert", help="write a CSV manifest for a public layout (BUSI, labelme)",
+        description="busi: class folders with NAME.png and NAME_mask*.png (beside, or in images/ and "
+                    "mask/), masks of one image merged. labelme: IMAGES and a folder of labelme JSON "
+                    "files; polygons become masks, images without shapes are of --negative. Writes "
+                    "OUT/manifest.csv and OUT/masks/; images are not copied.")
+    convert.add_argument("layout", choices=["busi", "labelme"])
+    convert.add_argument("source", help="busi: the folder of class folders; labelme: the image folder")
+    convert.add_argument("--labels", default=None, help="labelme: the folder of JSON files")
+    convert.add_argument("--negative", default="no_defect", help="labelme: the class of images without shapes")
+    convert.add_argument("--out", required=True, help="folder for manifest.csv and masks/")
+    convert.set_defaults(func=run_convert)
     parser.set_defaults(func=lambda args: _usage(parser))
 
 
@@ -59,6 +71,28 @@ def run_check(args: argparse.Namespace) -> int:
     else:
         print(format_summary(summary))
     return 1 if dataset.errors else 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """Run ``aax data convert``; 0 when every file converted, 1 when some did not, 2 on a bad source."""
+    from aax.data.convert import convert_labelme, convert_masks_beside
+
+    try:
+        if args.layout == "busi":
+            result = convert_masks_beside(args.source, args.out)
+        else:
+            if not args.labels:
+                print("aax data convert: labelme needs --labels FOLDER", file=sys.stderr)
+                return 2
+            result = convert_labelme(args.source, args.labels, args.out, negative=args.negative)
+    except (OSError, ValueError) as exc:
+        print(f"aax data convert: {exc}", file=sys.stderr)
+        return 2
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(result.counts.items()))
+    print(f"wrote {result.manifest} ({counts})")
+    for error in result.errors:
+        print(f"  skipped {error}", file=sys.stderr)
+    return 1 if result.errors else 0
 
 
 def format_summary(summary: dict) -> str:

@@ -41,6 +41,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="stochastic head passes T for the variance term (default 4)")
     p.add_argument("--weights", action="append", default=None, metavar="NAME=PATH",
                    help="pretrained checkpoint (file or URL) for a member; repeatable")
+    p.add_argument("--pretrained", choices=["imagenet"], default=None,
+                   help="start every member (without --weights) from its standard ImageNet "
+                        "checkpoint, downloaded once into torch hub's cache; recommended on "
+                        "real data (default: from scratch)")
+    p.add_argument("--output-stride", type=int, choices=[32, 16, 8], default=None,
+                   help="the members' output stride while training (default 32); "
+                        "annotation's map stride is set in the RUN (maps.map_stride)")
     p.add_argument("--negative-class", default=None, metavar="NAME",
                    help="the negative class (default: healthy/no_fire/normal/... if present, "
                         "else the first class alphabetically)")
@@ -113,6 +120,7 @@ def build_config(args: argparse.Namespace) -> Any:
         "negative_class": args.negative_class, "class_weights": args.class_weights,
         "data_format": args.data_format, "seed": args.seed, "augment": args.augment,
         "hflip": args.hflip, "label_map": args.label_map,
+        "pretrained": args.pretrained, "output_stride": args.output_stride,
     }
     base.update({k: v for k, v in given.items() if v is not None})
     if "members" in base:

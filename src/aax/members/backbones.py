@@ -3,6 +3,13 @@
 Each member exposes ``features(x) -> A`` (the last conv map, after its activation),
 ``head(A) -> logits`` and ``target_layer``, the module whose output *is* ``A`` so that a
 hook-based CAM tool reads the same map that :mod:`aax.explain` uses.
+
+Output stride. ``A`` is 1/32 of the input by default. ``set_output_stride(16)`` (or 8)
+runs the last one (two) stride-2 stages at stride 1 and dilates every convolution after
+them, as DeepLab does (torchvision's ``replace_stride_with_dilation``: a dilated stage's
+first block keeps the previous dilation, the others take the new one). No parameter
+changes, so a network trained at stride 32 can be converted at annotation time, and
+``set_output_stride(32)`` restores it exactly.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import copy
 import torch
 from monai.networks import nets
 from torch import nn
+from torch.nn import functional as F
 
 from aax.members.head import MCHead
 
@@ -19,6 +27,8 @@ from aax.members.head import MCHead
 # TF-style 0.01: on small data its running statistics never settle and eval-mode
 # accuracy stays at chance while train-mode accuracy climbs. 0.1 is PyTorch's default.
 BN_MOMENTUM = 0.1
+OUTPUT_STRIDES: tuple[int, ...] = (32, 16, 8)
+"""Output strides every member supports (see :meth:`Member.set_output_stride`)."""
 
 
 class Member(nn.Module):
@@ -35,6 +45,27 @@ class Member(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.head = MCHead(self.feature_dim, num_classes, dropout)
+        self.output_stride = 32
+
+    def set_output_stride(self, stride: int) -> Member:
+        """Run the backbone at output stride ``stride`` (32, 16 or 8), in place.
+
+        The stride-2 stages past ``stride`` run at stride 1 and the convolutions after
+        them are dilated (2, then 4), so the receptive fields stay those the weights
+        were trained with and ``A`` has ``32 / stride`` times more cells per side.
+        Parameters are untouched; returns the member.
+        """
+        if stride not in OUTPUT_STRIDES:
+            raise ValueError(f"output stride must be one of {OUTPUT_STRIDES}, got {stride}")
+        if stride != self.output_stride:
+            # stages from the last one back: OS 16 dilates the last, OS 8 the last two
+            n_dilated = {32: 0, 16: 1, 8: 2}[stride]
+            self._apply_stride(n_dilated)
+            self.output_stride = stride
+        return self
+
+    def _apply_stride(self, n_dilated: int) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
 
     def features(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -78,6 +109,48 @@ class ResNet50(Member):
     def target_layer(self) -> nn.Module:
         return self.net.layer4  # each bottleneck ends in its ReLU: output is post-activation
 
+    def _apply_stride(self, n_dilated: int) -> None:
+        layers = [self.net.layer3, self.net.layer4]
+        dilation = 1
+        for i, layer in enumerate(layers):
+            dilate = i >= len(layers) - n_dilated
+            first = layer[0]
+            first.conv2.stride = (1, 1) if dilate else (2, 2)
+            first.downsample[0].stride = (1, 1) if dilate else (2, 2)
+            _dilate(first.conv2, dilation)  # the first block keeps the previous dilation
+            dilation = dilation * 2 if dilate else dilation
+            for block in layer[1:]:
+                _dilate(block.conv2, dilation)
+
+
+def _dilate(conv: nn.Conv2d, dilation: int) -> None:
+    """Dilate a symmetric-padded convolution, keeping its output the size of its input."""
+    k = conv.kernel_size[0]
+    conv.dilation = (dilation, dilation)
+    conv.padding = (dilation * (k - 1) // 2,) * 2
+
+
+class TentPool(nn.Module):
+    """The stride-1 stand-in for a 2x2 stride-2 average pool in a dilated network.
+
+    A 2x2 box at stride 1 would centre each output half a cell off the grid; the
+    separable [1, 2, 1] / 4 tent (the mean of the box at its two phases) averages the
+    same neighbourhood, centred. ``dilation`` spaces its taps as the pool's own input
+    is spaced (2 when an earlier stage is already dilated). Edges are replicated.
+    """
+
+    def __init__(self, dilation: int = 1) -> None:
+        super().__init__()
+        self.dilation = dilation
+        self.register_buffer("kernel", torch.tensor([0.25, 0.5, 0.25]), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d, c = self.dilation, x.shape[1]
+        x = F.pad(x, (d, d, d, d), mode="replicate")
+        kx = self.kernel.to(x.dtype).view(1, 1, 1, 3).expand(c, 1, 1, 3)
+        x = F.conv2d(x, kx, groups=c, dilation=(1, d))
+        return F.conv2d(x, kx.transpose(2, 3), groups=c, dilation=(d, 1))
+
 
 class DenseNet121(Member):
     """DenseNet-121; ``A`` is ``relu(norm5(...))``: MONAI keeps that ReLU in ``class_layers``."""
@@ -100,6 +173,19 @@ class DenseNet121(Member):
     def target_layer(self) -> nn.Module:
         return self.net.class_layers.relu
 
+    def _apply_stride(self, n_dilated: int) -> None:
+        f = self.net.features
+        stages = [(f.transition2, f.denseblock3), (f.transition3, f.denseblock4)]
+        dilation = 1
+        for i, (transition, block) in enumerate(stages):
+            if i >= len(stages) - n_dilated:
+                transition.pool = TentPool(dilation)
+                dilation *= 2
+            else:
+                transition.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+            for layer in block.children():
+                _dilate(layer.layers.conv2, dilation)
+
 
 class EfficientNetB0(Member):
     """EfficientNet-B0 (lukemelas layout, as MONAI ports it).
@@ -118,6 +204,9 @@ class EfficientNetB0(Member):
             num_classes=num_classes, norm=("batch", {"eps": 1e-3, "momentum": BN_MOMENTUM}),
         )
         self.head_act = copy.deepcopy(self.net._swish)
+        for stage in self.net._blocks:
+            if stage[0]._depthwise_conv.stride[0] == 2:  # the build-time padder, to restore
+                stage[0]._aax_pad_s2 = stage[0]._depthwise_conv_padding
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         n = self.net
@@ -129,15 +218,45 @@ class EfficientNetB0(Member):
     def target_layer(self) -> nn.Module:
         return self.head_act
 
+    def _apply_stride(self, n_dilated: int) -> None:
+        # MONAI pads every conv TF-style ("same") with a padder computed once for the
+        # build-time size and stride; a conv whose stride or dilation changes gets a
+        # symmetric padder for its new setting, or the map would shift by half a cell.
+        down = [i for i, stage in enumerate(self.net._blocks) if hasattr(stage[0], "_aax_pad_s2")]
+        dilated = set(down[len(down) - n_dilated:]) if n_dilated else set()
+        dilation = 1
+        for i, stage in enumerate(self.net._blocks):
+            for j, block in enumerate(stage):
+                conv = block._depthwise_conv
+                if j == 0 and i in down:
+                    # block.stride stays 2: it decides the skip connection, absent here
+                    if i in dilated:
+                        conv.stride = (1, 1)
+                        block._depthwise_conv_padding = _same_pad(conv.kernel_size[0], dilation)
+                        conv.dilation = (dilation, dilation)
+                        dilation *= 2
+                        continue
+                    conv.stride, conv.dilation = (2, 2), (1, 1)
+                    block._depthwise_conv_padding = block._aax_pad_s2
+                    continue
+                conv.dilation = (dilation, dilation)
+                block._depthwise_conv_padding = _same_pad(conv.kernel_size[0], dilation)
+
+
+def _same_pad(kernel: int, dilation: int) -> nn.Module:
+    p = dilation * (kernel - 1) // 2
+    return nn.ConstantPad2d((p, p, p, p), 0.0) if p else nn.Identity()
+
 
 MEMBERS: dict[str, type[Member]] = {m.name: m for m in (ResNet50, EfficientNetB0, DenseNet121)}
 DEFAULT_MEMBERS: tuple[str, ...] = ("resnet50", "efficientnet-b0", "densenet121")
 
 
-def build_member(name: str, num_classes: int, dropout: float = 0.2) -> Member:
-    """Build member ``name`` (one of :data:`MEMBERS`) with a fresh ``C``-class MC head."""
+def build_member(name: str, num_classes: int, dropout: float = 0.2, output_stride: int = 32) -> Member:
+    """Build member ``name`` (one of :data:`MEMBERS`) with a fresh ``C``-class MC head,
+    its backbone at ``output_stride`` (see :meth:`Member.set_output_stride`)."""
     try:
         cls = MEMBERS[name]
     except KeyError:
         raise ValueError(f"unknown member {name!r}; choose from {sorted(MEMBERS)}") from None
-    return cls(num_classes, dropout)
+    return cls(num_classes, dropout).set_output_stride(output_stride)

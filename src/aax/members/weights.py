@@ -29,6 +29,18 @@ import torch
 
 from aax.members.backbones import Member
 
+IMAGENET_URLS: dict[str, str] = {
+    "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+    "densenet121": "https://download.pytorch.org/models/densenet121-a639ec97.pth",
+    "efficientnet-b0": "https://github.com/lukemelas/EfficientNet-PyTorch/releases/download/1.0/"
+                       "efficientnet-b0-355c32eb.pth",
+}
+"""Each member's standard ImageNet checkpoint (torchvision's ResNet-50 and DenseNet-121
+V1 weights, lukemelas' EfficientNet-B0), as ``aax train --pretrained imagenet`` fetches
+them: :func:`torch.hub.load_state_dict_from_url` keeps them in torch hub's cache
+(``$TORCH_HOME/hub/checkpoints/``, by file name), so each is downloaded once; a file put
+there by hand is used without a download."""
+
 # Source-format classifier keys: always skipped (the member's head replaces them).
 _CLASSIFIER = re.compile(r"^(fc|classifier|_fc|class_layers\.out|head\.fc|head)\.")
 # The first convolution of each member, in MONAI key names.

@@ -1,0 +1,174 @@
+"""How the members' saliency maps are made: output stride, test-time augmentation, fusion.
+
+:class:`MapOptions` are the map settings of a run (``RUN/aax.json`` under ``"maps"``;
+they are part of :class:`aax.annotate.AnnotateSettings`, so an annotation store records
+them):
+
+* ``class_stride``: the output stride of the pass whose MC Dropout probabilities decide
+  the class (the stride the members were trained at, by default);
+* ``map_stride``: the output stride of the pass the XGrad-CAM maps come from. When it
+  differs from ``class_stride`` each member runs a second, dilated pass for its map
+  (:meth:`aax.members.Member.set_output_stride`); the head and XGrad-CAM's closed form
+  are unchanged, since only the feature map's resolution changes;
+* ``tta_scales``, ``tta_flip``: test-time augmentation of the maps only: the input is
+  resized by each scale (and mirrored), each view's map is brought back to the input
+  size and min-max normalised, and the views are averaged. The class decision never
+  uses these views;
+* ``fusion``: how the agreeing members' maps become one mask (:mod:`aax.decide`):
+  ``min`` (the paper's intersection), ``mean`` or ``vote`` (a pixel is in the mask when
+  at least ``quorum`` maps exceed tau).
+
+The torch functions here mirror the NumPy reference in :mod:`aax.decide` (tested equal).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.nn import functional as F
+
+from aax.decide import FUSIONS
+from aax.explain import XGradCAM, normalise, upsample
+from aax.members import OUTPUT_STRIDES, Member
+
+if TYPE_CHECKING:  # pragma: no cover
+    from aax.ensemble import Ensemble
+
+DEFAULT_MAP_STRIDE = 16
+"""The map stride new runs get (see docs/evaluation.md for the measurements)."""
+
+
+@dataclass(frozen=True)
+class MapOptions:
+    """The map settings of a run (see the module docstring). The defaults are what a
+    run without a ``"maps"`` entry (one made before these options existed) gets."""
+
+    class_stride: int = 32
+    map_stride: int = 32
+    tta_scales: tuple[float, ...] = (1.0,)
+    tta_flip: bool = False
+    fusion: str = "min"
+    _views: tuple[tuple[float, bool], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("class_stride", "map_stride"):
+            if getattr(self, name) not in OUTPUT_STRIDES:
+                raise ValueError(f"{name} must be one of {OUTPUT_STRIDES}, got {getattr(self, name)}")
+        scales = tuple(float(s) for s in self.tta_scales)
+        if not scales or any(not 0.25 <= s <= 4.0 for s in scales):
+            raise ValueError(f"tta_scales must be a non-empty list of scales in [0.25, 4], got {self.tta_scales}")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        object.__setattr__(self, "tta_scales", scales)
+        views = tuple((s, f) for s in scales for f in ((False, True) if self.tta_flip else (False,)))
+        object.__setattr__(self, "_views", views)
+
+    @property
+    def views(self) -> tuple[tuple[float, bool], ...]:
+        """The ``(scale, mirrored)`` views a map is averaged over."""
+        return self._views
+
+    @property
+    def augmented(self) -> bool:
+        """Whether the maps average more than the plain view."""
+        return self.views != ((1.0, False),)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (``RUN/aax.json["maps"]``)."""
+        return {"class_stride": self.class_stride, "map_stride": self.map_stride,
+                "tta_scales": list(self.tta_scales), "tta_flip": self.tta_flip, "fusion": self.fusion}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, train_stride: int = 32) -> MapOptions:
+        """Read ``RUN/aax.json["maps"]``; missing keys: the trained stride for both passes,
+        no augmentation, intersection."""
+        data = dict(data or {})
+        class_stride = int(data.get("class_stride", train_stride))
+        return cls(class_stride=class_stride, map_stride=int(data.get("map_stride", class_stride)),
+                   tta_scales=tuple(data.get("tta_scales", (1.0,))), tta_flip=bool(data.get("tta_flip", False)),
+                   fusion=str(data.get("fusion", "min")))
+
+    def replace(self, **changes: Any) -> MapOptions:
+        """A copy with ``changes``."""
+        return MapOptions(**{**self.to_dict(), **changes})
+
+
+@contextlib.contextmanager
+def output_stride(member: Member, stride: int) -> Iterator[Member]:
+    """Run ``member`` at ``stride`` inside the block, restoring its stride after it."""
+    before = member.output_stride
+    member.set_output_stride(stride)
+    try:
+        yield member
+    finally:
+        member.set_output_stride(before)
+
+
+def class_features(member: Member, x: torch.Tensor, options: MapOptions) -> torch.Tensor:
+    """``A`` of the class pass (at ``options.class_stride``)."""
+    if member.output_stride != options.class_stride:
+        member.set_output_stride(options.class_stride)
+    return member.features(x)
+
+
+def _view(x: torch.Tensor, scale: float, mirrored: bool) -> torch.Tensor:
+    if scale != 1.0:
+        size = [max(32, round(v * scale)) for v in x.shape[-2:]]
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=scale < 1.0)
+    return x.flip(-1) if mirrored else x
+
+
+def member_maps(member: Member, x: torch.Tensor, features: torch.Tensor, cam_class: torch.Tensor,
+                options: MapOptions, autocast: Any = None) -> torch.Tensor:
+    """One member's raw maps ``[B, h, w]`` (>= 0) for ``cam_class``.
+
+    Without augmentation and with ``map_stride == class_stride`` this is XGrad-CAM on
+    ``features`` (the class pass's ``A``), at feature resolution. Otherwise every view
+    runs the backbone at ``map_stride``; with more than one view the maps come back at
+    the input size, each normalised, averaged.
+    """
+    cam = XGradCAM(member)
+    autocast = autocast or contextlib.nullcontext()
+    if not options.augmented and options.map_stride == options.class_stride:
+        return cam.raw(features, cam_class)
+    out = []
+    with output_stride(member, options.map_stride):
+        for scale, mirrored in options.views:
+            if scale == 1.0 and not mirrored and options.map_stride == options.class_stride:
+                a = features
+            else:
+                with autocast:
+                    a = member.features(_view(x, scale, mirrored)).float()
+            raw = cam.raw(a, cam_class)
+            out.append(raw.flip(-1) if mirrored else raw)
+    if len(out) == 1:
+        return out[0]
+    size = tuple(int(v) for v in x.shape[-2:])
+    return torch.stack([normalise(upsample(r, size), inplace=True) for r in out]).mean(dim=0)
+
+
+def saliency_maps(ensemble: Ensemble, x: torch.Tensor, features: Sequence[torch.Tensor],
+                  cam_class: torch.Tensor, options: MapOptions, autocast: Any = None) -> torch.Tensor:
+    """Every member's raw maps, ``[B, M, h, w]`` (see :func:`member_maps`)."""
+    maps = [member_maps(member, x, a, cam_class, options, autocast)
+            for member, a in zip(ensemble.members.values(), features)]
+    size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
+    # members can differ in resolution only when one cannot reach the stride; not so today
+    maps = [m if m.shape[-2:] == size else upsample(m, tuple(size)) for m in maps]
+    return torch.stack(maps, dim=1)
+
+
+def fuse_maps(maps: torch.Tensor, fusion: str = "min", votes: int = 2) -> torch.Tensor:
+    """The fused score ``[H, W]`` of ``[M, H, W]`` maps, as :func:`aax.decide.fuse`."""
+    m = maps.shape[0]
+    if fusion == "min" or (fusion == "vote" and votes >= m):
+        return maps.amin(dim=0)
+    if fusion == "mean":
+        return maps.mean(dim=0)
+    if fusion == "vote":
+        return torch.kthvalue(maps, m - max(1, votes) + 1, dim=0).values
+    raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
