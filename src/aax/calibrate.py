@@ -386,10 +386,12 @@ def _novelty(ensemble: Ensemble, valdata: Any, score: str | None, pass_rate: flo
     working without the step, and the entry says why."""
     from aax.novelty_fit import calibrate_novelty
 
+    if not isinstance(getattr(ensemble, "manifest", None), dict):
+        return {"skipped": "not an ensemble loaded from a RUN folder"}
     paths = [str(s.image) for s in _samples(open_data(valdata, list(ensemble.classes)))]
     try:
         return calibrate_novelty(ensemble, paths, score=score, pass_rate=pass_rate)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:  # e.g. the training images are gone: the run works without
         return {"skipped": str(exc)}
 
 

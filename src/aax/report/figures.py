@@ -236,7 +236,11 @@ def score_histogram_figure(seen: Mapping[str, Sequence[float]], unseen: Mapping[
         u = np.asarray(unseen.get(name, []), dtype=float)
         values = np.concatenate([s, u, [thresholds[name]] if name in thresholds else []])
         lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
-        bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 30)
+        # distances span orders of magnitude between seen and far-unseen images: log bins
+        log = lo > 0 and hi / lo > 100
+        bins = (np.geomspace(lo, hi, 30) if log else np.linspace(lo, hi if hi > lo else lo + 1.0, 30))
+        if log:
+            ax.set_xscale("log")
         ax.hist(s, bins=bins, color="#1f77b4", alpha=0.7, label=f"data (n={s.size})")
         if u.size:
             ax.hist(u, bins=bins, color="#ff7f0e", alpha=0.6, label=f"unseen (n={u.size})")
