@@ -117,7 +117,8 @@ def class_features(member: Member, x: torch.Tensor, options: MapOptions,
     the map pass then starts from there (:meth:`~aax.members.Member.shared_stages`),
     and only the dilated stages run twice.
     """
-    if member.output_stride != options.class_stride:
+    # (a stand-in without strides, e.g. the benchmark's feature replay, runs as it is)
+    if getattr(member, "output_stride", options.class_stride) != options.class_stride:
         member.set_output_stride(options.class_stride)
     if shared is None or options.map_stride == options.class_stride:
         return member.features(x)
