@@ -602,7 +602,7 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
     for size, r in results["sizes"].items():
         for key, value in r["ratios"].items():
-            if value is not None:
+            if value is not None and key in TARGETS:  # (the new-maps figure has no target)
                 add(f"{key} @ {size} px", key, value)
     if "memory" in results:
         m = results["memory"]

@@ -77,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mc-passes", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--levers", nargs="+", default=None, help="lever names to run (default: all)")
+    p.add_argument("--extras-on", default=None,
+                   help="the lever the intersection-only, Otsu and TTA rows use (default: the best on validation)")
     return p.parse_args(argv)
 
 
@@ -178,9 +180,11 @@ def run_dataset(name: str, source: Any, image_size: int, args: argparse.Namespac
         val = validation_split(runs[stride])
         t0 = time.perf_counter()
         results[lever] = run_lever(ensemble, val, test, MapOptions(**opts), args)
+        partial(args, name, results)
         print(f"{lever}: AAX IoU {results[lever]['aax']['iou_mean']}, {time.perf_counter() - t0:.0f} s", flush=True)
-    # the best lever on validation IoU, with the intersection alone, Otsu, and CAM TTA
-    best = max(results, key=lambda k: results[k]["val_iou"] or 0.0)
+    # the best lever on validation IoU (or the one asked for), with the intersection
+    # alone, Otsu, and CAM TTA
+    best = args.extras_on if args.extras_on in results else max(results, key=lambda k: results[k]["val_iou"] or 0.0)
     lever_opts = {lv[0]: (lv[1], lv[2]) for lv in LEVERS}
     stride, opts = lever_opts[best]
     ensemble = Ensemble.load(runs[stride], device="cpu")
@@ -194,6 +198,7 @@ def run_dataset(name: str, source: Any, image_size: int, args: argparse.Namespac
     for lever, kw in extra.items():
         t0 = time.perf_counter()
         results[lever] = run_lever(ensemble, val, test, kw.pop("options"), args, **kw)
+        partial(args, name, results)
         print(f"{lever}: AAX IoU {results[lever]['aax']['iou_mean']}, {time.perf_counter() - t0:.0f} s", flush=True)
     base = results.get("stride 32 (today)", {}).get("seconds_per_image")
     for r in results.values():
@@ -205,6 +210,11 @@ def run_dataset(name: str, source: Any, image_size: int, args: argparse.Namespac
                          "per_class": args.per_class, "epochs": args.epochs, "seed": args.seed,
                          "mc_passes": args.mc_passes, "source": str(source), "classes": list(dataset.classes)},
             "best_on_validation": best, "levers": results, "trivial": trivial_rows(test, negative)}
+
+
+def partial(args: argparse.Namespace, name: str, results: dict[str, Any]) -> None:
+    """Keep what is measured so far (``OUT/<set>/partial.json``), in case the run is cut short."""
+    (args.out / name / "partial.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
 def pct(v: Any) -> str:

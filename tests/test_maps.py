@@ -164,3 +164,34 @@ def test_annotate_with_a_finer_map_keeps_the_class_decision(ensemble, lesion_dir
     assert all(m.output_stride == 32 for m in ensemble.members.values())
     # the settings (and so a store's fingerprint) carry the map options
     assert dataclasses.asdict(fine)["maps"]["map_stride"] == 16
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_second_pass_can_start_where_the_strides_part(name: str) -> None:
+    member = _member(name)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(member.features(x), member.features(member.features(x, 0, 2), 2))
+        for coarse, fine in ((32, 16), (32, 8), (16, 8)):
+            member.set_output_stride(coarse)
+            k = member.shared_stages(coarse, fine)
+            h = member.features(x, 0, k)
+            member.set_output_stride(fine)
+            assert torch.equal(member.features(h, k), member.features(x)), (coarse, fine)
+        member.set_output_stride(32)
+
+
+def test_map_pass_from_the_shared_steps_equals_a_full_pass() -> None:
+    from aax.maps import class_features
+
+    member = _member("densenet121")
+    x = torch.randn(2, 3, 64, 64)
+    cls = torch.tensor([1, 0])
+    opts = MapOptions(class_stride=32, map_stride=16)
+    shared: dict = {}
+    with torch.no_grad():
+        a = class_features(member, x, opts, shared)
+        assert torch.equal(a, member.features(x)) and id(member) in shared
+        fast = member_maps(member, x, a, cls, opts, shared=shared[id(member)])
+        full = member_maps(member, x, a, cls, opts)
+    assert fast.shape[-2:] == (4, 4) and torch.equal(fast, full)

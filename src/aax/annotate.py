@@ -201,11 +201,12 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
     probs, uncert, feats = [], [], []
     scorer = getattr(ensemble, "novelty", None)
     scores: list[dict[str, np.ndarray]] = []  # per member: score name -> [B]
+    shared: dict[int, torch.Tensor] = {}  # class-pass maps a finer map pass starts from
     autocast = torch.autocast(device.type) if amp and device.type == "cuda" else contextlib.nullcontext()
     for m, member in enumerate(ensemble.members.values()):
         member_seeds = None if seeds is None else [(s * 31 + m) & 0xFFFFFFFF for s in seeds]
         with autocast:
-            a = class_features(member, x, settings.maps)
+            a = class_features(member, x, settings.maps, shared)
         a = a.float()
         pooled = member.head.pool(a)
         summary = summarize(mc_probabilities(member.head, pooled, settings.mc_passes, member_seeds))
@@ -219,7 +220,8 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
 
     # Every member's map of an image shows the same class: the positive class in question.
     cam_class = torch.tensor([map_class(p, ensemble.negative_index) for p in probs_np], device=device)
-    raw = saliency_maps(ensemble, x, feats, cam_class, settings.maps, autocast)  # [B, M, h, w]
+    raw = saliency_maps(ensemble, x, feats, cam_class, settings.maps, autocast, shared)  # [B, M, h, w]
+    shared.clear()
 
     classes = ensemble.classes
     novel = None

@@ -108,11 +108,24 @@ def output_stride(member: Member, stride: int) -> Iterator[Member]:
         member.set_output_stride(before)
 
 
-def class_features(member: Member, x: torch.Tensor, options: MapOptions) -> torch.Tensor:
-    """``A`` of the class pass (at ``options.class_stride``)."""
-    if member.output_stride != options.class_stride:
+def class_features(member: Member, x: torch.Tensor, options: MapOptions,
+                   shared: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """``A`` of the class pass (at ``options.class_stride``).
+
+    With ``shared`` (a dict), when the map pass runs at another stride, the class pass's
+    map after the steps both strides compute alike is kept in it (by ``id(member)``):
+    the map pass then starts from there (:meth:`~aax.members.Member.shared_stages`),
+    and only the dilated stages run twice.
+    """
+    # (a stand-in without strides, e.g. the benchmark's feature replay, runs as it is)
+    if getattr(member, "output_stride", options.class_stride) != options.class_stride:
         member.set_output_stride(options.class_stride)
-    return member.features(x)
+    if shared is None or options.map_stride == options.class_stride:
+        return member.features(x)
+    k = member.shared_stages(options.class_stride, options.map_stride)
+    h = member.features(x, 0, k)
+    shared[id(member)] = h
+    return member.features(h, k)
 
 
 def _view(x: torch.Tensor, scale: float, mirrored: bool) -> torch.Tensor:
@@ -123,13 +136,14 @@ def _view(x: torch.Tensor, scale: float, mirrored: bool) -> torch.Tensor:
 
 
 def member_maps(member: Member, x: torch.Tensor, features: torch.Tensor, cam_class: torch.Tensor,
-                options: MapOptions, autocast: Any = None) -> torch.Tensor:
+                options: MapOptions, autocast: Any = None, shared: torch.Tensor | None = None) -> torch.Tensor:
     """One member's raw maps ``[B, h, w]`` (>= 0) for ``cam_class``.
 
     Without augmentation and with ``map_stride == class_stride`` this is XGrad-CAM on
     ``features`` (the class pass's ``A``), at feature resolution. Otherwise every view
     runs the backbone at ``map_stride``; with more than one view the maps come back at
-    the input size, each normalised, averaged.
+    the input size, each normalised, averaged. ``shared``: the class pass's map after
+    the steps both strides share (:func:`class_features`), for the plain view.
     """
     cam = XGradCAM(member)
     autocast = autocast or contextlib.nullcontext()
@@ -140,6 +154,10 @@ def member_maps(member: Member, x: torch.Tensor, features: torch.Tensor, cam_cla
         for scale, mirrored in options.views:
             if scale == 1.0 and not mirrored and options.map_stride == options.class_stride:
                 a = features
+            elif scale == 1.0 and not mirrored and shared is not None:
+                k = member.shared_stages(options.class_stride, options.map_stride)
+                with autocast:
+                    a = member.features(shared, k).float()
             else:
                 with autocast:
                     a = member.features(_view(x, scale, mirrored)).float()
@@ -152,9 +170,11 @@ def member_maps(member: Member, x: torch.Tensor, features: torch.Tensor, cam_cla
 
 
 def saliency_maps(ensemble: Ensemble, x: torch.Tensor, features: Sequence[torch.Tensor],
-                  cam_class: torch.Tensor, options: MapOptions, autocast: Any = None) -> torch.Tensor:
+                  cam_class: torch.Tensor, options: MapOptions, autocast: Any = None,
+                  shared: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
     """Every member's raw maps, ``[B, M, h, w]`` (see :func:`member_maps`)."""
-    maps = [member_maps(member, x, a, cam_class, options, autocast)
+    shared = shared or {}
+    maps = [member_maps(member, x, a, cam_class, options, autocast, shared.get(id(member)))
             for member, a in zip(ensemble.members.values(), features)]
     size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
     # members can differ in resolution only when one cannot reach the stride; not so today

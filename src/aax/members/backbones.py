@@ -15,6 +15,7 @@ changes, so a network trained at stride 32 can be converted at annotation time, 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from monai.networks import nets
@@ -67,8 +68,27 @@ class Member(nn.Module):
     def _apply_stride(self, n_dilated: int) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+    # stage index -> the first stage whose computation differs at that stride from stride 32
+    _first_dilated: dict[int, int] = {}
+
+    def stages(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:  # pragma: no cover - abstract
+        """The backbone as a sequence of steps; ``features`` runs them in order."""
         raise NotImplementedError
+
+    def features(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """``A`` (the last conv map, after its activation); with ``start``/``stop``, only
+        those steps of :meth:`stages` (an intermediate map in, or out)."""
+        for step in self.stages()[start:stop]:
+            x = step(x)
+        return x
+
+    def shared_stages(self, stride_a: int, stride_b: int) -> int:
+        """How many leading steps of :meth:`stages` compute the same at both strides: a
+        second pass at another stride can start from the first pass's map after them."""
+        n = len(self.stages())
+        if stride_a == stride_b:
+            return n
+        return self._first_dilated[min(stride_a, stride_b)]
 
     @property
     def target_layer(self) -> nn.Module:  # pragma: no cover - abstract
@@ -99,11 +119,15 @@ class ResNet50(Member):
         )
         _set_bn_momentum(self.net, BN_MOMENTUM)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    _first_dilated = {16: 4, 8: 3}
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
         n = self.net
-        x = n.act(n.bn1(n.conv1(x)))
-        x = n.maxpool(x)
-        return n.layer4(n.layer3(n.layer2(n.layer1(x))))
+        return n.maxpool(n.act(n.bn1(n.conv1(x))))
+
+    def stages(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        n = self.net
+        return [self._stem, n.layer1, n.layer2, n.layer3, n.layer4]
 
     @property
     def target_layer(self) -> nn.Module:
@@ -166,8 +190,23 @@ class DenseNet121(Member):
         self.net.class_layers.relu = nn.ReLU(inplace=False)
         _set_bn_momentum(self.net, BN_MOMENTUM)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.class_layers.relu(self.net.features(x))
+    _first_dilated = {16: 4, 8: 2}
+
+    def stages(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        f = self.net.features
+        head = [m for name, m in f.named_children() if name not in _DENSE_TAIL]
+        t2, t3 = f.transition2, f.transition3
+
+        def upto(modules: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]:
+            def run(x: torch.Tensor) -> torch.Tensor:
+                for m in modules:
+                    x = m(x)
+                return x
+            return run
+
+        return [upto(head), upto([t2.norm, t2.relu, t2.conv]), upto([t2.pool, f.denseblock3]),
+                upto([t3.norm, t3.relu, t3.conv]),
+                upto([t3.pool, f.denseblock4, f.norm5, self.net.class_layers.relu])]
 
     @property
     def target_layer(self) -> nn.Module:
@@ -208,11 +247,20 @@ class EfficientNetB0(Member):
             if stage[0]._depthwise_conv.stride[0] == 2:  # the build-time padder, to restore
                 stage[0]._aax_pad_s2 = stage[0]._depthwise_conv_padding
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    _first_dilated = {16: 3, 8: 1}
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
         n = self.net
         x = n._swish(n._bn0(n._conv_stem(n._conv_stem_padding(x))))
-        x = n._blocks(x)
-        return self.head_act(n._bn1(n._conv_head(n._conv_head_padding(x))))
+        return n._blocks[2](n._blocks[1](n._blocks[0](x)))
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.net
+        return self.head_act(n._bn1(n._conv_head(n._conv_head_padding(n._blocks[6](x)))))
+
+    def stages(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        b = self.net._blocks
+        return [self._stem, b[3], b[4], b[5], self._head]
 
     @property
     def target_layer(self) -> nn.Module:
@@ -247,6 +295,9 @@ def _same_pad(kernel: int, dilation: int) -> nn.Module:
     p = dilation * (kernel - 1) // 2
     return nn.ConstantPad2d((p, p, p, p), 0.0) if p else nn.Identity()
 
+
+# DenseNet-121's feature steps after denseblock2 (the rest is one step)
+_DENSE_TAIL = ("transition2", "denseblock3", "transition3", "denseblock4", "norm5")
 
 MEMBERS: dict[str, type[Member]] = {m.name: m for m in (ResNet50, EfficientNetB0, DenseNet121)}
 DEFAULT_MEMBERS: tuple[str, ...] = ("resnet50", "efficientnet-b0", "densenet121")
