@@ -21,7 +21,7 @@ def test_demo_end_to_end_on_the_shared_run(trained_run, tmp_path, capsys):
     printed = capsys.readouterr().out
     for step in ("1/6", "2/6", "3/6", "4/6", "5/6", "6/6"):
         assert step in printed
-    assert "report:" in printed and "| **Proposed AAX** |" in printed
+    assert "report:" in printed and "| **AAX (fused maps of the agreeing members)** |" in printed
     # the open-set rows: every score side by side, far (fire) and near (implant) OOD
     assert "| Mahalanobis (shrunk) | **AAX (2 of 3)** |" in printed and "near OOD" in printed
     near = json.loads((out / "evaluation" / "near_ood.json").read_text())

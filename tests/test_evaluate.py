@@ -177,7 +177,7 @@ def test_outputs_written(data, tmp_path):
     assert rows[4]["status"] == "error" and rows[4]["decision"] == ""
     tables = (out / "tables.md").read_text()
     assert tables == result["tables"] + "\n"
-    assert "| **AAX (intersection of agreeing members)** | 50.0 | 66.7 | 25.0 |" in tables
+    assert "| **AAX (fused maps of the agreeing members)** | 50.0 | 66.7 | 25.0 |" in tables
     assert "| ResNet-50 with XGrad-CAM and MC Dropout | 25.0 | 33.3 |" in tables
     assert not (out / "report.html").exists()
 
@@ -249,7 +249,7 @@ def test_tables_without_masks():
               "members": {}, "ensemble": {"accuracy": 1.0, "accuracy_kept": 1.0, "flag_rate": 0.0,
                                           "precision": None, "recall": None, "f1": None}}
     text = tables_markdown(result)
-    assert "No ground-truth masks" in text and "| **AAX (intersection of agreeing members)** | 100.0 | 100.0 | 0.0 | – |" in text
+    assert "No ground-truth masks" in text and "| **AAX (fused maps of the agreeing members)** | 100.0 | 100.0 | 0.0 | – |" in text
 
 
 def test_member_mask_per_class_tau():

@@ -55,7 +55,7 @@ def test_report_content(evaluated):
     assert html.count('class="tag correct"') == 2
     assert html.count('class="tag flagged"') == 1
     assert html.count('class="tag wrong"') == 1
-    assert "<td>AAX (intersection of agreeing members)</td>" in html
+    assert "<td>AAX (fused maps of the agreeing members)</td>" in html
 
 
 def test_report_rows_are_capped(tmp_path):

@@ -55,7 +55,7 @@ MEMBER_TITLES = {"resnet50": "ResNet-50", "efficientnet-b0": "EfficientNet-B0", 
 def method_label(name: str) -> str:
     """How tables, the report and the README name a method: one name everywhere."""
     if name == ENSEMBLE:
-        return f"{ENSEMBLE} (intersection of agreeing members)"
+        return f"{ENSEMBLE} (fused maps of the agreeing members)"
     return f"{MEMBER_TITLES.get(name, name)} with XGrad-CAM and MC Dropout"
 
 
