@@ -171,7 +171,7 @@ def test_predictions_come_back_through_the_api(label_studio, project):
 
 def test_reviewed_annotation_comes_back_into_the_store(label_studio, project, tmp_path, capsys):
     ls, out = label_studio, project["out"]
-    task = next(t for t in _project_tasks(ls, project["id"]) if "/diseased/" in t["data"]["aax_image"])
+    task = next(t for t in _project_tasks(ls, project["id"]) if t["data"]["aax_image"].startswith("diseased/"))
     h, w = 64, 64
     drawn = np.zeros((h, w), bool)
     drawn[12:40, 20:51] = True
