@@ -179,6 +179,10 @@ def test_outputs_written(data, tmp_path):
     assert tables == result["tables"] + "\n"
     assert "| **AAX (fused maps of the agreeing members)** | 50.0 | 66.7 | 25.0 |" in tables
     assert "| ResNet-50 with XGrad-CAM and MC Dropout | 25.0 | 33.3 |" in tables
+    # the trivial masks are printed beside ours (a mask that cannot beat them says nothing)
+    assert set(metrics["trivial"]) == {"whole image", "centred box"}
+    assert 0 < metrics["trivial"]["whole image"]["iou_mean"] <= 1
+    assert "| whole image (trivial) |" in tables and "| centred box (trivial) |" in tables
     assert not (out / "report.html").exists()
 
 
@@ -357,3 +361,14 @@ def test_evaluate_command(request, tmp_path):
     assert metrics["ensemble"]["n"] == 6
     assert (out / "tables.md").is_file() and not (out / "report.html").exists()
     assert main(["evaluate", str(run), str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+
+
+def test_trivial_masks_are_what_they_say():
+    from aax.evaluate import TRIVIAL_MASKS, trivial_mask
+
+    assert trivial_mask("whole image", (6, 8)).all()
+    box = trivial_mask("centred box", (8, 12))
+    assert box.sum() == 4 * 6 and box[2:6, 3:9].all() and not box[:2].any() and not box[:, :3].any()
+    assert TRIVIAL_MASKS == ("whole image", "centred box")
+    with pytest.raises(ValueError, match="unknown trivial mask"):
+        trivial_mask("circle", (4, 4))

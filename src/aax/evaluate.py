@@ -52,6 +52,24 @@ ENSEMBLE = "AAX"  # the ensemble's name in tables
 MEMBER_TITLES = {"resnet50": "ResNet-50", "efficientnet-b0": "EfficientNet-B0", "densenet121": "DenseNet-121"}
 
 
+TRIVIAL_MASKS = ("whole image", "centred box")
+"""Masks that need no model, scored beside every mask table: a saliency mask that cannot
+beat them says nothing."""
+
+
+def trivial_mask(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """``"whole image"``: every pixel; ``"centred box"``: the centred box of half the
+    height and half the width (a fixed prior, as benchmarks/quality.py scores it)."""
+    h, w = shape[:2]
+    if name == "whole image":
+        return np.ones((h, w), bool)
+    if name == "centred box":
+        mask = np.zeros((h, w), bool)
+        mask[h // 4:h - h // 4, w // 4:w - w // 4] = True
+        return mask
+    raise ValueError(f"unknown trivial mask {name!r}; expected one of {TRIVIAL_MASKS}")
+
+
 def method_label(name: str) -> str:
     """How tables, the report and the README name a method: one name everywhere."""
     if name == ENSEMBLE:
@@ -257,6 +275,7 @@ class _Scorer:
         self.labels: list[str] = []
         self.predictions: dict[str, list[str]] = {n: [] for n in [ENSEMBLE, *names]}
         self.masks: dict[str, MaskScores] = {n: MaskScores() for n in [ENSEMBLE, *names]}
+        self.trivial: dict[str, MaskScores] = {n: MaskScores() for n in TRIVIAL_MASKS}
         self.probs: list[np.ndarray] = []
         self.uncertainty: list[np.ndarray] = []
         self.seen: list[AnnotationRecord] = []  # the members' answers only, for the open-set table
@@ -296,6 +315,8 @@ class _Scorer:
             self.has_masks = True
             for name, pred in preds.items():
                 ious[name] = self.masks[name].add(pred, gt)
+            for name, scores in self.trivial.items():
+                scores.add(trivial_mask(name, gt.shape), gt)
 
         row: dict[str, Any] = {
             "set": "data", "image": record.image, "status": "ok", "error": None, "label": label,
@@ -469,6 +490,7 @@ def evaluate(ensemble: Ensemble, data: Any, *, unseen: Any = None, theta: float 
     result: dict[str, Any] = {
         "members": {n: scorer.metrics(n) for n in names},
         "ensemble": scorer.metrics(ENSEMBLE),
+        "trivial": {n: s.result() for n, s in scorer.trivial.items()} if scorer.has_masks else {},
         "settings": {
             "theta": theta, "tau": tau, "mc_passes": mc, "quorum": int(ensemble.quorum),
             "run": str(getattr(ensemble, "run", "")), "data": _describe(data),
@@ -561,7 +583,8 @@ def tables_markdown(result: dict[str, Any]) -> str:
                 "intersection / summed union.", "",
                 "| Method | IoU mean (%) | IoU micro (%) | Pixel precision (%) | Pixel recall (%) | Pixel F1 (%) |",
                 "|---|---:|---:|---:|---:|---:|"]
-        for label, m in rows:
+        trivial = [(f"{name} (trivial)", m) for name, m in (result.get("trivial") or {}).items()]
+        for label, m in rows + trivial:
             out.append(f"| {label} | {_pct(m.get('iou_mean'))} | {_pct(m.get('iou_micro'))} "
                        f"| {_pct(m.get('pixel_precision'))} | {_pct(m.get('pixel_recall'))} | {_pct(m.get('pixel_f1'))} |")
         out.append("")

@@ -73,9 +73,10 @@ def classification_table(result: Mapping[str, Any]) -> str:
 def mask_table(result: Mapping[str, Any]) -> str:
     """Paper tables 2 and 4 (IoU mean and micro, pixel P/R/F1)."""
     header = ["Method", "IoU mean %", "IoU micro %", "Pixel precision %", "Pixel recall %", "Pixel F1 %"]
+    trivial = [(f"{name} (trivial)", m, False) for name, m in (result.get("trivial") or {}).items()]
     rows = [(label, [_pct(m.get("iou_mean")), _pct(m.get("iou_micro")), _pct(m.get("pixel_precision")),
                      _pct(m.get("pixel_recall")), _pct(m.get("pixel_f1"))], strong)
-            for label, m, strong in _methods(result)]
+            for label, m, strong in _methods(result) + trivial]
     return _table(header, rows)
 
 
