@@ -1,9 +1,9 @@
 """Where a stored row's image is, and the name annotation tools know it by.
 
 Every exporter and importer reads image locations through these two functions, so
-that how the store keeps them (today the path as given to ``aax annotate``; a path
-relative to the input root kept in the store's ``meta`` table under ``input_root``)
-is decided in one place.
+that how the store keeps them is decided in one place: the path relative to the input
+root (kept in the store's ``meta`` table under ``input_root``), or an absolute path for
+an image outside it and for stores made before the store kept the root.
 """
 
 from __future__ import annotations
