@@ -124,19 +124,3 @@ def label_studio_python() -> Path:
 def datumaro_python() -> Path:
     """Python of ``.venv-dm``: Datumaro."""
     return _tool_python(".venv-dm", "Datumaro")
-
-
-@pytest.fixture(scope="session")
-def lesion_store(ensemble, lesion_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An output folder with 12 images of ``lesion_dir`` annotated by ``ensemble``
-    (positives, negatives and flagged ones alike; tests copy it before changing it)."""
-    from aax.annotate import annotate_to_folder
-
-    images = tmp_path_factory.mktemp("store_input")
-    for cls in ("diseased", "healthy"):
-        (images / cls).mkdir()
-        for path in sorted((lesion_dir / "images" / cls).glob("*.png"))[:6]:
-            (images / cls / path.name).symlink_to(path)
-    out = tmp_path_factory.mktemp("stores") / "lesion-out"
-    annotate_to_folder(ensemble, images, out, progress=False, workers=0)
-    return out

@@ -16,9 +16,8 @@ from aax.store import AnnotationStore, relative_name
 def input_root(store: AnnotationStore) -> Path | None:
     """The folder the store's images were found under: ``meta.input_root`` when the
     store has one, else the ``input`` of its settings (a folder, or a manifest's folder)."""
-    row = store.db.execute("SELECT value FROM meta WHERE key = 'input_root'").fetchone()
-    if row is not None:
-        return Path(row[0])
+    if store.input_root is not None:
+        return store.input_root
     source = store.settings.get("input")
     if not source:
         return None

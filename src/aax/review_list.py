@@ -62,10 +62,15 @@ def _flat(entry: dict[str, Any]) -> dict[str, Any]:
 
 def write_review_list(store: AnnotationStore, to: str | os.PathLike | None = None) -> dict[str, Any]:
     """Write the review list as ``review.csv`` and ``review.json`` into ``to`` (default:
-    the store's folder). Returns ``{"n": entries, "files": [paths]}``."""
+    the store's folder). Returns ``{"n", "files": [paths], "entries"}``."""
     target = Path(to) if to is not None else store.out
     target.mkdir(parents=True, exist_ok=True)
     entries = review_entries(store)
+    written = _write(entries, target)
+    return {"n": len(entries), "files": written, "entries": entries}
+
+
+def _write(entries: list[dict[str, Any]], target: Path) -> list[str]:
     rows = [_flat(e) for e in entries]
     columns: list[str] = ["image", "reason", "max_uncertainty", "overlay", "path", "label"]
     for row in rows:
@@ -80,7 +85,7 @@ def write_review_list(store: AnnotationStore, to: str | os.PathLike | None = Non
     tmp = json_path.with_name(json_path.name + ".tmp")
     tmp.write_text(json.dumps({"n": len(entries), "images": entries}, indent=2))
     os.replace(tmp, json_path)
-    return {"n": len(entries), "files": [str(csv_path), str(json_path)]}
+    return [str(csv_path), str(json_path)]
 
 
 def review_list(out: str | os.PathLike, to: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -88,8 +93,6 @@ def review_list(out: str | os.PathLike, to: str | os.PathLike | None = None) -> 
     with its entries under ``entries``."""
     store = open_store(out)
     try:
-        written = write_review_list(store, to)
-        written["entries"] = review_entries(store)
+        return write_review_list(store, to)
     finally:
         store.close()
-    return written
