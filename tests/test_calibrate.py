@@ -255,3 +255,35 @@ def test_otsu_when_no_masks_and_as_a_candidate(run, tmp_path):
     # so the grid value is kept
     result = calibrate(FakeEnsemble(spec=VAL, run=run, tau=0.9), fake_data(tmp_path, VAL), write=False)
     assert result["tau"] == pytest.approx(0.8)
+
+
+def test_each_positive_class_gets_its_own_tau_by_hand():
+    """Two positive classes whose masks want different thresholds: each class takes its
+    own best tau, and the overall mean IoU is the mean over both classes' images."""
+    from aax.calibrate import Collected, _ImageMasks, choose_masks
+    from aax.metrics import ThetaSweep
+
+    classes = ["benign", "malignant", "normal"]  # "normal" (2) is the negative class
+    taus = np.array([0.2, 0.5, 0.8])
+    a, b, n = [0.9, 0.05, 0.05], [0.05, 0.9, 0.05], [0.05, 0.05, 0.9]
+    probs = np.array([[a] * 3, [b] * 3, [n] * 3])
+    uncertainty = np.zeros((3, 3))
+    sweep = ThetaSweep.build(probs, uncertainty, negative_index=2)
+    everyone = (0, 1, 2)
+
+    def entry(label: int, tp: list[int], fp: list[int]) -> _ImageMasks:
+        # 100 GT pixels; TP / FP at tau = 0.2, 0.5, 0.8, then at Otsu's threshold
+        counts = {(f, everyone): (np.array(tp), np.array(fp)) for f in ("min", "mean", "vote")}
+        return _ImageMasks(gt_pixels=100, counts=counts, label=label)
+
+    # IoU = TP / (TP + FP + FN): benign 0.5, 90/110, 0.4, 0.5; malignant 0.25, 0.5, 0.7, 0.5
+    masks = {0: entry(0, [100, 90, 40, 50], [100, 10, 0, 0]),   # benign: best at 0.5
+             1: entry(1, [100, 100, 70, 50], [300, 100, 0, 0])}  # malignant: best at 0.8
+    collected = Collected(labels=np.array([0, 1, 2]), probs=probs, uncertainty=uncertainty,
+                          masks=masks, taus=taus, n_errors=0)
+    chosen = choose_masks(collected, sweep, theta=0.1, classes=classes, current_tau=0.5)
+    assert chosen["tau"] == {"benign": 0.5, "malignant": 0.8}
+    assert chosen["iou_mean"] == pytest.approx((90 / 110 + 0.7) / 2)
+    assert chosen["n_masks"] == 2
+    # one tau for both classes reaches at best (90/110 + 0.5) / 2, at 0.5
+    assert chosen["iou_mean"] > (90 / 110 + 0.5) / 2 + 0.05
