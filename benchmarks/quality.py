@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lesion", action="store_true", help="synthetic lesions (aax synth --kind lesion)")
     p.add_argument("--lesion-run", type=Path, default=None,
                    help="use this trained stride-32 RUN for the lesions (e.g. make demo's) instead of training")
+    p.add_argument("--lesion-run16", type=Path, default=None,
+                   help="with --lesion-run: a RUN trained at output stride 16 on the same data, for the "
+                        "'trained 16' rows (aax train --output-stride 16)")
     p.add_argument("--lesion-test", type=Path, default=None, help="the lesion test images (with --lesion-run)")
     p.add_argument("--busi", type=Path, default=None, help="BUSI manifest (aax data convert busi)")
     p.add_argument("--bsdata", type=Path, default=None, help="BSData manifest (aax data convert labelme)")
@@ -267,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "lesion" and args.lesion_run:
             run = Path(source)
             size = json.loads((run / "aax.json").read_text())["image_size"]
-            everything[name] = run_dataset(name, args.lesion_test, size, args, runs={32: run},
+            runs = {32: run, **({16: args.lesion_run16} if args.lesion_run16 else {})}
+            everything[name] = run_dataset(name, args.lesion_test, size, args, runs=runs,
                                            test=open_dataset(args.lesion_test))
         else:
             everything[name] = run_dataset(name, source, size, args)

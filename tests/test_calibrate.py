@@ -287,3 +287,25 @@ def test_each_positive_class_gets_its_own_tau_by_hand():
     assert chosen["n_masks"] == 2
     # one tau for both classes reaches at best (90/110 + 0.5) / 2, at 0.5
     assert chosen["iou_mean"] > (90 / 110 + 0.5) / 2 + 0.05
+
+
+CORNER = np.zeros((S, S), bool)
+CORNER[:16, :16] = True  # 256 px, off the centre: a centred box misses it
+ON_CORNER = np.where(CORNER, 0.9, 0.0).astype(np.float32)
+ELSEWHERE = np.zeros((S, S), np.float32)
+ELSEWHERE[48:, 48:] = 0.9  # as large, in the opposite corner
+
+
+@pytest.mark.parametrize("maps, beats", [(ON_CORNER, True), (ELSEWHERE, False)])
+def test_masks_are_compared_with_trivial_masks(run, tmp_path, maps, beats):
+    spec = {"p1.png": ("diseased", CORNER, [D, D, D], [0.01] * 3, [maps] * 3, True),
+            **{f"h{i}.png": ("healthy", None, [H, H, H], [0.0] * 3, BLANK, True) for i in range(2, 6)}}
+    result = calibrate(FakeEnsemble(spec=spec, run=run), fake_data(tmp_path, spec), write=False)
+    # by hand: the whole image is 256 / 4096; the centred box [16:48, 16:48] misses the corner
+    assert result["trivial"]["whole image"]["iou_mean"] == pytest.approx(256 / 4096)
+    assert result["trivial"]["centred box"]["iou_mean"] == pytest.approx(0.0)
+    assert result["iou_mean"] == pytest.approx(1.0 if beats else 0.0)
+    assert result["beats_trivial"] is beats
+    assert ("mask_warning" in result) is (not beats)
+    if not beats:
+        assert "whole image" in result["mask_warning"] and "0.062" in result["mask_warning"]

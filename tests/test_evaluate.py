@@ -141,6 +141,8 @@ def test_ensemble_and_members_scored_by_hand(data, tmp_path):
     assert e["n_masks"] == 2
     assert e["iou_mean"] == pytest.approx(0.5)  # A: 1 (TOP_HALF & TOP_LEFT > tau), B: 0 (flagged)
     assert e["iou_micro"] == pytest.approx(1024 / 2048)
+    # the masks it did give: A's only (B is flagged, so no mask)
+    assert e["n_masks_given"] == 1 and e["iou_mean_given"] == pytest.approx(1.0)
 
     r = result["members"]["resnet50"]
     assert r["accuracy"] == pytest.approx(0.5) and r["flag_rate"] == pytest.approx(0.25)
@@ -155,6 +157,7 @@ def test_ensemble_and_members_scored_by_hand(data, tmp_path):
     assert dn["accuracy"] == pytest.approx(0.5)  # C, D right
     assert dn["precision"] is None and dn["recall"] == 0.0
     assert dn["iou_mean"] == 0.0 and dn["pixel_precision"] is None
+    assert dn["n_masks_given"] == 0 and dn["iou_mean_given"] is None  # it gave no mask
 
     assert result["confusion"]["ensemble"] == [[1, 0, 1], [1, 1, 0]]
     assert result["errors"] == [{"image": str(data[4].image), "error": "cannot decode"}]

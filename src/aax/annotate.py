@@ -395,6 +395,18 @@ def run_fingerprint(ensemble: Ensemble) -> str:
     return digest.hexdigest()[:16]
 
 
+def mask_quality(ensemble: Ensemble) -> dict | None:
+    """What calibration measured of the masks on the run's validation masks: their mean
+    IoU, the trivial masks' (whole image, centred box) and whether the masks beat them;
+    None when the run was calibrated without masks."""
+    entry = (getattr(ensemble, "manifest", None) or {}).get("calibration") or {}
+    if entry.get("iou_mean") is None or not entry.get("trivial"):
+        return None
+    return {"validation_iou_mean": entry["iou_mean"],
+            "trivial_iou_mean": {k: v.get("iou_mean") for k, v in entry["trivial"].items()},
+            "beats_trivial": bool(entry.get("beats_trivial")), "warning": entry.get("mask_warning")}
+
+
 def annotate_to_folder(ensemble: Ensemble, source: str | os.PathLike, out: str | os.PathLike, *,
                        theta: float | None = None, tau: float | None = None,
                        mc_passes: int | None = None, batch_size: int | None = None,
@@ -450,6 +462,7 @@ def annotate_to_folder(ensemble: Ensemble, source: str | os.PathLike, out: str |
     from aax.review_list import write_review_list
 
     review = write_review_list(store)
-    summary = store.write_summary(review_list=review["files"], skipped_already_done=skipped)
+    summary = store.write_summary(review_list=review["files"], skipped_already_done=skipped,
+                                  mask_quality=mask_quality(ensemble))
     store.close()
     return summary

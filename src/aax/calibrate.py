@@ -50,8 +50,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from aax.decide import FUSIONS, OTSU, fuse, otsu_threshold
-from aax.evaluate import (_describe, _samples, annotate_with, ground_truth, no_labelled_images, open_data,
-                          paired, run_label_map)
+from aax.evaluate import (TRIVIAL_MASKS, _describe, _samples, annotate_with, ground_truth, no_labelled_images,
+                          open_data, paired, run_label_map, trivial_mask)
 from aax.metrics import MaskScores, ThetaSweep, risk_coverage, theta_candidates
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -72,6 +72,7 @@ class _ImageMasks:
     gt_pixels: int
     counts: dict[tuple[str, tuple[int, ...]], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     label: int = -1
+    trivial: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> TP, FP
 
 
 @dataclass
@@ -136,6 +137,9 @@ def collect(ensemble: Ensemble, data: Any, *, taus: Sequence[float] = TAU_GRID,
             continue  # (a bad mask is left out here; aax evaluate lists it)
         maps = [record.saliency[m.name] for m in record.members]
         entry = _ImageMasks(gt_pixels=int(gt.sum()), label=index[label])
+        for name in TRIVIAL_MASKS:
+            box = trivial_mask(name, gt.shape)
+            entry.trivial[name] = (int(np.count_nonzero(box & gt)), int(np.count_nonzero(box & ~gt)))
         # the member sets that can agree on this image, whatever theta turns out to be
         row = ThetaSweep.build(p[None], u[None], ensemble.negative_index, ensemble.quorum).agreeing[0]
         for subset in {s for s in row if s}:
@@ -149,6 +153,33 @@ def collect(ensemble: Ensemble, data: Any, *, taus: Sequence[float] = TAU_GRID,
     m, c = len(ensemble.members), len(classes)
     return Collected(labels=np.array(labels), probs=np.stack(probs).reshape(-1, m, c),
                      uncertainty=np.stack(unc).reshape(-1, m), masks=masks, taus=taus_arr, n_errors=n_errors)
+
+
+def trivial_scores(collected: Collected) -> dict[str, dict[str, Any]]:
+    """Mean and micro IoU of each trivial mask (:data:`aax.evaluate.TRIVIAL_MASKS`) over
+    the same validation images as the ensemble's masks."""
+    out = {}
+    for name in TRIVIAL_MASKS:
+        acc = MaskScores()
+        for entry in collected.masks.values():
+            tp, fp = entry.trivial[name]
+            acc.add_counts(tp, fp, entry.gt_pixels - tp)
+        out[name] = acc.result()
+    return out
+
+
+def trivial_warning(iou_mean: float | None, trivial: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """The warning to give when the ensemble's masks do not beat the best trivial mask on
+    validation data (None when they do, or without masks)."""
+    scored = {k: v["iou_mean"] for k, v in trivial.items() if v.get("iou_mean") is not None}
+    if iou_mean is None or not scored:
+        return None
+    name = max(scored, key=scored.get)  # type: ignore[arg-type]
+    if iou_mean > scored[name]:
+        return None
+    return (f"the masks do not beat a trivial {name} on the validation masks (mean IoU {iou_mean:.3f} vs "
+            f"{scored[name]:.3f}): use them as rough locations, not outlines, and review them; "
+            "docs/quality.md says what helps (--pretrained imagenet, a larger --image-size, more images)")
 
 
 def choose_theta(curve: Sequence[dict[str, Any]], max_flag_rate: float) -> tuple[dict[str, Any], bool]:
@@ -367,6 +398,11 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
                      "ensemble masks at that theta over tau_grid and Otsu's per-image threshold, for each "
                      "fusion, per positive class (ties: the intersection, a grid value, nearest the previous tau)",
     }
+    if best_tau is not None:
+        result["trivial"] = trivial_scores(collected)
+        result["beats_trivial"] = trivial_warning(best_tau["iou_mean"], result["trivial"]) is None
+        if not result["beats_trivial"]:
+            result["mask_warning"] = trivial_warning(best_tau["iou_mean"], result["trivial"])
     if not met:
         result["warning"] = (f"no theta keeps the flag rate at or below {max_flag_rate:g} on this data; "
                              f"took the lowest flag rate, {point['flag_rate']:.3f}")

@@ -275,6 +275,8 @@ class _Scorer:
         self.labels: list[str] = []
         self.predictions: dict[str, list[str]] = {n: [] for n in [ENSEMBLE, *names]}
         self.masks: dict[str, MaskScores] = {n: MaskScores() for n in [ENSEMBLE, *names]}
+        # the masks a method did give (the images it annotated), as a user receives them
+        self.given: dict[str, MaskScores] = {n: MaskScores() for n in [ENSEMBLE, *names]}
         self.trivial: dict[str, MaskScores] = {n: MaskScores() for n in TRIVIAL_MASKS}
         self.probs: list[np.ndarray] = []
         self.uncertainty: list[np.ndarray] = []
@@ -315,6 +317,8 @@ class _Scorer:
             self.has_masks = True
             for name, pred in preds.items():
                 ious[name] = self.masks[name].add(pred, gt)
+                if pred is not None:
+                    self.given[name].add(pred, gt)
             for name, scores in self.trivial.items():
                 scores.add(trivial_mask(name, gt.shape), gt)
 
@@ -372,6 +376,8 @@ class _Scorer:
         m = classification_metrics(self.labels, self.predictions[name], self.positive)
         if self.has_masks:
             m.update(self.masks[name].result())
+            given = self.given[name].result()
+            m["iou_mean_given"], m["n_masks_given"] = given["iou_mean"], given["n_masks"]
         return m
 
 
@@ -579,14 +585,18 @@ def tables_markdown(result: dict[str, Any]) -> str:
         n_masks = result["ensemble"].get("n_masks", 0)
         out += ["## Masks (paper tables 2 and 4)", "",
                 f"On the {n_masks} positive images with a ground-truth mask; an image without a "
-                "predicted mask scores IoU 0. Mean = average of per-image IoU; micro = summed "
-                "intersection / summed union.", "",
-                "| Method | IoU mean (%) | IoU micro (%) | Pixel precision (%) | Pixel recall (%) | Pixel F1 (%) |",
-                "|---|---:|---:|---:|---:|---:|"]
+                "predicted mask (called negative, or flagged) scores IoU 0. Mean = average of per-image "
+                "IoU; micro = summed intersection / summed union. 'Given' = mean IoU of the masks the "
+                "method did give, on the images it annotated (n of them): what a reviewer receives.", "",
+                "| Method | IoU mean (%) | IoU micro (%) | Pixel precision (%) | Pixel recall (%) | Pixel F1 (%) "
+                "| IoU given (%) (n) |",
+                "|---|---:|---:|---:|---:|---:|---:|"]
         trivial = [(f"{name} (trivial)", m) for name, m in (result.get("trivial") or {}).items()]
         for label, m in rows + trivial:
+            given = f"{_pct(m['iou_mean_given'])} ({m['n_masks_given']})" if "n_masks_given" in m else ""
             out.append(f"| {label} | {_pct(m.get('iou_mean'))} | {_pct(m.get('iou_micro'))} "
-                       f"| {_pct(m.get('pixel_precision'))} | {_pct(m.get('pixel_recall'))} | {_pct(m.get('pixel_f1'))} |")
+                       f"| {_pct(m.get('pixel_precision'))} | {_pct(m.get('pixel_recall'))} | {_pct(m.get('pixel_f1'))} "
+                       f"| {given} |")
         out.append("")
     else:
         out += ["No ground-truth masks in this data: no IoU tables.", ""]

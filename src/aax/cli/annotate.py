@@ -81,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
     if summary.get("skipped_already_done"):
         print(f"resumed: {summary['skipped_already_done']} images were already done and were skipped",
               file=sys.stderr)
+    quality = summary.get("mask_quality") or {}
+    if quality.get("warning"):
+        print(f"WARNING: {quality['warning']}", file=sys.stderr)
     flagged = summary["decisions"].get("review", 0)
     print(f"annotations: {args.out}/annotations.sqlite, masks: {args.out}/masks/", file=sys.stderr)
     print(f"review list ({flagged} flagged images, most uncertain first): {summary['review_list'][0]}",

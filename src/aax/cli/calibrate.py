@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
               f"{prev['fusion']}): mean IoU {_pct(result['iou_mean'])} on {result['n_masks']} masks")
     else:
         print(f"tau = {tau_text(result['tau'])} (no ground-truth masks; was {tau_text(prev['tau'])})")
+    print_trivial(result)
     print_novelty(result.get("novelty"))
     if result.get("warning"):
         print(f"warning: {result['warning']}", file=sys.stderr)
@@ -78,6 +79,17 @@ def run(args: argparse.Namespace) -> int:
 
 def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def print_trivial(result: dict) -> None:
+    """The trivial masks' IoU beside the ensemble's, and the warning when they win."""
+    trivial = result.get("trivial")
+    if not trivial:
+        return
+    print("trivial masks on the same images: " + ", ".join(
+        f"{name} {_pct(v.get('iou_mean'))}" for name, v in trivial.items()))
+    if result.get("mask_warning"):
+        print(f"WARNING: {result['mask_warning']}", file=sys.stderr)
 
 
 def print_novelty(block: dict | None) -> None:

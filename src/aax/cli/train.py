@@ -147,8 +147,9 @@ def _after_training(run: Path, args: argparse.Namespace) -> None:
         return
     print(f"calibrated on the validation split: theta {result['theta']:.4g}, "
           f"tau {result['tau']}")
-    from aax.cli.calibrate import print_novelty
+    from aax.cli.calibrate import print_novelty, print_trivial
 
+    print_trivial(result)
     print_novelty(result.get("novelty"))
 
 
