@@ -317,3 +317,28 @@ def test_ctrl_c_says_how_many_are_stored_and_how_to_resume(trained_run, input_di
     assert "were already done and were skipped" in capsys.readouterr().err
     total = sqlite3.connect(out / "annotations.sqlite").execute("SELECT COUNT(*) FROM annotations").fetchone()[0]
     assert total == len(image_files(input_dir))
+
+
+def test_masks_that_lose_to_a_trivial_mask_are_said_at_the_end(trained_run, input_dir, tmp_path, capsys):
+    """A run whose calibration found its masks no better than a centred box: annotate
+    carries that into summary.json and warns; a run without that finding stays quiet."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    manifest = json.loads((run / "aax.json").read_text())
+    calibration = dict(manifest.get("calibration") or {})
+    calibration.update(iou_mean=0.1, beats_trivial=False, mask_warning="the masks do not beat a trivial centred box",
+                       trivial={"whole image": {"iou_mean": 0.05}, "centred box": {"iou_mean": 0.2}})
+    (run / "aax.json").write_text(json.dumps({**manifest, "calibration": calibration}))
+    out = tmp_path / "out"
+    run_cli(run, input_dir / "diseased", "--out", out, "--workers", "0")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mask_quality"] == {"validation_iou_mean": 0.1, "beats_trivial": False,
+                                       "trivial_iou_mean": {"whole image": 0.05, "centred box": 0.2},
+                                       "warning": "the masks do not beat a trivial centred box"}
+    assert "WARNING: the masks do not beat a trivial centred box" in capsys.readouterr().err
+
+    calibration.update(beats_trivial=True, mask_warning=None)
+    (run / "aax.json").write_text(json.dumps({**manifest, "calibration": calibration}))
+    run_cli(run, input_dir / "diseased", "--out", tmp_path / "out2", "--workers", "0")
+    assert json.loads((tmp_path / "out2" / "summary.json").read_text())["mask_quality"]["beats_trivial"] is True
+    assert "WARNING" not in capsys.readouterr().err
