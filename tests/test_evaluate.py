@@ -88,8 +88,8 @@ class FakeEnsemble:
         self.calls = []
 
     def annotate(self, images, *, theta=None, tau=None, mc_passes=None, batch_size=16,
-                 keep_saliency=False, keep_preview=False, workers=None):
-        self.calls.append({"theta": theta, "tau": tau, "keep_saliency": keep_saliency})
+                 keep_saliency=False, keep_preview=False, workers=None, novelty=True):
+        self.calls.append({"theta": theta, "tau": tau, "keep_saliency": keep_saliency, "novelty": novelty})
         theta = self.theta if theta is None else theta
         tau = self.tau if tau is None else tau
         for item in images:
@@ -132,6 +132,7 @@ def test_ensemble_and_members_scored_by_hand(data, tmp_path):
     ens = FakeEnsemble()
     result = evaluate(ens, data, out=tmp_path / "ev", report=False)
     assert ens.calls[0]["keep_saliency"] is True and len(ens.calls) == 1  # one annotate pass
+    assert ens.calls[0]["novelty"] is True  # the run's novelty step, as annotate applies it
     e = result["ensemble"]
     assert e["n"] == 4 and result["settings"]["n_errors"] == 1
     assert e["accuracy"] == pytest.approx(0.5)  # A, C right; B flagged; D wrong
@@ -375,3 +376,10 @@ def test_trivial_masks_are_what_they_say():
     assert TRIVIAL_MASKS == ("whole image", "centred box")
     with pytest.raises(ValueError, match="unknown trivial mask"):
         trivial_mask("circle", (4, 4))
+
+
+def test_no_novelty_evaluates_the_papers_protocol(data, tmp_path):
+    ens = FakeEnsemble()
+    result = evaluate(ens, data, report=False, novelty=False)
+    assert [c["novelty"] for c in ens.calls] == [False]
+    assert result["settings"]["novelty"] is None

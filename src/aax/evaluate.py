@@ -445,7 +445,7 @@ def evaluate(ensemble: Ensemble, data: Any, *, unseen: Any = None, theta: float 
              tau: Tau | None = None, out: str | os.PathLike | None = None,
              mc_passes: int | None = None, batch_size: int | None = None, report: bool = True,
              max_examples: int = 8, workers: int | None = None,
-             label_map: Mapping[str, str] | None = None) -> dict[str, Any]:
+             label_map: Mapping[str, str] | None = None, novelty: bool = True) -> dict[str, Any]:
     """Score the ensemble and each member alone on labelled ``data``.
 
     Args:
@@ -462,6 +462,8 @@ def evaluate(ensemble: Ensemble, data: Any, *, unseen: Any = None, theta: float 
         max_examples: rows of the report's example grid.
         label_map: renames the labels of ``data`` as it is read (``{"tb": "diseased"}``);
             default: the map the run was trained with.
+        novelty: apply the run's novelty step (False: the paper's protocol alone, as its
+            tables were made; the novelty scores are still reported with ``unseen``).
 
     Returns:
         The content of ``metrics.json`` (``members``, ``ensemble``, ``settings``,
@@ -478,7 +480,8 @@ def evaluate(ensemble: Ensemble, data: Any, *, unseen: Any = None, theta: float 
     scorer = _Scorer(names, classes, negative, theta, tau, max_examples if (out is not None and report) else 0)
     want_preview = out is not None and report and max_examples > 0
     records = annotate_with(ensemble, dataset, saliency=True, preview=want_preview, theta=theta, tau=tau,
-                            mc_passes=mc_passes, batch_size=batch_size, workers=workers)
+                            mc_passes=mc_passes, batch_size=batch_size, workers=workers,
+                            novelty=None if novelty else False)
     for sample, record in paired(_samples(dataset), records):
         scorer.add(sample, record)
     if not scorer.labels:
@@ -502,7 +505,7 @@ def evaluate(ensemble: Ensemble, data: Any, *, unseen: Any = None, theta: float 
             "run": str(getattr(ensemble, "run", "")), "data": _describe(data),
             "classes": classes, "negative_class": negative, "n_images": len(scorer.rows),
             "n_errors": len(errors), "has_masks": scorer.has_masks,
-            "novelty": _novelty_settings(ensemble),
+            "novelty": _novelty_settings(ensemble) if novelty else None,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         },
         "confusion": {
@@ -517,7 +520,8 @@ def evaluate(ensemble: Ensemble, data: Any, *, unseen: Any = None, theta: float 
     if unseen is not None:
         unseen_images = open_images(unseen)
         unseen_records = list(annotate_with(ensemble, unseen_images, saliency=False, theta=theta, tau=tau,
-                                            mc_passes=mc_passes, batch_size=batch_size, workers=workers))
+                                            mc_passes=mc_passes, batch_size=batch_size, workers=workers,
+                                            novelty=None if novelty else False))
         seen_flagged = np.array([p == REVIEW for p in scorer.predictions[ENSEMBLE]])
         summary, rows = open_set(unc, seen_flagged, unseen_records, names, theta, int(ensemble.quorum))
         summary["data"] = _describe(unseen)

@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="images per batch (default: chosen for the device and input size)")
     p.add_argument("--no-report", action="store_true", help="skip report.html")
+    p.add_argument("--no-novelty", dest="novelty", action="store_false",
+                   help="skip the novelty step: the paper's protocol alone, as its tables were made "
+                        "(novelty scores are still compared with --unseen)")
     add_label_map_argument(p)
     add_device_argument(p)
     p.set_defaults(func=run)
@@ -41,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         ensemble = Ensemble.load(args.run, device=args.device)
         result = evaluate(ensemble, args.data, unseen=args.unseen, theta=args.theta, tau=args.tau,
                           out=args.out, mc_passes=args.mc_passes, batch_size=args.batch_size,
-                          report=not args.no_report, label_map=args.label_map)
+                          report=not args.no_report, label_map=args.label_map, novelty=args.novelty)
     except (FileNotFoundError, ValueError) as exc:
         print(f"aax evaluate: {exc}", file=sys.stderr)
         return 2
