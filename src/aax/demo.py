@@ -89,6 +89,12 @@ def run_demo(out: str | os.PathLike = "demo-run", config: DemoConfig | None = No
     calibration = calibrate_run(run, ensemble=ensemble)
     ensemble = Ensemble.load(run, device=config.device)  # with the calibrated settings
     step(f"    theta = {ensemble.theta:.4g}, tau = {ensemble.tau}")
+    if calibration.get("trivial"):
+        trivial = ", ".join(f"{k} {100 * v['iou_mean']:.1f} %" for k, v in calibration["trivial"].items()
+                            if v.get("iou_mean") is not None)
+        step(f"    validation masks: mean IoU {100 * calibration['iou_mean']:.1f} % ({trivial})")
+        if calibration.get("mask_warning"):
+            step(f"    WARNING: {calibration['mask_warning']}")
 
     step("4/6 annotating the held-out images")
     annotations = out / "annotations"
