@@ -7,7 +7,9 @@ is split into train+validation and a held-out test part. The ensemble is trained
 output stride 32 and at 16 (small, from-scratch runs: see the printed settings), and for
 each lever:
 
-- the map settings are set (:class:`aax.maps.MapOptions`),
+- the map settings are set (:class:`aax.maps.MapOptions`; the "patch maps" levers use
+  the patch-feature novelty maps of :mod:`aax.patch_maps`, with a bank fitted from the
+  run's negative training images when the run has none),
 - theta, tau and the fusion are calibrated on the run's validation split
   (:func:`aax.calibrate.calibrate`, nothing written to the RUN),
 - the test part is evaluated (:func:`aax.evaluate.evaluate`): each member alone vs AAX,
@@ -44,6 +46,7 @@ from aax.data.transforms import prepare
 from aax.ensemble import Ensemble
 from aax.evaluate import evaluate
 from aax.maps import MapOptions
+from aax.patch_maps import fit_run as fit_patches
 from aax.metrics import MaskScores
 from aax.train import TrainConfig, train
 
@@ -55,6 +58,8 @@ LEVERS: list[tuple[str, int, dict[str, Any]]] = [
     ("32 -> map 8 (2 passes)", 32, dict(class_stride=32, map_stride=8)),
     ("trained 16", 16, dict(class_stride=16, map_stride=16)),
     ("trained 16 -> map 8", 16, dict(class_stride=16, map_stride=8)),
+    ("patch maps (trained 32)", 32, dict(class_stride=32, map_stride=32, source="patch")),
+    ("patch maps (trained 16)", 16, dict(class_stride=16, map_stride=16, source="patch")),
 ]
 
 
@@ -131,7 +136,8 @@ def run_lever(ensemble: Ensemble, val: Any, test: Any, options: MapOptions, args
               fusions: tuple[str, ...] = ("min", "mean", "vote"), tau: Any = None) -> dict[str, Any]:
     ensemble.maps = options
     ensemble.theta, ensemble.tau = 0.1, 0.5
-    cal = calibrate(ensemble, val, write=False, fusions=fusions, mc_passes=args.mc_passes)
+    cal = calibrate(ensemble, val, write=False, fusions=fusions, mc_passes=args.mc_passes,
+                    sources=(options.source,))
     ensemble.theta = cal["theta"]
     ensemble.tau = cal["tau"] if tau is None else tau
     ensemble.maps = options.replace(fusion=cal["fusion"])
@@ -177,6 +183,14 @@ def run_dataset(name: str, source: Any, image_size: int, args: argparse.Namespac
             print(f"trained stride {stride} in {time.perf_counter() - t0:.0f} s", flush=True)
         runs[stride] = run
     negative = None
+    for stride in {lv[1] for lv in wanted if lv[2].get("source") == "patch"}:
+        ensemble = Ensemble.load(runs[stride], device="cpu")
+        if ensemble.patches is None:  # the negative training images' patches (aax.patch_maps)
+            # the training split only (its indices are into trainval): validation stays unseen
+            split = ensemble.manifest["data"].get("train_indices") or []
+            negatives = [str(trainval[int(i)].image) for i in split if len(trainval) > int(i)
+                         and trainval[int(i)].label == ensemble.negative_class] or None
+            print(f"patch bank for stride {stride}: {fit_patches(ensemble, negatives)}", flush=True)
     for lever, stride, opts in wanted:
         ensemble = Ensemble.load(runs[stride], device="cpu")
         negative = ensemble.negative_class

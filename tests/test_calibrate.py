@@ -93,7 +93,8 @@ def test_writes_manifest_and_curve(run, tmp_path):
     assert manifest["theta"] == result["theta"] and manifest["tau"] == result["tau"]
     assert manifest["other"] == {"kept": True}  # the rest of the manifest is untouched
     cal = manifest["calibration"]
-    assert cal["previous"] == {"theta": 0.1, "tau": 0.9, "fusion": "min"}
+    assert cal["previous"] == {"theta": 0.1, "tau": 0.9, "fusion": "min", "source": "cam"}
+    assert cal["source"] == "cam" and [r["source"] for r in cal["sources"]] == ["cam"]  # no patch bank
     assert manifest["maps"] == {"fusion": result["fusion"]} and result["fusion"] == "min"
     assert cal["n"] == 10 and cal["n_candidates"] == 8 and "date" in cal
     assert "risk_coverage" not in cal  # the curve lives in its own file

@@ -64,14 +64,17 @@ class AnnotateSettings:
     def from_ensemble(cls, ensemble: Ensemble, theta: float | None = None, tau: float | str | None = None,
                       mc_passes: int | None = None, novelty: bool = True) -> AnnotateSettings:
         tau = ensemble.tau if tau is None else tau
+        maps = getattr(ensemble, "maps", None) or MapOptions()
+        if maps.source == "patch" and not getattr(ensemble, "patches", None):
+            raise ValueError(f"{getattr(ensemble, 'run', 'the run')}: the 'patch' map source needs the run's patch "
+                             f"bank (patches.npz), which `aax calibrate RUN` makes")
         scorer = getattr(ensemble, "novelty", None)
         step = ({"score": scorer.score, "thresholds": scorer.member_thresholds()}
                 if novelty and scorer is not None and scorer.ready else None)
         return cls(theta=float(ensemble.theta if theta is None else theta),
                    tau=dict(tau) if isinstance(tau, dict) else (tau if tau == OTSU else float(tau)),
                    mc_passes=int(ensemble.mc_passes if mc_passes is None else mc_passes),
-                   quorum=int(ensemble.quorum), novelty=step,
-                   maps=getattr(ensemble, "maps", None) or MapOptions())
+                   quorum=int(ensemble.quorum), novelty=step, maps=maps)
 
 
 @dataclass
@@ -433,6 +436,8 @@ def annotate_to_folder(ensemble: Ensemble, source: str | os.PathLike, out: str |
                    **dataclasses.asdict(settings)}
     if fingerprint["novelty"] is None:  # as folders made before the step existed
         del fingerprint["novelty"]
+    if fingerprint["maps"].get("source") == "cam":  # as folders made before patch maps existed
+        del fingerprint["maps"]["source"]
     store = AnnotationStore(out, fingerprint, input_root=root, overwrite=overwrite)
     done = store.done()
     render = (lambda r: render_record(r, settings.tau_for(r.decision), settings.theta)) if save_saliency else None

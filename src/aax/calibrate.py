@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from aax.decide import FUSIONS, OTSU, fuse, otsu_threshold
+from aax.patch_maps import SOURCES
 from aax.evaluate import (TRIVIAL_MASKS, _describe, _samples, annotate_with, ground_truth, no_labelled_images,
                           open_data, paired, run_label_map, trivial_mask)
 from aax.metrics import MaskScores, ThetaSweep, risk_coverage, theta_candidates
@@ -297,6 +298,10 @@ def _scores_at(collected: Collected, sweep: ThetaSweep, theta: float, fusion: st
     return acc.result()
 
 
+def _brief(chosen: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: chosen[k] for k in ("fusion", "tau", "iou_mean", "iou_micro", "n_masks")}
+
+
 def _one_tau(tau: Any) -> float:
     """A per-class tau's mean, for breaking ties (Otsu counts as 0.5)."""
     if isinstance(tau, dict):
@@ -319,7 +324,8 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
               data_name: str | None = None, label_map: Mapping[str, str] | None = None,
               novelty: bool = True, novelty_score: str | None = None,
               novelty_pass_rate: float | None = None, fusions: Sequence[str] = FUSIONS,
-              tau_without_masks: float | str | None = None) -> dict[str, Any]:
+              tau_without_masks: float | str | None = None, patches: bool = True,
+              sources: Sequence[str] = SOURCES) -> dict[str, Any]:
     """Choose theta (and tau, where ground-truth masks exist) on validation data.
 
     Args:
@@ -344,6 +350,12 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
             paper's intersection).
         tau_without_masks: the tau to set when the data has no masks (``"otsu"``: each
             image's own Otsu threshold); None leaves the run's tau.
+        patches: with ``write``, first fit and store the run's patch bank
+            (:func:`aax.patch_maps.fit_run`, from the negative training images).
+        sources: the map sources to choose from where masks exist (``"patch"`` only
+            when the run has a patch bank); each is calibrated as above and the one with
+            the best mean IoU is kept (ties: the first listed). Without masks the run's
+            source is kept.
 
     Returns:
         The calibration entry: ``theta``, ``tau``, ``previous``, ``n``, ``n_errors``,
@@ -357,18 +369,45 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
         raise ValueError(f"max_flag_rate must be in [0, 1], got {max_flag_rate}")
     ensemble = _load(ensemble_or_run, device)
     k = int(ensemble.mc_passes if mc_passes is None else mc_passes)
+    patch_block = None
+    if write and patches and getattr(ensemble, "run", None) is not None and hasattr(ensemble, "manifest"):
+        from aax.patch_maps import fit_run as fit_patches
+
+        patch_block = fit_patches(ensemble)
+    maps = getattr(ensemble, "maps", None)
+    previous_source = getattr(maps, "source", "cam")
+    label_map = run_label_map(ensemble) if label_map is None else label_map
     collected = collect(ensemble, valdata, taus=taus, mc_passes=k, batch_size=batch_size, workers=workers,
-                        label_map=run_label_map(ensemble) if label_map is None else label_map,
-                        fusions=fusions)
+                        label_map=label_map, fusions=fusions)
     sweep = ThetaSweep.build(collected.probs, collected.uncertainty, ensemble.negative_index, ensemble.quorum)
     candidates = theta_candidates(collected.uncertainty, default=float(ensemble.theta))
     curve = risk_coverage(sweep, collected.labels, candidates)
     point, met = choose_theta(curve, max_flag_rate)
     theta = settle_theta(point["theta"], collected.uncertainty)
     previous_tau = ensemble.tau  # a float, or one per class (kept as is when no masks)
-    maps = getattr(ensemble, "maps", None)
     previous_fusion = getattr(maps, "fusion", "min")
     best_tau = choose_masks(collected, sweep, theta, ensemble.classes, previous_tau, fusions)
+    source, by_source = previous_source, []
+    if best_tau is not None:
+        by_source.append({"source": previous_source, **_brief(best_tau)})
+        for other in [s for s in sources if s != previous_source]:
+            if other == "patch" and not getattr(ensemble, "patches", None):
+                continue
+            ensemble.maps = maps.replace(source=other)
+            try:
+                # the class decisions do not depend on the source: only the masks are recounted
+                again = collect(ensemble, valdata, taus=taus, mc_passes=k, batch_size=batch_size,
+                                workers=workers, label_map=label_map, fusions=fusions)
+            finally:
+                ensemble.maps = maps
+            chosen = choose_masks(again, sweep, theta, ensemble.classes, previous_tau, fusions)
+            if chosen is None:
+                continue
+            by_source.append({"source": other, **_brief(chosen)})
+            order = {s: i for i, s in enumerate(sources)}
+            if (chosen["iou_mean"] or 0.0, -order.get(other, 99)) > (best_tau["iou_mean"] or 0.0,
+                                                                    -order.get(source, 99)):
+                best_tau, source, collected = chosen, other, again
     taus_curve = [] if best_tau is None else best_tau["tau_curve"]
     if best_tau is not None:
         tau, fusion = best_tau["tau"], best_tau["fusion"]
@@ -378,9 +417,11 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
 
     result: dict[str, Any] = {
         "theta": theta, "tau": tau, "theta_candidate": point["theta"],
-        "fusion": fusion,
-        "previous": {"theta": float(ensemble.theta), "tau": previous_tau, "fusion": previous_fusion},
+        "fusion": fusion, "source": source,
+        "previous": {"theta": float(ensemble.theta), "tau": previous_tau, "fusion": previous_fusion,
+                     "source": previous_source},
         "fusions": None if best_tau is None else best_tau["fusions"],
+        "sources": by_source or None,
         "data": data_name or _describe(valdata), "n": int(len(collected.labels)), "n_errors": collected.n_errors,
         "mc_passes": k, "max_flag_rate": max_flag_rate, "constraint_met": met,
         "accuracy": point["accuracy"], "accuracy_kept": point["accuracy_kept"],
@@ -406,6 +447,8 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
     if not met:
         result["warning"] = (f"no theta keeps the flag rate at or below {max_flag_rate:g} on this data; "
                              f"took the lowest flag rate, {point['flag_rate']:.3f}")
+    if patch_block is not None:
+        result["patches"] = patch_block
     run = getattr(ensemble, "run", None)
     if write:
         if run is None:
@@ -455,6 +498,10 @@ def write_calibration(run: Path, result: dict[str, Any]) -> Path:
     manifest["theta"], manifest["tau"] = result["theta"], result["tau"]
     if result.get("fusion") is not None:
         manifest["maps"] = {**(manifest.get("maps") or {}), "fusion": result["fusion"]}
+    if result.get("source") is not None:
+        manifest["maps"] = {**(manifest.get("maps") or {}), "source": result["source"]}
+        if result["source"] == "cam":
+            manifest["maps"].pop("source")  # the default, as runs made before the option
     manifest["calibration"] = entry
     _atomic_write(manifest_path, json.dumps(manifest, indent=2) + "\n")
     return manifest_path

@@ -101,6 +101,7 @@ class Ensemble:
     device: torch.device = torch.device("cpu")
     channels_last: bool = False
     novelty: Any = field(default=None, repr=False)  # aax.novelty.Novelty, or None (no features)
+    patches: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # aax.patch_maps banks
     maps: MapOptions = field(default_factory=MapOptions)
 
     @classmethod
@@ -153,6 +154,7 @@ class Ensemble:
             quorum=int(manifest.get("quorum", len(members) // 2 + 1)),
             manifest=manifest, run=run, device=dev, channels_last=channels_last,
             novelty=_novelty(run, manifest, list(members), dev),
+            patches=_patches(run, manifest, list(members), dev),
             maps=MapOptions.from_dict(manifest.get("maps"), _train_stride(manifest)))
 
     # -- annotation: thin wrappers over aax.annotate --------------------------------
@@ -189,6 +191,16 @@ def _novelty(run: Path, manifest: dict[str, Any], names: list[str], device: torc
         warnings.warn(f"{run}: novelty features but no thresholds; the novelty step is skipped. "
                       f"Set them with `aax calibrate {run}`", stacklevel=3)
     return found
+
+
+def _patches(run: Path, manifest: dict[str, Any], names: list[str], device: torch.device) -> Any:
+    """The run's patch banks (:func:`aax.patch_maps.load_banks`), or None."""
+    from aax.patch_maps import load_banks
+
+    try:
+        return load_banks(run, manifest, names, device)
+    except ValueError as exc:
+        raise _fail(run, str(exc)) from exc
 
 
 def _train_stride(manifest: dict[str, Any]) -> int:

@@ -16,7 +16,10 @@ them):
   uses these views;
 * ``fusion``: how the agreeing members' maps become one mask (:mod:`aax.decide`):
   ``min`` (the paper's intersection), ``mean`` or ``vote`` (a pixel is in the mask when
-  at least ``quorum`` maps exceed tau).
+  at least ``quorum`` maps exceed tau);
+* ``source``: ``"cam"`` (XGrad-CAM, the paper's) or ``"patch"``: each member's
+  patch-feature novelty map (:mod:`aax.patch_maps`; needs the run's patch bank). The
+  strides and TTA above apply to CAMs only; patch maps come from the class pass's stride.
 
 The torch functions here mirror the NumPy reference in :mod:`aax.decide` (tested equal).
 """
@@ -34,6 +37,7 @@ from torch.nn import functional as F
 from aax.decide import FUSIONS
 from aax.explain import XGradCAM, normalise, upsample
 from aax.members import OUTPUT_STRIDES, Member
+from aax.patch_maps import SOURCES, distance_maps, patch_features
 
 if TYPE_CHECKING:  # pragma: no cover
     from aax.ensemble import Ensemble
@@ -52,6 +56,7 @@ class MapOptions:
     tta_scales: tuple[float, ...] = (1.0,)
     tta_flip: bool = False
     fusion: str = "min"
+    source: str = "cam"
     _views: tuple[tuple[float, bool], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -63,6 +68,8 @@ class MapOptions:
             raise ValueError(f"tta_scales must be a non-empty list of scales in [0.25, 4], got {self.tta_scales}")
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
         object.__setattr__(self, "tta_scales", scales)
         views = tuple((s, f) for s in scales for f in ((False, True) if self.tta_flip else (False,)))
         object.__setattr__(self, "_views", views)
@@ -78,9 +85,14 @@ class MapOptions:
         return self.views != ((1.0, False),)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form (``RUN/aax.json["maps"]``)."""
-        return {"class_stride": self.class_stride, "map_stride": self.map_stride,
-                "tta_scales": list(self.tta_scales), "tta_flip": self.tta_flip, "fusion": self.fusion}
+        """The JSON form (``RUN/aax.json["maps"]``). The source is left out when it is
+        the paper's (``"cam"``), so that annotation folders made before the option
+        existed still match their settings and resume."""
+        out = {"class_stride": self.class_stride, "map_stride": self.map_stride,
+               "tta_scales": list(self.tta_scales), "tta_flip": self.tta_flip, "fusion": self.fusion}
+        if self.source != "cam":
+            out["source"] = self.source
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None, train_stride: int = 32) -> MapOptions:
@@ -90,7 +102,7 @@ class MapOptions:
         class_stride = int(data.get("class_stride", train_stride))
         return cls(class_stride=class_stride, map_stride=int(data.get("map_stride", class_stride)),
                    tta_scales=tuple(data.get("tta_scales", (1.0,))), tta_flip=bool(data.get("tta_flip", False)),
-                   fusion=str(data.get("fusion", "min")))
+                   fusion=str(data.get("fusion", "min")), source=str(data.get("source", "cam")))
 
     def replace(self, **changes: Any) -> MapOptions:
         """A copy with ``changes``."""
@@ -172,14 +184,36 @@ def member_maps(member: Member, x: torch.Tensor, features: torch.Tensor, cam_cla
 def saliency_maps(ensemble: Ensemble, x: torch.Tensor, features: Sequence[torch.Tensor],
                   cam_class: torch.Tensor, options: MapOptions, autocast: Any = None,
                   shared: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
-    """Every member's raw maps, ``[B, M, h, w]`` (see :func:`member_maps`)."""
+    """Every member's raw maps, ``[B, M, h, w]`` (see :func:`member_maps`; with
+    ``options.source == "patch"``, :func:`patch_member_maps`)."""
     shared = shared or {}
-    maps = [member_maps(member, x, a, cam_class, options, autocast, shared.get(id(member)))
-            for member, a in zip(ensemble.members.values(), features)]
+    if options.source == "patch":
+        maps = [patch_member_maps(ensemble, name, member, x, options, autocast)
+                for name, member in ensemble.members.items()]
+    else:
+        maps = [member_maps(member, x, a, cam_class, options, autocast, shared.get(id(member)))
+                for member, a in zip(ensemble.members.values(), features)]
     size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
     # members can differ in resolution only when one cannot reach the stride; not so today
     maps = [m if m.shape[-2:] == size else upsample(m, tuple(size)) for m in maps]
     return torch.stack(maps, dim=1)
+
+
+def patch_member_maps(ensemble: Ensemble, name: str, member: Member, x: torch.Tensor, options: MapOptions,
+                      autocast: Any = None) -> torch.Tensor:
+    """One member's patch-feature novelty maps ``[B, h, w]`` (:mod:`aax.patch_maps`), at
+    the class pass's stride.
+
+    Raises:
+        ValueError: the run has no patch bank.
+    """
+    banks = getattr(ensemble, "patches", None)
+    if not banks or name not in banks:
+        raise ValueError(f"{getattr(ensemble, 'run', 'this run')}: no patch bank for the 'patch' map source; "
+                         f"make one with `aax calibrate RUN`")
+    with output_stride(member, options.class_stride), (autocast or contextlib.nullcontext()):
+        features = patch_features(member, x)
+    return distance_maps(features.float(), banks[name])
 
 
 def fuse_maps(maps: torch.Tensor, fusion: str = "min", votes: int = 2) -> torch.Tensor:

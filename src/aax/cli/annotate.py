@@ -24,6 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="output stride of the pass the maps come from (default: the RUN's)")
     p.add_argument("--fusion", choices=["min", "mean", "vote"], default=None,
                    help="how agreeing members' maps form the mask (default: the RUN's; min = intersection)")
+    p.add_argument("--map-source", choices=["cam", "patch"], default=None,
+                   help="the maps masks are fused from: cam = XGrad-CAM (the paper's), patch = where the "
+                        "features are far from every patch of the negative training images (needs the "
+                        "RUN's patch bank, which `aax calibrate` makes; docs/quality.md). Default: the RUN's")
     p.add_argument("--tta-scales", type=positive_float, nargs="+", default=None, metavar="S",
                    help="CAM test-time augmentation: input scales whose maps are averaged, e.g. 1 1.5 2")
     p.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
@@ -62,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
     ensemble = Ensemble.load(args.run, device=args.device, channels_last=args.channels_last)
     changes = {k: v for k, v in (("map_stride", args.map_stride), ("fusion", args.fusion),
+                                 ("source", args.map_source),
                                  ("tta_scales", args.tta_scales), ("tta_flip", args.tta_flip)) if v is not None}
     ensemble.maps = ensemble.maps.replace(**changes)
     try:

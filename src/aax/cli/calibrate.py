@@ -65,11 +65,18 @@ def run(args: argparse.Namespace) -> int:
     print(f"theta = {result['theta']:.4g} (was {prev['theta']:.4g}): accuracy on kept images "
           f"{_pct(result['accuracy_kept'])}, flag rate {_pct(result['flag_rate'])} on {result['n']} images")
     if result["iou_mean"] is not None:
-        print(f"tau = {tau_text(result['tau'])}, fusion {result['fusion']} (was {tau_text(prev['tau'])}, "
-              f"{prev['fusion']}): mean IoU {_pct(result['iou_mean'])} on {result['n_masks']} masks")
+        print(f"tau = {tau_text(result['tau'])}, fusion {result['fusion']}, {result.get('source', 'cam')} maps "
+              f"(was {tau_text(prev['tau'])}, {prev['fusion']}, {prev.get('source', 'cam')}): mean IoU "
+              f"{_pct(result['iou_mean'])} on {result['n_masks']} masks")
+        for row in result.get("sources") or []:
+            print(f"  {row['source']} maps: mean IoU {_pct(row['iou_mean'])} ({row['fusion']}, "
+                  f"tau {tau_text(row['tau'])})")
     else:
         print(f"tau = {tau_text(result['tau'])} (no ground-truth masks; was {tau_text(prev['tau'])})")
     print_trivial(result)
+    patches = result.get("patches") or {}
+    if "skipped" in patches:
+        print(f"patch bank: not made ({patches['skipped']})", file=sys.stderr)
     print_novelty(result.get("novelty"))
     if result.get("warning"):
         print(f"warning: {result['warning']}", file=sys.stderr)
