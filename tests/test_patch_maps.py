@@ -103,3 +103,31 @@ def test_bank_is_stored_with_the_run_and_drives_the_masks(trained_run, lesion_di
     np.savez(run / FILE, **{n: b for n, b in list(banks.items())[:1]})
     with pytest.raises(ValueError, match=FILE):
         Ensemble.load(run, device="cpu")
+
+
+@pytest.mark.slow
+def test_calibrate_makes_the_bank_and_keeps_the_better_source(trained_run, lesion_dir, tmp_path, capsys):
+    from aax.calibrate import calibrate, validation_split
+    from aax.cli import main
+    from aax.ensemble import Ensemble
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / FILE).unlink(missing_ok=True)
+    # without a bank, asking for patch maps is a one-line error before anything is written
+    out = tmp_path / "out"
+    assert main(["annotate", str(run), str(Path(lesion_dir) / "images"), "--out", str(out),
+                 "--map-source", "patch", "--workers", "0"]) == 2
+    assert "--map-sources cam patch" in capsys.readouterr().err and not out.exists()
+
+    result = calibrate(run, validation_split(run), sources=("cam", "patch"), novelty=False)
+    assert (run / FILE).is_file() and result["patches"]["n_images"] > 0
+    rows = {r["source"]: r for r in result["sources"]}
+    assert set(rows) == {"cam", "patch"}
+    best = max(rows.values(), key=lambda r: r["iou_mean"])
+    assert result["source"] == best["source"] and result["iou_mean"] == pytest.approx(best["iou_mean"])
+    assert result["fusion"] == best["fusion"] and result["tau"] == best["tau"]
+    loaded = Ensemble.load(run, device="cpu")
+    assert loaded.maps.source == result["source"] and loaded.patches is not None
+    with pytest.raises(ValueError, match="unknown map source"):
+        calibrate(loaded, validation_split(run), sources=("gradcam",), write=False)

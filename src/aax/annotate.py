@@ -30,6 +30,7 @@ from torch.utils.data import Dataset as TorchDataset
 from aax.decide import NO_PREDICTION, OTSU, decide, map_class, otsu_threshold, predicted_classes, tau_for
 from aax.explain import normalise, upsample
 from aax.maps import MapOptions, class_features, fuse_maps, saliency_maps
+from aax.patch_maps import features_and_patches
 from aax import runtime
 from aax.records import REVIEW, AnnotationRecord, MemberResult
 from aax.training import runfiles
@@ -67,7 +68,7 @@ class AnnotateSettings:
         maps = getattr(ensemble, "maps", None) or MapOptions()
         if maps.source == "patch" and not getattr(ensemble, "patches", None):
             raise ValueError(f"{getattr(ensemble, 'run', 'the run')}: the 'patch' map source needs the run's patch "
-                             f"bank (patches.npz), which `aax calibrate RUN` makes")
+                             f"bank (patches.npz), which `aax calibrate RUN --map-sources cam patch` makes")
         scorer = getattr(ensemble, "novelty", None)
         step = ({"score": scorer.score, "thresholds": scorer.member_thresholds()}
                 if novelty and scorer is not None and scorer.ready else None)
@@ -206,10 +207,16 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
     scores: list[dict[str, np.ndarray]] = []  # per member: score name -> [B]
     shared: dict[int, torch.Tensor] = {}  # class-pass maps a finer map pass starts from
     autocast = torch.autocast(device.type) if amp and device.type == "cuda" else contextlib.nullcontext()
+    patches: list[torch.Tensor] | None = [] if settings.maps.source == "patch" else None
     for m, member in enumerate(ensemble.members.values()):
         member_seeds = None if seeds is None else [(s * 31 + m) & 0xFFFFFFFF for s in seeds]
         with autocast:
-            a = class_features(member, x, settings.maps, shared)
+            if patches is not None:  # one pass gives A and the patch features
+                member.set_output_stride(settings.maps.class_stride)
+                a, f = features_and_patches(member, x)
+                patches.append(f)
+            else:
+                a = class_features(member, x, settings.maps, shared)
         a = a.float()
         pooled = member.head.pool(a)
         summary = summarize(mc_probabilities(member.head, pooled, settings.mc_passes, member_seeds))
@@ -223,7 +230,7 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
 
     # Every member's map of an image shows the same class: the positive class in question.
     cam_class = torch.tensor([map_class(p, ensemble.negative_index) for p in probs_np], device=device)
-    raw = saliency_maps(ensemble, x, feats, cam_class, settings.maps, autocast, shared)  # [B, M, h, w]
+    raw = saliency_maps(ensemble, x, feats, cam_class, settings.maps, autocast, shared, patches)  # [B, M, h, w]
     shared.clear()
 
     classes = ensemble.classes

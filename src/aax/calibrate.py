@@ -324,8 +324,8 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
               data_name: str | None = None, label_map: Mapping[str, str] | None = None,
               novelty: bool = True, novelty_score: str | None = None,
               novelty_pass_rate: float | None = None, fusions: Sequence[str] = FUSIONS,
-              tau_without_masks: float | str | None = None, patches: bool = True,
-              sources: Sequence[str] = SOURCES) -> dict[str, Any]:
+              tau_without_masks: float | str | None = None,
+              sources: Sequence[str] | None = None) -> dict[str, Any]:
     """Choose theta (and tau, where ground-truth masks exist) on validation data.
 
     Args:
@@ -350,12 +350,11 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
             paper's intersection).
         tau_without_masks: the tau to set when the data has no masks (``"otsu"``: each
             image's own Otsu threshold); None leaves the run's tau.
-        patches: with ``write``, first fit and store the run's patch bank
-            (:func:`aax.patch_maps.fit_run`, from the negative training images).
-        sources: the map sources to choose from where masks exist (``"patch"`` only
-            when the run has a patch bank); each is calibrated as above and the one with
-            the best mean IoU is kept (ties: the first listed). Without masks the run's
-            source is kept.
+        sources: the map sources to choose from where masks exist (default: the run's
+            own). With ``"patch"`` among them and ``write``, the run's patch bank is made
+            first (:func:`aax.patch_maps.fit_run`, from the negative training images);
+            each source is calibrated as above and the one with the best validation mean
+            IoU is kept (ties: the first listed). Without masks the run's source is kept.
 
     Returns:
         The calibration entry: ``theta``, ``tau``, ``previous``, ``n``, ``n_errors``,
@@ -369,13 +368,17 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
         raise ValueError(f"max_flag_rate must be in [0, 1], got {max_flag_rate}")
     ensemble = _load(ensemble_or_run, device)
     k = int(ensemble.mc_passes if mc_passes is None else mc_passes)
+    maps = getattr(ensemble, "maps", None)
+    previous_source = getattr(maps, "source", "cam")
+    sources = tuple(sources or (previous_source,))
+    unknown = [s for s in sources if s not in SOURCES]
+    if unknown:
+        raise ValueError(f"unknown map source {unknown[0]!r}; expected one of {SOURCES}")
     patch_block = None
-    if write and patches and getattr(ensemble, "run", None) is not None and hasattr(ensemble, "manifest"):
+    if write and "patch" in sources and getattr(ensemble, "run", None) is not None:
         from aax.patch_maps import fit_run as fit_patches
 
         patch_block = fit_patches(ensemble)
-    maps = getattr(ensemble, "maps", None)
-    previous_source = getattr(maps, "source", "cam")
     label_map = run_label_map(ensemble) if label_map is None else label_map
     collected = collect(ensemble, valdata, taus=taus, mc_passes=k, batch_size=batch_size, workers=workers,
                         label_map=label_map, fusions=fusions)
@@ -386,28 +389,26 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
     theta = settle_theta(point["theta"], collected.uncertainty)
     previous_tau = ensemble.tau  # a float, or one per class (kept as is when no masks)
     previous_fusion = getattr(maps, "fusion", "min")
-    best_tau = choose_masks(collected, sweep, theta, ensemble.classes, previous_tau, fusions)
-    source, by_source = previous_source, []
-    if best_tau is not None:
-        by_source.append({"source": previous_source, **_brief(best_tau)})
-        for other in [s for s in sources if s != previous_source]:
-            if other == "patch" and not getattr(ensemble, "patches", None):
-                continue
-            ensemble.maps = maps.replace(source=other)
-            try:
-                # the class decisions do not depend on the source: only the masks are recounted
+    best_tau, source, by_source = None, previous_source, []
+    for candidate in sources:
+        if candidate == previous_source:
+            chosen = choose_masks(collected, sweep, theta, ensemble.classes, previous_tau, fusions)
+        elif candidate == "patch" and not getattr(ensemble, "patches", None):
+            by_source.append({"source": candidate, "skipped": "the run has no patch bank"})
+            continue
+        else:
+            ensemble.maps = maps.replace(source=candidate)
+            try:  # the class decisions do not depend on the source: only the masks are recounted
                 again = collect(ensemble, valdata, taus=taus, mc_passes=k, batch_size=batch_size,
                                 workers=workers, label_map=label_map, fusions=fusions)
             finally:
                 ensemble.maps = maps
             chosen = choose_masks(again, sweep, theta, ensemble.classes, previous_tau, fusions)
-            if chosen is None:
-                continue
-            by_source.append({"source": other, **_brief(chosen)})
-            order = {s: i for i, s in enumerate(sources)}
-            if (chosen["iou_mean"] or 0.0, -order.get(other, 99)) > (best_tau["iou_mean"] or 0.0,
-                                                                    -order.get(source, 99)):
-                best_tau, source, collected = chosen, other, again
+        if chosen is None:  # no masks: nothing to choose by
+            break
+        by_source.append({"source": candidate, **_brief(chosen)})
+        if best_tau is None or (chosen["iou_mean"] or 0.0) > (best_tau["iou_mean"] or 0.0):
+            best_tau, source = chosen, candidate
     taus_curve = [] if best_tau is None else best_tau["tau_curve"]
     if best_tau is not None:
         tau, fusion = best_tau["tau"], best_tau["fusion"]

@@ -183,13 +183,15 @@ def member_maps(member: Member, x: torch.Tensor, features: torch.Tensor, cam_cla
 
 def saliency_maps(ensemble: Ensemble, x: torch.Tensor, features: Sequence[torch.Tensor],
                   cam_class: torch.Tensor, options: MapOptions, autocast: Any = None,
-                  shared: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+                  shared: dict[int, torch.Tensor] | None = None,
+                  patches: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """Every member's raw maps, ``[B, M, h, w]`` (see :func:`member_maps`; with
     ``options.source == "patch"``, :func:`patch_member_maps`)."""
     shared = shared or {}
     if options.source == "patch":
-        maps = [patch_member_maps(ensemble, name, member, x, options, autocast)
-                for name, member in ensemble.members.items()]
+        given = list(patches) if patches is not None else [None] * len(ensemble.members)
+        maps = [patch_member_maps(ensemble, name, member, x, options, autocast, f)
+                for (name, member), f in zip(ensemble.members.items(), given)]
     else:
         maps = [member_maps(member, x, a, cam_class, options, autocast, shared.get(id(member)))
                 for member, a in zip(ensemble.members.values(), features)]
@@ -200,9 +202,10 @@ def saliency_maps(ensemble: Ensemble, x: torch.Tensor, features: Sequence[torch.
 
 
 def patch_member_maps(ensemble: Ensemble, name: str, member: Member, x: torch.Tensor, options: MapOptions,
-                      autocast: Any = None) -> torch.Tensor:
+                      autocast: Any = None, features: torch.Tensor | None = None) -> torch.Tensor:
     """One member's patch-feature novelty maps ``[B, h, w]`` (:mod:`aax.patch_maps`), at
-    the class pass's stride.
+    the class pass's stride; ``features``: the patch features, when the class pass has
+    already made them (:func:`aax.patch_maps.features_and_patches`).
 
     Raises:
         ValueError: the run has no patch bank.
@@ -210,9 +213,10 @@ def patch_member_maps(ensemble: Ensemble, name: str, member: Member, x: torch.Te
     banks = getattr(ensemble, "patches", None)
     if not banks or name not in banks:
         raise ValueError(f"{getattr(ensemble, 'run', 'this run')}: no patch bank for the 'patch' map source; "
-                         f"make one with `aax calibrate RUN`")
-    with output_stride(member, options.class_stride), (autocast or contextlib.nullcontext()):
-        features = patch_features(member, x)
+                         f"make one with `aax calibrate RUN --map-sources cam patch`")
+    if features is None:
+        with output_stride(member, options.class_stride), (autocast or contextlib.nullcontext()):
+            features = patch_features(member, x)
     return distance_maps(features.float(), banks[name])
 
 

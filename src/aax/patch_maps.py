@@ -12,7 +12,8 @@ Per member, the patch feature of a cell is the outputs of steps :data:`PATCH_STA
 DenseNet-121 dense block 3 and transition 3), the coarser upsampled to the finer grid,
 concatenated and averaged over 3 x 3 cells. The *bank* is a seeded random draw of at
 most :data:`BANK_SIZE` such patches from the negative training images, stored with the
-run (``RUN/patches.npz``, float16; ``aax calibrate`` makes it). The map is each cell's
+run (``RUN/patches.npz``, float16; ``aax calibrate RUN --map-sources cam patch`` makes it
+and keeps the source with the better validation IoU). The map is each cell's
 Euclidean distance to its nearest bank patch.
 
 The class decision is untouched: the members' MC Dropout probabilities decide as ever,
@@ -37,8 +38,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 PATCH_STAGES: tuple[int, int] = (2, 3)
 """The steps of ``Member.stages()`` whose outputs form a patch feature."""
-BANK_SIZE = 4096
-"""Patches kept per member (a 2,048-patch bank did as well as 16,000 in the trial)."""
+BANK_SIZE = 1024
+"""Patches kept per member: 1,024 did as well as 16,000 in the trial (docs/quality.md),
+and the nearest-patch search is most of the cost (1.6x stride 32 annotation at 1,024,
+3.0x at 4,096)."""
 FILE = "patches.npz"
 SOURCES: tuple[str, ...] = ("cam", "patch")
 
@@ -51,7 +54,26 @@ def patch_features(member: Member, x: torch.Tensor) -> torch.Tensor:
     for i, step in enumerate(member.stages()[: max(PATCH_STAGES) + 1]):
         h = step(h)
         if i in PATCH_STAGES:
-            outs.append(h.float())
+            outs.append(h)
+    return combine(outs)
+
+
+def features_and_patches(member: Member, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A`` (as ``member.features(x)``) and the patch features, from one pass: the class
+    pass computes the steps the patch features come from anyway."""
+    outs = []
+    h = x
+    for i, step in enumerate(member.stages()):
+        h = step(h)
+        if i in PATCH_STAGES:
+            outs.append(h)
+    return h, combine(outs)
+
+
+def combine(outs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The stage outputs of :data:`PATCH_STAGES` as one patch feature map: the coarser
+    upsampled to the finer grid, concatenated, 3 x 3 averaged."""
+    outs = [o.float() for o in outs]
     size = max((o.shape[-2:] for o in outs), key=lambda s: s[0] * s[1])
     f = torch.cat([o if o.shape[-2:] == size else F.interpolate(o, size=tuple(size), mode="bilinear",
                                                                  align_corners=False) for o in outs], dim=1)

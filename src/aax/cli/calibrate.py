@@ -26,6 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fusions", nargs="+", choices=["min", "mean", "vote"], default=["min", "mean", "vote"],
                    help="mask fusions to choose from where VALDATA has masks (default: all three; "
                         "'min' alone keeps the paper's intersection)")
+    p.add_argument("--map-sources", nargs="+", choices=["cam", "patch"], default=None,
+                   help="the map sources to choose from where the validation data has masks (default: the "
+                        "RUN's own, XGrad-CAM unless set). With patch, the RUN's patch bank is made first "
+                        "from its negative training images (docs/quality.md: patch maps cost 3.5-4x to annotate)")
     p.add_argument("--tau-without-masks", choices=["keep", "otsu"], default="keep",
                    help="without ground-truth masks: keep the RUN's tau, or use each image's Otsu "
                         "threshold (default keep)")
@@ -57,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
                            batch_size=args.batch_size, data_name=name, label_map=args.label_map,
                            novelty=args.novelty, novelty_score=args.novelty_score,
                            novelty_pass_rate=args.novelty_pass_rate, fusions=tuple(args.fusions),
-                           tau_without_masks=None if args.tau_without_masks == "keep" else args.tau_without_masks)
+                           tau_without_masks=None if args.tau_without_masks == "keep" else args.tau_without_masks,
+                           sources=args.map_sources)
     except (FileNotFoundError, ValueError) as exc:
         print(f"aax calibrate: {exc}", file=sys.stderr)
         return 2
@@ -69,8 +74,11 @@ def run(args: argparse.Namespace) -> int:
               f"(was {tau_text(prev['tau'])}, {prev['fusion']}, {prev.get('source', 'cam')}): mean IoU "
               f"{_pct(result['iou_mean'])} on {result['n_masks']} masks")
         for row in result.get("sources") or []:
-            print(f"  {row['source']} maps: mean IoU {_pct(row['iou_mean'])} ({row['fusion']}, "
-                  f"tau {tau_text(row['tau'])})")
+            if "skipped" in row:
+                print(f"  {row['source']} maps: skipped ({row['skipped']})")
+            else:
+                print(f"  {row['source']} maps: mean IoU {_pct(row['iou_mean'])} ({row['fusion']}, "
+                      f"tau {tau_text(row['tau'])})")
     else:
         print(f"tau = {tau_text(result['tau'])} (no ground-truth masks; was {tau_text(prev['tau'])})")
     print_trivial(result)
