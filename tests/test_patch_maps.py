@@ -131,3 +131,11 @@ def test_calibrate_makes_the_bank_and_keeps_the_better_source(trained_run, lesio
     assert loaded.maps.source == result["source"] and loaded.patches is not None
     with pytest.raises(ValueError, match="unknown map source"):
         calibrate(loaded, validation_split(run), sources=("gradcam",), write=False)
+
+
+def test_the_report_names_the_map_source():
+    from aax.report.html import example_grid
+
+    assert "XGrad-CAM" in example_grid([], ["resnet50"], 0.5, "healthy")
+    patch = example_grid([], ["resnet50"], 0.5, "healthy", source="patch")
+    assert "patch-feature novelty" in patch and "XGrad-CAM" not in patch

@@ -506,6 +506,7 @@ def evaluate(ensemble: Ensemble, data: Any, *, unseen: Any = None, theta: float 
             "classes": classes, "negative_class": negative, "n_images": len(scorer.rows),
             "n_errors": len(errors), "has_masks": scorer.has_masks,
             "novelty": _novelty_settings(ensemble) if novelty else None,
+            "map_source": getattr(getattr(ensemble, "maps", None), "source", "cam"),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         },
         "confusion": {

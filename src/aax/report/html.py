@@ -109,7 +109,11 @@ def _status(example: Example) -> tuple[str, str]:
     return ("correct", "correct") if example.correct else ("wrong", "wrong")
 
 
-def example_grid(examples: Sequence[Example], names: Sequence[str], tau: Tau, negative: str) -> str:
+MAP_NAMES = {"cam": "XGrad-CAM", "patch": "patch-feature novelty (distance to the negative training patches)"}
+
+
+def example_grid(examples: Sequence[Example], names: Sequence[str], tau: Tau, negative: str,
+                 source: str = "cam") -> str:
     """The paper's figures 2 and 3: input, ground truth, each member's map and mask,
     the AAX mask; one row per image, labelled correct / wrong / flagged."""
     if not examples:
@@ -150,7 +154,8 @@ def example_grid(examples: Sequence[Example], names: Sequence[str], tau: Tau, ne
         rows.append("<tr>" + "".join(cells) + "</tr>")
     legend = ('<p class="legend note"><span><span class="swatch" style="background:rgb(255,48,48)"></span>'
               'predicted mask</span><span><span class="swatch" style="background:rgb(40,220,40)"></span>'
-              f'ground truth (outlined over masks)</span><span>maps: XGrad-CAM, jet colours; masks: map &gt; tau = {escape(tau_text(tau))} '
+              f'ground truth (outlined over masks)</span><span>maps: {MAP_NAMES.get(source, escape(source))}, jet colours; '
+              f'masks: map &gt; tau = {escape(tau_text(tau))} '
               "(a member's mask only when it alone predicts a positive class with u &le; theta)</span></p>")
     return legend + '<table class="grid">' + "".join(rows) + "</table>"
 
@@ -215,7 +220,8 @@ def page(result: Mapping[str, Any], examples: Sequence[Example]) -> str:
                   f'<p class="note">On the {e.get("n_masks", 0)} positive images with a ground-truth mask; '
                   "an image without a predicted mask scores IoU 0. Mean: average of per-image IoU; micro: "
                   "summed intersection over summed union.</p>"]
-    parts += ["<h2>Examples (paper figures 2 and 3)</h2>", example_grid(examples, names, s["tau"], s["negative_class"])]
+    parts += ["<h2>Examples (paper figures 2 and 3)</h2>", example_grid(examples, names, s["tau"], s["negative_class"],
+                                                                   s.get("map_source", "cam"))]
 
     conf = result["confusion"]
     matrices = {f"{ENSEMBLE}": conf["ensemble"], **conf["members"]}
