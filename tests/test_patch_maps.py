@@ -134,8 +134,14 @@ def test_calibrate_makes_the_bank_and_keeps_the_better_source(trained_run, lesio
 
 
 def test_the_report_names_the_map_source():
+    from aax.evaluate import Example
     from aax.report.html import example_grid
 
-    assert "XGrad-CAM" in example_grid([], ["resnet50"], 0.5, "healthy")
-    patch = example_grid([], ["resnet50"], 0.5, "healthy", source="patch")
+    m = np.zeros((8, 8), np.float32)
+    ex = Example(image="a.png", label="diseased", decision="diseased", reason="consensus", correct=True,
+                 preview=np.zeros((8, 8, 3), np.uint8), gt_mask=None, saliency={"resnet50": m},
+                 member_masks={"resnet50": None}, member_decisions={"resnet50": "diseased"},
+                 member_uncertainty={"resnet50": 0.0}, mask=None)
+    assert "XGrad-CAM" in example_grid([ex], ["resnet50"], 0.5, "healthy")
+    patch = example_grid([ex], ["resnet50"], 0.5, "healthy", source="patch")
     assert "patch-feature novelty" in patch and "XGrad-CAM" not in patch
