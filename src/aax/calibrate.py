@@ -50,10 +50,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from aax.decide import FUSIONS, OTSU, fuse, otsu_threshold
-from aax.patch_maps import SOURCES
 from aax.evaluate import (TRIVIAL_MASKS, _describe, _samples, annotate_with, ground_truth, no_labelled_images,
                           open_data, paired, run_label_map, trivial_mask)
 from aax.metrics import MaskScores, ThetaSweep, risk_coverage, theta_candidates
+from aax.patch_maps import SOURCES
 
 if TYPE_CHECKING:  # pragma: no cover
     from aax.ensemble import Ensemble
@@ -441,10 +441,11 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
                      "fusion, per positive class (ties: the intersection, a grid value, nearest the previous tau)",
     }
     if best_tau is not None:
-        result["trivial"] = trivial_scores(collected)
-        result["beats_trivial"] = trivial_warning(best_tau["iou_mean"], result["trivial"]) is None
-        if not result["beats_trivial"]:
-            result["mask_warning"] = trivial_warning(best_tau["iou_mean"], result["trivial"])
+        result["trivial"] = trivial_scores(collected)  # ground truth only: the same for every source
+        warning = trivial_warning(best_tau["iou_mean"], result["trivial"])
+        result["beats_trivial"] = warning is None
+        if warning:
+            result["mask_warning"] = warning
     if not met:
         result["warning"] = (f"no theta keeps the flag rate at or below {max_flag_rate:g} on this data; "
                              f"took the lowest flag rate, {point['flag_rate']:.3f}")

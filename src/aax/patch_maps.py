@@ -8,8 +8,8 @@ classifier having learnt *where* the finding is, which a classifier trained from
 on a few hundred images rarely has (docs/quality.md measures both).
 
 Per member, the patch feature of a cell is the outputs of steps :data:`PATCH_STAGES` of
-:meth:`aax.members.Member.stages` (ResNet-50 layer2 + layer3, EfficientNet-B0 blocks 4-5,
-DenseNet-121 dense block 3 and transition 3), the coarser upsampled to the finer grid,
+:meth:`aax.members.Member.stages` (for ResNet-50 layer2 and layer3; for DenseNet-121 and
+EfficientNet-B0 the two steps before the last, at stride 16), the coarser upsampled to the finer grid,
 concatenated and averaged over 3 x 3 cells. The *bank* is a seeded random draw of at
 most :data:`BANK_SIZE` such patches from the negative training images, stored with the
 run (``RUN/patches.npz``, float16; ``aax calibrate RUN --map-sources cam patch`` makes it
@@ -49,25 +49,23 @@ SOURCES: tuple[str, ...] = ("cam", "patch")
 def patch_features(member: Member, x: torch.Tensor) -> torch.Tensor:
     """Patch features ``[B, C, h, w]`` of a normalised batch ``x`` (at the member's
     current output stride; only the steps up to the last of :data:`PATCH_STAGES` run)."""
-    outs = []
-    h = x
-    for i, step in enumerate(member.stages()[: max(PATCH_STAGES) + 1]):
-        h = step(h)
-        if i in PATCH_STAGES:
-            outs.append(h)
-    return combine(outs)
+    return combine(_run(member, x, max(PATCH_STAGES) + 1)[1])
 
 
 def features_and_patches(member: Member, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``A`` (as ``member.features(x)``) and the patch features, from one pass: the class
     pass computes the steps the patch features come from anyway."""
+    a, outs = _run(member, x, None)
+    return a, combine(outs)
+
+
+def _run(member: Member, x: torch.Tensor, stop: int | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     outs = []
-    h = x
-    for i, step in enumerate(member.stages()):
-        h = step(h)
+    for i, step in enumerate(member.stages()[:stop]):
+        x = step(x)
         if i in PATCH_STAGES:
-            outs.append(h)
-    return h, combine(outs)
+            outs.append(x)
+    return x, outs
 
 
 def combine(outs: Sequence[torch.Tensor]) -> torch.Tensor:
