@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--map-source", choices=["cam", "patch"], default=None,
                    help="the maps masks are fused from: cam = XGrad-CAM (the paper's), patch = where the "
                         "features are far from every patch of the negative training images (needs the "
-                        "RUN's patch bank, which `aax calibrate` makes; docs/quality.md). Default: the RUN's")
+                        "RUN's patch bank, which `aax calibrate RUN --map-sources cam patch` makes; docs/quality.md). "
+                        "Default: the RUN's")
     p.add_argument("--tta-scales", type=positive_float, nargs="+", default=None, metavar="S",
                    help="CAM test-time augmentation: input scales whose maps are averaged, e.g. 1 1.5 2")
     p.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
