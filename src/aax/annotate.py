@@ -30,7 +30,6 @@ from torch.utils.data import Dataset as TorchDataset
 from aax.decide import NO_PREDICTION, OTSU, decide, map_class, otsu_threshold, predicted_classes, tau_for
 from aax.explain import normalise, upsample
 from aax.maps import MapOptions, class_features, fuse_maps, saliency_maps
-from aax.patch_maps import features_and_patches
 from aax import runtime
 from aax.records import REVIEW, AnnotationRecord, MemberResult
 from aax.training import runfiles
@@ -145,6 +144,24 @@ def _collate(batch: list[dict]) -> dict:
     }
 
 
+def decoded_batches(ensemble: Ensemble, paths: Sequence[str | os.PathLike],
+                    batch_size: int = 32) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """``paths`` decoded and resized as annotation does, in batches on the ensemble's
+    device (channels-last when the ensemble is): ``(indices of the readable paths, x)``.
+    An unreadable file is left out, not fatal."""
+    from torch.utils.data import DataLoader
+
+    mean, std = ensemble.normalisation
+    source = _Decoded([InputItem(Path(p)) for p in paths], ensemble.image_size, mean, std, False)
+    for batch in DataLoader(source, batch_size=batch_size, num_workers=0, collate_fn=_collate):
+        if batch["x"] is None:
+            continue
+        x = batch["x"].to(ensemble.device)
+        if getattr(ensemble, "channels_last", False):
+            x = x.contiguous(memory_format=torch.channels_last)
+        yield list(batch["index"]), x
+
+
 def image_seed(path: str | os.PathLike) -> int:
     """A stable MC Dropout seed for an image: its file name, not its batch, decides."""
     return zlib.crc32(Path(path).name.encode())
@@ -211,12 +228,7 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
     for m, member in enumerate(ensemble.members.values()):
         member_seeds = None if seeds is None else [(s * 31 + m) & 0xFFFFFFFF for s in seeds]
         with autocast:
-            if patches is not None:  # one pass gives A and the patch features
-                member.set_output_stride(settings.maps.class_stride)
-                a, f = features_and_patches(member, x)
-                patches.append(f)
-            else:
-                a = class_features(member, x, settings.maps, shared)
+            a = class_features(member, x, settings.maps, shared, patches)
         a = a.float()
         pooled = member.head.pool(a)
         summary = summarize(mc_probabilities(member.head, pooled, settings.mc_passes, member_seeds))

@@ -37,7 +37,7 @@ from torch.nn import functional as F
 from aax.decide import FUSIONS
 from aax.explain import XGradCAM, normalise, upsample
 from aax.members import OUTPUT_STRIDES, Member
-from aax.patch_maps import SOURCES, distance_maps, patch_features
+from aax.patch_maps import SOURCES, distance_maps, features_and_patches, patch_features
 
 if TYPE_CHECKING:  # pragma: no cover
     from aax.ensemble import Ensemble
@@ -121,17 +121,23 @@ def output_stride(member: Member, stride: int) -> Iterator[Member]:
 
 
 def class_features(member: Member, x: torch.Tensor, options: MapOptions,
-                   shared: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+                   shared: dict[int, torch.Tensor] | None = None,
+                   patches: list[torch.Tensor] | None = None) -> torch.Tensor:
     """``A`` of the class pass (at ``options.class_stride``).
 
     With ``shared`` (a dict), when the map pass runs at another stride, the class pass's
     map after the steps both strides compute alike is kept in it (by ``id(member)``):
     the map pass then starts from there (:meth:`~aax.members.Member.shared_stages`),
-    and only the dilated stages run twice.
+    and only the dilated stages run twice. With ``patches`` (a list), the member's patch
+    features (:mod:`aax.patch_maps`) are appended to it from the same pass.
     """
     # (a stand-in without strides, e.g. the benchmark's feature replay, runs as it is)
     if getattr(member, "output_stride", options.class_stride) != options.class_stride:
         member.set_output_stride(options.class_stride)
+    if patches is not None:  # the patch features come from steps the class pass runs anyway
+        a, f = features_and_patches(member, x)
+        patches.append(f)
+        return a
     if shared is None or options.map_stride == options.class_stride:
         return member.features(x)
     k = member.shared_stages(options.class_stride, options.map_stride)

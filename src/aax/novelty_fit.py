@@ -37,23 +37,13 @@ def extract(ensemble: Ensemble, paths: Sequence[str | os.PathLike], batch_size: 
     """Pooled features ``[n, d]`` and deterministic head logits ``[n, C]`` of every member
     for ``paths``, decoded as annotation decodes them; and the indices of the paths that
     could be read (an unreadable file is left out, not fatal)."""
-    from torch.utils.data import DataLoader
+    from aax.annotate import decoded_batches
 
-    from aax.annotate import InputItem, _collate, _Decoded
-
-    mean, std = ensemble.normalisation
-    source = _Decoded([InputItem(Path(p)) for p in paths], ensemble.image_size, mean, std, False)
-    loader = DataLoader(source, batch_size=batch_size, num_workers=0, collate_fn=_collate)
     feats: dict[str, list[np.ndarray]] = {n: [] for n in ensemble.members}
     logits: dict[str, list[np.ndarray]] = {n: [] for n in ensemble.members}
     kept: list[int] = []
-    for batch in loader:
-        if batch["x"] is None:
-            continue
-        kept += batch["index"]
-        x = batch["x"].to(ensemble.device)
-        if getattr(ensemble, "channels_last", False):
-            x = x.contiguous(memory_format=torch.channels_last)
+    for index, x in decoded_batches(ensemble, paths, batch_size):
+        kept += index
         for name, member in ensemble.members.items():
             pooled = member.head.pool(member.features(x).float())
             feats[name].append(pooled.cpu().numpy())

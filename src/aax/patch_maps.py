@@ -98,23 +98,15 @@ def fit_banks(ensemble: Ensemble, paths: Sequence[str | os.PathLike], size: int 
     """Each member's bank (``[<= size, C]`` float16, a seeded draw of the patches of
     ``paths``, decoded and resized as annotation does), and how many images were read
     (an unreadable file is left out)."""
-    from torch.utils.data import DataLoader
-
-    from aax.annotate import InputItem, _collate, _Decoded
+    from aax.annotate import decoded_batches
     from aax.maps import output_stride
 
     if size < 1:
         raise ValueError(f"size must be at least 1, got {size}")
-    mean, std = ensemble.normalisation
-    source = _Decoded([InputItem(Path(p)) for p in paths], ensemble.image_size, mean, std, False)
-    loader = DataLoader(source, batch_size=batch_size, num_workers=0, collate_fn=_collate)
     patches: dict[str, list[torch.Tensor]] = {n: [] for n in ensemble.members}
     n_read = 0
-    for batch in loader:
-        if batch["x"] is None:
-            continue
-        n_read += len(batch["index"])
-        x = batch["x"].to(ensemble.device)
+    for index, x in decoded_batches(ensemble, paths, batch_size):
+        n_read += len(index)
         for name, member in ensemble.members.items():
             with output_stride(member, ensemble.maps.class_stride):
                 f = patch_features(member, x)
