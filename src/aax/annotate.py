@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from aax.decide import NO_PREDICTION, OTSU, decide, map_class, otsu_threshold, predicted_classes, tau_for
-from aax.explain import normalise, upsample
+from aax.explain import Grid, normalise, upsample
 from aax.maps import MapOptions, class_features, fuse_maps, saliency_maps
 from aax import runtime
 from aax.records import REVIEW, AnnotationRecord, MemberResult
@@ -242,7 +242,7 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
 
     # Every member's map of an image shows the same class: the positive class in question.
     cam_class = torch.tensor([map_class(p, ensemble.negative_index) for p in probs_np], device=device)
-    raw = saliency_maps(ensemble, x, feats, cam_class, settings.maps, autocast, shared, patches)  # [B, M, h, w]
+    raw, grids = saliency_maps(ensemble, x, feats, cam_class, settings.maps, autocast, shared, patches)  # [B, M, h, w]
     shared.clear()
 
     classes = ensemble.classes
@@ -255,7 +255,7 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
                  for b in range(len(sizes))]
     taus = [settings.tau_for(classes[d.label]) if d.agreeing else 0.0 for d in decisions]
     wanted = [b for b, d in enumerate(decisions) if keep_saliency or d.agreeing]
-    masks, maps = _maps_and_masks(raw, sizes, wanted, decisions, taus, keep_saliency,
+    masks, maps = _maps_and_masks(raw, grids, sizes, wanted, decisions, taus, keep_saliency,
                                   settings.maps.fusion, settings.quorum)
 
     predicted_all = predicted_classes(probs_np.reshape(-1, probs_np.shape[-1])).reshape(probs_np.shape[:2])
@@ -289,13 +289,14 @@ def map_budget(device: torch.device) -> int:
     return 1 << 25 if device.type == "cuda" else 1 << 20
 
 
-def _maps_and_masks(raw: torch.Tensor, sizes: Sequence[tuple[int, int]], wanted: Sequence[int],
+def _maps_and_masks(raw: torch.Tensor, grids: Sequence[Grid], sizes: Sequence[tuple[int, int]],
+                    wanted: Sequence[int],
                     decisions: Sequence, taus: Sequence[float | str], keep: bool,
                     fusion: str = "min", votes: int = 2,
                     ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
     """Masks (the agreeing members' maps fused, ``> tau``, as :func:`aax.decide.fuse` and
     :func:`aax.decide.binarise`) and, with ``keep``, every member's map, at each image's
-    original size.
+    original size, each resized on its member's :class:`~aax.explain.Grid`.
 
     Images of one size are upsampled together, on the device, in chunks of
     :func:`map_budget` pixels; only the boolean masks (and kept maps) leave the device.
@@ -311,7 +312,7 @@ def _maps_and_masks(raw: torch.Tensor, sizes: Sequence[tuple[int, int]], wanted:
         step = max(1, budget // (m * h * w))
         for start in range(0, len(group), step):
             chunk = group[start:start + step]
-            up = normalise(upsample(raw[chunk].flatten(0, 1), (h, w)), inplace=True).view(len(chunk), m, h, w)
+            up = normalise(upsample(raw[chunk], (h, w), grids), inplace=True)
             for j, b in enumerate(chunk):
                 agreeing = list(decisions[b].agreeing)
                 if agreeing:

@@ -10,6 +10,8 @@ in closed form, and no autograd is needed at all.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -56,12 +58,61 @@ def normalise(maps: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     return ((flat - lo) / scale).view_as(maps)
 
 
-@functools.lru_cache(maxsize=64)
-def _linear_weights(src: int, dst: int, device: str) -> torch.Tensor:
-    """``[dst, src]`` weights of 1-D linear resampling with ``align_corners=False``
-    (PyTorch's and OpenCV's convention: pixel centres at ``i + 0.5``, clamped at the
-    edges)."""
-    pos = ((torch.arange(dst, dtype=torch.float64) + 0.5) * (src / dst) - 0.5).clamp(min=0.0)
+@dataclass(frozen=True)
+class Grid:
+    """Where a map's cells lie on the image the network saw (``input_size``, in pixels):
+    cell ``(i, j)`` is centred on input pixel ``(origin[0] + stride * i, origin[1] +
+    stride * j)``.
+
+    Bilinear resizing with ``align_corners=False`` assumes the centred grid,
+    ``origin = (stride - 1) / 2``. A CNN's cells are where their receptive fields are
+    centred, which the padding of its strided layers decides (:meth:`Member.grid_origin`):
+    ResNet-50's lie at ``stride * j``, EfficientNet-B0's at ``stride * j + stride - 1``,
+    half a cell either side of the centred grid. Maps resized without their grid are
+    shifted by that much (docs/quality.md measures what it costs).
+    """
+
+    stride: float
+    origin: tuple[float, float]
+    input_size: tuple[int, int]
+
+    @classmethod
+    def of(cls, member: Member, input_size: Sequence[int], stride: int | None = None) -> Grid:
+        """The grid of ``member``'s feature map at ``stride`` (its current output stride
+        by default) for an input of ``input_size``."""
+        stride = member.output_stride if stride is None else stride
+        origin = float(member.grid_origin(stride))
+        return cls(float(stride), (origin, origin), (int(input_size[-2]), int(input_size[-1])))
+
+    @classmethod
+    def pixels(cls, input_size: Sequence[int]) -> Grid:
+        """The grid of a map already at the input's resolution."""
+        return cls(1.0, (0.0, 0.0), (int(input_size[-2]), int(input_size[-1])))
+
+    def mirrored(self, width: int) -> Grid:
+        """The grid of this map flipped left-right, as a map of the mirrored input: a
+        cell's centre ``c`` on the mirrored input is ``W - 1 - c`` on the input."""
+        ox = self.input_size[1] - 1 - self.origin[1] - self.stride * (width - 1)
+        return Grid(self.stride, (self.origin[0], ox), self.input_size)
+
+    def axis(self, dim: int, dst: int) -> tuple[float, float]:
+        """``(start, step)``: output pixel ``q`` of a ``dst``-long axis ``dim`` (0: rows,
+        1: columns) reads the map at cell coordinate ``start + step * q``. The output
+        spans the input as a resize does (``align_corners=False``), so a view's map
+        (the input resized, hence another ``input_size``) comes back onto the input too."""
+        scale = self.input_size[dim] / dst  # input pixels per output pixel
+        return ((0.5 * scale - 0.5 - self.origin[dim]) / self.stride, scale / self.stride)
+
+
+@functools.lru_cache(maxsize=256)
+def _linear_weights(src: int, dst: int, device: str, start: float | None = None,
+                    step: float | None = None) -> torch.Tensor:
+    """``[dst, src]`` weights of 1-D linear resampling: output pixel ``q`` reads the
+    source at ``start + step * q`` (clamped at the edges). By default ``align_corners=False``
+    (PyTorch's and OpenCV's convention: pixel centres at ``i + 0.5``)."""
+    if start is None or step is None:
+        start, step = 0.5 * src / dst - 0.5, src / dst
+    pos = (start + step * torch.arange(dst, dtype=torch.float64)).clamp(min=0.0, max=src - 1)
     lo = pos.floor().long().clamp(max=src - 1)
     hi = (lo + 1).clamp(max=src - 1)
     frac = pos - lo
@@ -72,8 +123,20 @@ def _linear_weights(src: int, dst: int, device: str) -> torch.Tensor:
     return weights.float().to(device)
 
 
-def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of ``[B, h, w]`` maps to ``size`` (align_corners=False).
+def _axis_weights(grid: Grid | None, dim: int, src: int, dst: int, device: str) -> torch.Tensor:
+    if grid is None:
+        return _linear_weights(src, dst, device)
+    start, step = grid.axis(dim, dst)
+    return _linear_weights(src, dst, device, round(start, 9), round(step, 12))
+
+
+def upsample(maps: torch.Tensor, size: tuple[int, int], grid: Grid | Sequence[Grid] | None = None) -> torch.Tensor:
+    """Bilinear resize of ``[B, h, w]`` maps to ``size``.
+
+    Without ``grid``, ``align_corners=False`` (as ``F.interpolate``). With a
+    :class:`Grid`, each output pixel reads the map where its centre falls on the grid:
+    the map is registered on the image. ``maps`` may be ``[B, M, h, w]`` with one grid
+    per ``M``.
 
     Bilinear resampling is separable, so it is done as ``Wy @ S @ Wx^T``: for the large
     factors of CAMs (a 4 x 4 map to a 512 x 512 image) that is 2.5-4x faster on a CPU
@@ -81,9 +144,14 @@ def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """
     h, w = maps.shape[-2:]
     device = str(maps.device)
-    wy = _linear_weights(h, int(size[0]), device)
-    wx = _linear_weights(w, int(size[1]), device)
-    return wy @ maps.float() @ wx.T
+    dst_h, dst_w = int(size[0]), int(size[1])
+    if grid is None or isinstance(grid, Grid):
+        wy = _axis_weights(grid, 0, h, dst_h, device)
+        wx = _axis_weights(grid, 1, w, dst_w, device)
+        return wy @ maps.float() @ wx.T
+    wy = torch.stack([_axis_weights(g, 0, h, dst_h, device) for g in grid])  # [M, H, h]
+    wx = torch.stack([_axis_weights(g, 1, w, dst_w, device) for g in grid])  # [M, W, w]
+    return wy @ maps.float() @ wx.transpose(1, 2)
 
 
 class HeadCAM:

@@ -35,7 +35,7 @@ import torch
 from torch.nn import functional as F
 
 from aax.decide import FUSIONS
-from aax.explain import XGradCAM, normalise, upsample
+from aax.explain import Grid, XGradCAM, normalise, upsample
 from aax.members import OUTPUT_STRIDES, Member
 from aax.patch_maps import SOURCES, distance_maps, features_and_patches, patch_features
 
@@ -146,11 +146,23 @@ def class_features(member: Member, x: torch.Tensor, options: MapOptions,
     return member.features(h, k)
 
 
+def _view_size(x: torch.Tensor, scale: float) -> list[int]:
+    return [max(32, round(v * scale)) if scale != 1.0 else int(v) for v in x.shape[-2:]]
+
+
 def _view(x: torch.Tensor, scale: float, mirrored: bool) -> torch.Tensor:
     if scale != 1.0:
-        size = [max(32, round(v * scale)) for v in x.shape[-2:]]
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=scale < 1.0)
+        x = F.interpolate(x, size=_view_size(x, scale), mode="bilinear", align_corners=False,
+                          antialias=scale < 1.0)
     return x.flip(-1) if mirrored else x
+
+
+def member_grid(member: Member, options: MapOptions, input_size: Sequence[int]) -> Grid:
+    """Where the cells of :func:`member_maps`' output lie on the input (:class:`Grid`):
+    the member's grid at ``map_stride``, or the input's pixels for augmented maps."""
+    if options.augmented:
+        return Grid.pixels(input_size)
+    return Grid.of(member, input_size, options.map_stride)
 
 
 def member_maps(member: Member, x: torch.Tensor, features: torch.Tensor, cam_class: torch.Tensor,
@@ -159,9 +171,11 @@ def member_maps(member: Member, x: torch.Tensor, features: torch.Tensor, cam_cla
 
     Without augmentation and with ``map_stride == class_stride`` this is XGrad-CAM on
     ``features`` (the class pass's ``A``), at feature resolution. Otherwise every view
-    runs the backbone at ``map_stride``; with more than one view the maps come back at
-    the input size, each normalised, averaged. ``shared``: the class pass's map after
-    the steps both strides share (:func:`class_features`), for the plain view.
+    runs the backbone at ``map_stride``; with augmentation the maps come back at the
+    input size (each resized on its own :class:`~aax.explain.Grid`, so views agree
+    where they should), each normalised, averaged. :func:`member_grid` says where the
+    output's cells lie. ``shared``: the class pass's map after the steps both strides
+    share (:func:`class_features`), for the plain view.
     """
     cam = XGradCAM(member)
     autocast = autocast or contextlib.nullcontext()
@@ -180,31 +194,46 @@ def member_maps(member: Member, x: torch.Tensor, features: torch.Tensor, cam_cla
                 with autocast:
                     a = member.features(_view(x, scale, mirrored)).float()
             raw = cam.raw(a, cam_class)
-            out.append(raw.flip(-1) if mirrored else raw)
-    if len(out) == 1:
-        return out[0]
+            grid = Grid.of(member, _view_size(x, scale), options.map_stride)
+            if mirrored:
+                raw, grid = raw.flip(-1), grid.mirrored(raw.shape[-1])
+            out.append((raw, grid))
+    if not options.augmented:
+        return out[0][0]
     size = tuple(int(v) for v in x.shape[-2:])
-    return torch.stack([normalise(upsample(r, size), inplace=True) for r in out]).mean(dim=0)
+    return torch.stack([normalise(upsample(r, size, g), inplace=True) for r, g in out]).mean(dim=0)
 
 
 def saliency_maps(ensemble: Ensemble, x: torch.Tensor, features: Sequence[torch.Tensor],
                   cam_class: torch.Tensor, options: MapOptions, autocast: Any = None,
                   shared: dict[int, torch.Tensor] | None = None,
-                  patches: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+                  patches: Sequence[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[Grid]]:
     """Every member's raw maps, ``[B, M, h, w]`` (see :func:`member_maps`; with
-    ``options.source == "patch"``, :func:`patch_member_maps`)."""
+    ``options.source == "patch"``, :func:`patch_member_maps`), and the :class:`Grid`
+    of each member's maps, to resize them with (:func:`aax.explain.upsample`)."""
     shared = shared or {}
+    members = list(ensemble.members.values())
     if options.source == "patch":
-        given = list(patches) if patches is not None else [None] * len(ensemble.members)
+        given = list(patches) if patches is not None else [None] * len(members)
         maps = [patch_member_maps(ensemble, name, member, x, options, autocast, f)
                 for (name, member), f in zip(ensemble.members.items(), given)]
+        grids = [patch_grid(member, x.shape[-2:], m.shape[-2:]) for member, m in zip(members, maps)]
     else:
         maps = [member_maps(member, x, a, cam_class, options, autocast, shared.get(id(member)))
-                for member, a in zip(ensemble.members.values(), features)]
-    size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
-    # members can differ in resolution only when one cannot reach the stride; not so today
-    maps = [m if m.shape[-2:] == size else upsample(m, tuple(size)) for m in maps]
-    return torch.stack(maps, dim=1)
+                for member, a in zip(members, features)]
+        grids = [member_grid(member, options, x.shape[-2:]) for member in members]
+    if len({tuple(m.shape[-2:]) for m in maps}) > 1:  # not so today: every member reaches every stride
+        size = tuple(int(v) for v in x.shape[-2:])
+        maps = [upsample(m, size, g) for m, g in zip(maps, grids)]
+        grids = [Grid.pixels(size)] * len(maps)
+    return torch.stack(maps, dim=1), grids
+
+
+def patch_grid(member: Member, input_size: Sequence[int], map_size: Sequence[int]) -> Grid:
+    """Where the cells of a member's patch map (``map_size``) lie on the input."""
+    stride = max(1, round(int(input_size[-1]) / int(map_size[-1])))
+    origin = float(member.grid_origin(stride))
+    return Grid(float(stride), (origin, origin), (int(input_size[-2]), int(input_size[-1])))
 
 
 def patch_member_maps(ensemble: Ensemble, name: str, member: Member, x: torch.Tensor, options: MapOptions,

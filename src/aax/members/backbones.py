@@ -68,6 +68,18 @@ class Member(nn.Module):
     def _apply_stride(self, n_dilated: int) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def grid_origin(self, stride: int) -> float:  # pragma: no cover - abstract
+        """Where cell 0 of a feature map at ``stride`` (the output stride, or a stage's
+        stride up to it) is centred on the input, in input pixels: the centre of its
+        receptive field. Cell ``j`` is centred at ``grid_origin(stride) + stride * j``.
+
+        The padding of the strided layers decides it, not the weights: a stride-2 layer
+        whose window is centred on ``2j`` adds nothing, one centred on ``2j + 1`` adds
+        half its input's stride, dilated layers (symmetric padding) nothing. Resizing a map
+        needs it (:class:`aax.explain.Grid`); tests/test_grid.py measures it on each member.
+        """
+        raise NotImplementedError
+
     # stage index -> the first stage whose computation differs at that stride from stride 32
     _first_dilated: dict[int, int] = {}
 
@@ -120,6 +132,10 @@ class ResNet50(Member):
         _set_bn_momentum(self.net, BN_MOMENTUM)
 
     _first_dilated = {16: 4, 8: 3}
+
+    def grid_origin(self, stride: int) -> float:
+        # 7x7/2 pad 3, 3x3/2 pad 1 and the 3x3/2 pad 1 bottlenecks: windows centred on 2j
+        return 0.0
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         n = self.net
@@ -192,6 +208,12 @@ class DenseNet121(Member):
 
     _first_dilated = {16: 4, 8: 2}
 
+    def grid_origin(self, stride: int) -> float:
+        # the stem's windows are centred on 2j; each 2x2/2 transition pool on 2j + 1/2 of
+        # its input (at strides 4, 8, 16), which adds a quarter of its output stride; the
+        # tent pools of a dilated network are centred
+        return max(0.0, stride / 2 - 2)
+
     def stages(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
         f = self.net.features
         head = [m for name, m in f.named_children() if name not in _DENSE_TAIL]
@@ -248,6 +270,11 @@ class EfficientNetB0(Member):
                 stage[0]._aax_pad_s2 = stage[0]._depthwise_conv_padding
 
     _first_dilated = {16: 3, 8: 1}
+
+    def grid_origin(self, stride: int) -> float:
+        # every stride-2 conv is padded TF-style (0 before, 1 after for 3x3; 1 and 2 for
+        # 5x5): its windows are centred on 2j + 1 of its input, half of its output stride
+        return float(stride - 1)
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         n = self.net
