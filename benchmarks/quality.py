@@ -134,24 +134,35 @@ def annotate_cost(ensemble: Ensemble, test: Any, settings: AnnotateSettings, rep
 
 def run_lever(ensemble: Ensemble, val: Any, test: Any, options: MapOptions, args: argparse.Namespace,
               fusions: tuple[str, ...] = ("min", "mean", "vote"), tau: Any = None) -> dict[str, Any]:
+    """Calibrate ``options`` on ``val`` (theta, tau, fusion, mask members) and evaluate on
+    ``test``; AAX is also evaluated with every member's map in the masks (``aax_all``:
+    the best fusion and tau calibration found for all members), so each row shows what
+    choosing the mask members adds."""
     ensemble.maps = options
     ensemble.theta, ensemble.tau = 0.1, 0.5
     cal = calibrate(ensemble, val, write=False, fusions=fusions, mc_passes=args.mc_passes,
                     sources=(options.source,))
     ensemble.theta = cal["theta"]
-    ensemble.tau = cal["tau"] if tau is None else tau
-    ensemble.maps = options.replace(fusion=cal["fusion"])
-    ev = evaluate(ensemble, test, report=False, mc_passes=args.mc_passes)
-    settings = AnnotateSettings.from_ensemble(ensemble, mc_passes=args.mc_passes)
-    cost = annotate_cost(ensemble, test, settings, args.repeats)
 
     def row(m: dict[str, Any]) -> dict[str, Any]:
         return {k: m.get(k) for k in ("accuracy", "accuracy_kept", "flag_rate", "iou_mean", "iou_micro", "n_masks")}
 
+    everyone = next((r for r in cal["member_sets"] or [] if r["mask_members"] is None), None)
+    aax_all = None
+    if cal.get("mask_members") and everyone is not None:
+        ensemble.tau = everyone["tau"] if tau is None else tau
+        ensemble.maps = options.replace(fusion=everyone["fusion"])
+        aax_all = row(evaluate(ensemble, test, report=False, mc_passes=args.mc_passes)["ensemble"])
+    ensemble.tau = cal["tau"] if tau is None else tau
+    ensemble.maps = options.replace(fusion=cal["fusion"], mask_members=cal.get("mask_members"))
+    ev = evaluate(ensemble, test, report=False, mc_passes=args.mc_passes)
+    settings = AnnotateSettings.from_ensemble(ensemble, mc_passes=args.mc_passes)
+    cost = annotate_cost(ensemble, test, settings, args.repeats)
+    aax = row(ev["ensemble"])
     return {"maps": ensemble.maps.to_dict(), "theta": cal["theta"], "tau": ensemble.tau,
-            "val_iou": cal["iou_mean"], "val_fusions": cal["fusions"],
-            "members": {n: row(m) for n, m in ev["members"].items()}, "aax": row(ev["ensemble"]),
-            "seconds_per_image": cost}
+            "val_iou": cal["iou_mean"], "val_fusions": cal["fusions"], "val_member_sets": cal["member_sets"],
+            "members": {n: row(m) for n, m in ev["members"].items()}, "aax": aax,
+            "aax_all": aax_all or aax, "seconds_per_image": cost}
 
 
 def run_dataset(name: str, source: Any, image_size: int, args: argparse.Namespace,
@@ -243,17 +254,23 @@ def table(name: str, result: dict[str, Any]) -> str:
     members = list(next(iter(levers.values()))["members"])
     lines = [f"### {name}", "", f"settings: {json.dumps(result['settings'])}", "",
              "| lever | fusion, tau | cost x | " + " | ".join(f"{m} acc / IoU" for m in members)
-             + " | AAX acc kept / flag / IoU | AAX val IoU |",
-             "|---|---|---|" + "---|" * len(members) + "---|---|"]
+             + " | AAX acc kept / flag / IoU | AAX IoU, all members' maps | AAX val IoU |",
+             "|---|---|---|" + "---|" * len(members) + "---|---|---|"]
     for lever, r in levers.items():
         tau = r["tau"] if isinstance(r["tau"], str) else json.dumps(r["tau"])
         cells = [f"{pct(r['members'][m]['accuracy'])} / {pct(r['members'][m]['iou_mean'])}" for m in members]
         a = r["aax"]
         cost = "-" if r["relative_cost"] is None else f"{r['relative_cost']:.2f}"
-        lines.append(f"| {lever} | {r['maps']['fusion']}, {tau} | {cost} | " + " | ".join(cells)
-                     + f" | {pct(a['accuracy_kept'])} / {pct(a['flag_rate'])} / {pct(a['iou_mean'])} | {pct(r['val_iou'])} |")
+        fused = r["maps"]["fusion"]
+        if r["maps"].get("mask_members"):
+            fused += " of " + "+".join(r["maps"]["mask_members"])
+        everyone = (r.get("aax_all") or a)["iou_mean"]
+        lines.append(f"| {lever} | {fused}, {tau} | {cost} | " + " | ".join(cells)
+                     + f" | {pct(a['accuracy_kept'])} / {pct(a['flag_rate'])} / {pct(a['iou_mean'])} | {pct(everyone)} "
+                     f"| {pct(r['val_iou'])} |")
     for t, m in result["trivial"].items():
-        lines.append(f"| trivial: {t} | | | " + " | ".join("" for _ in members) + f" | - / - / {pct(m['iou_mean'])} | |")
+        lines.append(f"| trivial: {t} | | | " + " | ".join("" for _ in members)
+                     + f" | - / - / {pct(m['iou_mean'])} | | |")
     return "\n".join(lines) + "\n"
 
 

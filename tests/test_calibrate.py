@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_evaluate import D, H, S, FakeEnsemble, fake_data
+from test_evaluate import D, H, NAMES, S, FakeEnsemble, fake_data
 
 from aax.calibrate import (
     calibrate,
@@ -215,6 +215,11 @@ def test_calibrate_command(request, tmp_path):
     assert main(["calibrate", str(run), str(val), "--max-flag-rate", "0.5", "--batch-size", "4"]) == 0
     cal = json.loads((run / "aax.json").read_text())["calibration"]
     assert cal["n"] == 8 and cal["max_flag_rate"] == 0.5 and cal["data"] == str(val)
+    assert len(cal["member_sets"]) == 4  # all three, then each pair
+    assert main(["calibrate", str(run), str(val), "--batch-size", "4", "--all-members", "--no-novelty"]) == 0
+    manifest = json.loads((run / "aax.json").read_text())
+    assert manifest["calibration"]["mask_members"] is None and "mask_members" not in manifest["maps"]
+    assert [r["mask_members"] for r in manifest["calibration"]["member_sets"]] == [None]
     assert main(["calibrate", str(tmp_path / "no-run"), str(val)]) == 2
 
 
@@ -242,9 +247,14 @@ def test_fusion_is_chosen_by_iou(run, tmp_path):
     assert table["vote"]["iou_mean"] == pytest.approx(1.0)
     assert result["fusion"] == "vote" and result["iou_mean"] == pytest.approx(1.0)
     assert 0.0 <= result["tau"] < 0.5
-    # only the intersection allowed: today's choice
-    only_min = calibrate(FakeEnsemble(spec=FUSE, run=run), data, write=False, fusions=("min",))
+    assert result["mask_members"] is None  # a tie with a smaller set keeps all members
+    # only the paper's intersection of every agreeing member
+    only_min = calibrate(FakeEnsemble(spec=FUSE, run=run), data, write=False, fusions=("min",),
+                         choose_members=False)
     assert only_min["fusion"] == "min" and only_min["iou_mean"] == pytest.approx(0.75)
+    # the intersection, from the members whose maps have no hole: the lesion exactly
+    narrowed = calibrate(FakeEnsemble(spec=FUSE, run=run), data, write=False, fusions=("min",))
+    assert narrowed["mask_members"] == [NAMES[0], NAMES[2]] and narrowed["iou_mean"] == pytest.approx(1.0)
 
 
 def test_otsu_when_no_masks_and_as_a_candidate(run, tmp_path):
@@ -310,3 +320,45 @@ def test_masks_are_compared_with_trivial_masks(run, tmp_path, maps, beats):
     assert ("mask_warning" in result) is (not beats)
     if not beats:
         assert "whole image" in result["mask_warning"] and "0.062" in result["mask_warning"]
+
+
+# Two members whose maps complement each other, and a third that points elsewhere: no
+# fusion of all three finds the lesion, the first two's does (values off the tau grid).
+WEAK_A = np.where(GT & ~HOLE, 0.83, np.where(HOLE, 0.23, 0.0)).astype(np.float32)
+RING_ALSO = np.where(RING, 0.33, np.where(GT, 0.83, 0.0)).astype(np.float32)
+ELSEWHERE_RING = np.where(RING, 0.93, 0.0).astype(np.float32)
+MISLEADS = {
+    "p1.png": ("diseased", GT, [D, D, D], [0.01, 0.01, 0.01], [WEAK_A, RING_ALSO, ELSEWHERE_RING], True),
+    "p2.png": ("diseased", GT, [D, D, D], [0.01, 0.01, 0.01], [WEAK_A, RING_ALSO, ELSEWHERE_RING], True),
+    **{f"h{i}.png": ("healthy", None, [H, H, H], [0.0, 0.0, 0.0], BLANK, True) for i in range(3, 8)},
+}
+
+
+def test_mask_members_are_chosen_by_iou_by_hand(run, tmp_path):
+    """With all three maps the best is 0.75 (mean above 0.4, or the 2-of-3 vote above
+    0.33: the lesion without its weak quarter); the first two members' maps, fused by
+    the intersection above 0.05..0.2, give the lesion exactly. The third member's map is
+    left out of the masks; the class decision (all three agree) is unchanged."""
+    data = fake_data(tmp_path, MISLEADS)
+    result = calibrate(FakeEnsemble(spec=MISLEADS, run=run), data, write=False)
+    sets = {tuple(r["mask_members"] or ["all"]): r for r in result["member_sets"]}
+    assert sets[("all",)]["iou_mean"] == pytest.approx(0.75)
+    assert {row["fusion"]: row["iou_mean"] for row in result["fusions"]}["min"] == pytest.approx(0.0)
+    first_two = tuple(NAMES[:2])
+    assert sets[first_two]["iou_mean"] == pytest.approx(1.0)
+    assert sets[(NAMES[0], NAMES[2])]["iou_mean"] < 0.75 and sets[(NAMES[1], NAMES[2])]["iou_mean"] < 0.75
+    assert result["mask_members"] == list(first_two) and result["iou_mean"] == pytest.approx(1.0)
+    assert result["fusion"] == "min" and 0.05 <= result["tau"] < 0.23
+    # the paper's fusion of every agreeing member, when asked
+    paper = calibrate(FakeEnsemble(spec=MISLEADS, run=run), data, write=False, choose_members=False)
+    assert paper["mask_members"] is None and paper["iou_mean"] == pytest.approx(0.75)
+    assert [r["mask_members"] for r in paper["member_sets"]] == [None]
+
+
+def test_mask_members_are_written_and_cleared(run, tmp_path):
+    data = fake_data(tmp_path, MISLEADS)
+    calibrate(FakeEnsemble(spec=MISLEADS, run=run), data, write=True, novelty=False)
+    manifest = json.loads((run / "aax.json").read_text())
+    assert manifest["maps"]["mask_members"] == NAMES[:2]
+    calibrate(FakeEnsemble(spec=MISLEADS, run=run), data, write=True, novelty=False, choose_members=False)
+    assert "mask_members" not in json.loads((run / "aax.json").read_text())["maps"]  # all: the default

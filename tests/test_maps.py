@@ -195,3 +195,43 @@ def test_map_pass_from_the_shared_steps_equals_a_full_pass() -> None:
         fast = member_maps(member, x, a, cls, opts, shared=shared[id(member)])
         full = member_maps(member, x, a, cls, opts)
     assert fast.shape[-2:] == (4, 4) and torch.equal(fast, full)
+
+
+def test_mask_members_narrow_the_maps_a_mask_fuses() -> None:
+    from aax.annotate import _maps_and_masks
+    from aax.decide import Decision
+    from aax.explain import Grid
+
+    raw = torch.zeros(1, 3, 4, 4)
+    raw[0, :2, 1, 1] = 1.0  # members 0 and 1 point at (1, 1), member 2 at (3, 3)
+    raw[0, 2, 3, 3] = 1.0
+    grids = [Grid.pixels((4, 4))] * 3
+
+    def mask(agreeing, members):
+        decision = Decision(label=0, review=False, reason="", agreeing=agreeing)
+        masks, _ = _maps_and_masks(raw, grids, [(4, 4)], [0], [decision], [0.5], keep=False,
+                                   fusion="min", mask_members=members)
+        return {tuple(int(v) for v in p) for p in np.argwhere(masks[0])}
+
+    assert mask((0, 1, 2), None) == set()  # the intersection of all three is empty
+    assert mask((0, 1, 2), [0, 1]) == {(1, 1)}
+    assert mask((0, 1, 2), [2]) == {(3, 3)}
+    assert mask((0, 1), [2]) == {(1, 1)}  # none of the agreeing members is a mask member: all of them
+
+
+def test_mask_members_round_trip_and_are_checked() -> None:
+    from types import SimpleNamespace
+
+    from aax.annotate import AnnotateSettings
+
+    options = MapOptions(mask_members=["resnet50", "densenet121"])
+    assert options.mask_members == ("resnet50", "densenet121")
+    assert MapOptions.from_dict(options.to_dict()) == options
+    assert "mask_members" not in MapOptions().to_dict()  # all members: as runs made before the option
+    with pytest.raises(ValueError, match="distinct"):
+        MapOptions(mask_members=["resnet50", "resnet50"])
+    fake = SimpleNamespace(run="RUN", tau=0.5, theta=0.1, mc_passes=4, quorum=2, novelty=None,
+                           members={"resnet50": None, "densenet121": None},
+                           maps=MapOptions(mask_members=["resnet50", "vgg16"]))
+    with pytest.raises(ValueError, match=r"RUN: maps.mask_members names \['vgg16'\]"):
+        AnnotateSettings.from_ensemble(fake)

@@ -65,6 +65,10 @@ class AnnotateSettings:
                       mc_passes: int | None = None, novelty: bool = True) -> AnnotateSettings:
         tau = ensemble.tau if tau is None else tau
         maps = getattr(ensemble, "maps", None) or MapOptions()
+        unknown = [m for m in maps.mask_members or () if m not in ensemble.members]
+        if unknown:
+            raise ValueError(f"{getattr(ensemble, 'run', 'the run')}: maps.mask_members names {unknown}, which are "
+                             f"not members of this run ({', '.join(ensemble.members)})")
         if maps.source == "patch" and not getattr(ensemble, "patches", None):
             raise ValueError(f"{getattr(ensemble, 'run', 'the run')}: the 'patch' map source needs the run's patch "
                              f"bank (patches.npz), which `aax calibrate RUN --map-sources cam patch` makes")
@@ -255,8 +259,10 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
                  for b in range(len(sizes))]
     taus = [settings.tau_for(classes[d.label]) if d.agreeing else 0.0 for d in decisions]
     wanted = [b for b, d in enumerate(decisions) if keep_saliency or d.agreeing]
+    mask_members = (None if settings.maps.mask_members is None
+                    else [names.index(n) for n in settings.maps.mask_members])
     masks, maps = _maps_and_masks(raw, grids, sizes, wanted, decisions, taus, keep_saliency,
-                                  settings.maps.fusion, settings.quorum)
+                                  settings.maps.fusion, settings.quorum, mask_members)
 
     predicted_all = predicted_classes(probs_np.reshape(-1, probs_np.shape[-1])).reshape(probs_np.shape[:2])
     records = []
@@ -292,11 +298,12 @@ def map_budget(device: torch.device) -> int:
 def _maps_and_masks(raw: torch.Tensor, grids: Sequence[Grid], sizes: Sequence[tuple[int, int]],
                     wanted: Sequence[int],
                     decisions: Sequence, taus: Sequence[float | str], keep: bool,
-                    fusion: str = "min", votes: int = 2,
+                    fusion: str = "min", votes: int = 2, mask_members: Sequence[int] | None = None,
                     ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
     """Masks (the agreeing members' maps fused, ``> tau``, as :func:`aax.decide.fuse` and
-    :func:`aax.decide.binarise`) and, with ``keep``, every member's map, at each image's
-    original size, each resized on its member's :class:`~aax.explain.Grid`.
+    :func:`aax.decide.binarise`; only those among ``mask_members`` when any is) and, with
+    ``keep``, every member's map, at each image's original size, each resized on its
+    member's :class:`~aax.explain.Grid`.
 
     Images of one size are upsampled together, on the device, in chunks of
     :func:`map_budget` pixels; only the boolean masks (and kept maps) leave the device.
@@ -315,6 +322,8 @@ def _maps_and_masks(raw: torch.Tensor, grids: Sequence[Grid], sizes: Sequence[tu
             up = normalise(upsample(raw[chunk], (h, w), grids), inplace=True)
             for j, b in enumerate(chunk):
                 agreeing = list(decisions[b].agreeing)
+                if mask_members is not None:
+                    agreeing = [i for i in agreeing if i in mask_members] or agreeing
                 if agreeing:
                     # all members agree most of the time: a view then, not a gathered copy
                     chosen = up[j] if len(agreeing) == m else up[j, agreeing]
@@ -458,6 +467,11 @@ def annotate_to_folder(ensemble: Ensemble, source: str | os.PathLike, out: str |
         del fingerprint["novelty"]
     if fingerprint["maps"].get("source") == "cam":  # as folders made before patch maps existed
         del fingerprint["maps"]["source"]
+    if fingerprint["maps"].get("mask_members") is None:  # all members, as before the option
+        fingerprint["maps"].pop("mask_members", None)
+    # masks made before maps were registered on the image (Grid) differ: such a folder is
+    # refused (settings differ), not completed with masks of another kind
+    fingerprint["maps"]["grid"] = "receptive-field"
     store = AnnotationStore(out, fingerprint, input_root=root, overwrite=overwrite)
     done = store.done()
     render = (lambda r: render_record(r, settings.tau_for(r.decision), settings.theta)) if save_saliency else None

@@ -29,6 +29,14 @@ Procedure (one annotate pass over the validation images, saliency maps kept):
    positive class, each class gets its own tau (the best for its images; overall mean
    IoU is then the best too, since each image counts for its own class only). Otsu is
    taken over a grid value only when strictly better.
+4. **mask members**, where masks exist and the run has more than two members: each set
+   of at least two members is tried as the only maps a mask may be fused from (an
+   image's mask then fuses the maps of its agreeing members that are in the set, or of
+   all its agreeing members when none is), with every fusion and tau as above. A set
+   other than all members is kept only when its mean IoU is strictly better (ties: all
+   members, the paper's). The class decision is untouched: every member still votes.
+   A member whose maps mislead on validation masks thus stops spoiling the masks
+   (docs/quality.md: the demo's EfficientNet-B0).
 
 Results: ``theta``/``tau`` and a ``calibration`` entry (what was measured, on what, and
 when) are written into ``RUN/aax.json`` atomically; the risk-coverage curve (accuracy on
@@ -143,7 +151,7 @@ def collect(ensemble: Ensemble, data: Any, *, taus: Sequence[float] = TAU_GRID,
             entry.trivial[name] = (int(np.count_nonzero(box & gt)), int(np.count_nonzero(box & ~gt)))
         # the member sets that can agree on this image, whatever theta turns out to be
         row = ThetaSweep.build(p[None], u[None], ensemble.negative_index, ensemble.quorum).agreeing[0]
-        for subset in {s for s in row if s}:
+        for subset in _subsets({s for s in row if s}):
             stack = np.stack([maps[i] for i in subset])
             for fusion in fusions:
                 score = fuse(stack, fusion, ensemble.quorum)
@@ -154,6 +162,32 @@ def collect(ensemble: Ensemble, data: Any, *, taus: Sequence[float] = TAU_GRID,
     m, c = len(ensemble.members), len(classes)
     return Collected(labels=np.array(labels), probs=np.stack(probs).reshape(-1, m, c),
                      uncertainty=np.stack(unc).reshape(-1, m), masks=masks, taus=taus_arr, n_errors=n_errors)
+
+
+def _subsets(sets: set[tuple[int, ...]]) -> set[tuple[int, ...]]:
+    """Every non-empty subset of each set: the member sets a mask may be fused from once
+    :data:`mask members <choose_masks>` narrow an image's agreeing members."""
+    from itertools import combinations
+
+    return {c for s in sets for k in range(1, len(s) + 1) for c in combinations(s, k)}
+
+
+def _restrict(subset: tuple[int, ...], members: tuple[int, ...] | None) -> tuple[int, ...]:
+    """The agreeing members whose maps form the mask, given the mask members (None: all)."""
+    if members is None or not subset:
+        return subset
+    return tuple(i for i in subset if i in members) or subset
+
+
+def member_sets(n_members: int) -> list[tuple[int, ...] | None]:
+    """The mask-member sets calibration tries: all members (None) first, then every set
+    of at least two members, larger first."""
+    from itertools import combinations
+
+    sets: list[tuple[int, ...] | None] = [None]
+    for k in range(n_members - 1, 1, -1):
+        sets += list(combinations(range(n_members), k))
+    return sets
 
 
 def trivial_scores(collected: Collected) -> dict[str, dict[str, Any]]:
@@ -209,11 +243,13 @@ def settle_theta(theta: float, uncertainty: np.ndarray) -> float:
 
 
 def tau_curve(collected: Collected, sweep: ThetaSweep, theta: float, fusion: str = "min",
-              label: int | None = None, otsu: bool = False) -> list[dict[str, Any]]:
-    """Mean and micro IoU of the ensemble's masks (fused by ``fusion``) for every tau of
-    the grid (and, with ``otsu``, a last point ``tau="otsu"``), with the decisions at
-    ``theta``, over the images of class ``label`` (all when None); an image the ensemble
-    does not call positive scores 0."""
+              label: int | None = None, otsu: bool = False,
+              members: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
+    """Mean and micro IoU of the ensemble's masks (fused by ``fusion``, from the agreeing
+    members among ``members``: see :func:`_restrict`) for every tau of the grid (and, with
+    ``otsu``, a last point ``tau="otsu"``), with the decisions at ``theta``, over the
+    images of class ``label`` (all when None); an image the ensemble does not call
+    positive scores 0."""
     if not collected.masks:
         return []
     agreeing = sweep.agreeing_at(theta)
@@ -222,7 +258,7 @@ def tau_curve(collected: Collected, sweep: ThetaSweep, theta: float, fusion: str
     for j, entry in collected.masks.items():
         if label is not None and entry.label != label:
             continue
-        subset = agreeing[j]
+        subset = _restrict(agreeing[j], members)
         if subset:
             tp, fp = entry.counts[(fusion, subset)]
         else:
@@ -251,55 +287,84 @@ def choose_tau(curve: Sequence[dict[str, Any]], current: float) -> dict[str, Any
 
 
 def choose_masks(collected: Collected, sweep: ThetaSweep, theta: float, classes: Sequence[str],
-                 current_tau: Any, fusions: Sequence[str] = FUSIONS) -> dict[str, Any] | None:
-    """The fusion and tau (one per positive class when several have masks) with the best
-    mean IoU of the ensemble's masks at ``theta`` (rule: the module docstring). Returns
-    ``fusion``, ``tau``, ``iou_mean``, ``iou_micro``, ``n_masks``, ``tau_curve`` (the
-    chosen fusion, all classes) and ``fusions`` (each fusion's best), or None without masks."""
+                 current_tau: Any, fusions: Sequence[str] = FUSIONS,
+                 sets: Sequence[tuple[int, ...] | None] = (None,)) -> dict[str, Any] | None:
+    """The mask members, fusion and tau (one per positive class when several have masks)
+    with the best mean IoU of the ensemble's masks at ``theta`` (rule: the module
+    docstring). ``sets``: the mask-member sets to try (None: all members). Returns
+    ``members`` (a set's member indices, or None), ``fusion``, ``tau``, ``iou_mean``,
+    ``iou_micro``, ``n_masks``, ``tau_curve`` (the chosen set and fusion, all classes),
+    ``fusions`` (each fusion's best with all members) and ``member_sets`` (each set's
+    best), or None without masks."""
     if not collected.masks:
         return None
+    order = {f: i for i, f in enumerate(FUSIONS)}
+    by_set = []
+    for members in sets:
+        table = _fusion_table(collected, sweep, theta, classes, current_tau, fusions, members)
+        if not table:
+            continue
+        best = max(table, key=lambda t: (t["iou_mean"] if t["iou_mean"] is not None else -1.0,
+                                         -order.get(t["fusion"], len(order))))
+        by_set.append({"members": members, **best, "table": table})
+    if not by_set:
+        return None
+    chosen = by_set[0]  # all members unless another set is strictly better
+    for row in by_set[1:]:
+        if (row["iou_mean"] or 0.0) > (chosen["iou_mean"] or 0.0):
+            chosen = row
+    everyone = next((r for r in by_set if r["members"] is None), by_set[0])
+    result = {k: v for k, v in chosen.items() if k != "table"}
+    return {**result, "tau_curve": tau_curve(collected, sweep, theta, chosen["fusion"], members=chosen["members"]),
+            "fusions": everyone["table"],
+            "member_sets": [{k: v for k, v in r.items() if k != "table"} for r in by_set]}
+
+
+def _fusion_table(collected: Collected, sweep: ThetaSweep, theta: float, classes: Sequence[str],
+                  current_tau: Any, fusions: Sequence[str],
+                  members: tuple[int, ...] | None) -> list[dict[str, Any]]:
+    """Each fusion's best (per-class) tau and its scores, with masks from ``members``."""
     labels = sorted({e.label for e in collected.masks.values()})
     current = _one_tau(current_tau)
     table = []
     for fusion in fusions:
         per_class: dict[int, dict[str, Any]] = {}
         for c in labels:
-            best = choose_tau(tau_curve(collected, sweep, theta, fusion, c if len(labels) > 1 else None, otsu=True),
-                              current)
+            best = choose_tau(tau_curve(collected, sweep, theta, fusion, c if len(labels) > 1 else None, otsu=True,
+                                        members=members), current)
             if best is not None:
                 per_class[c] = best
         if not per_class:
             continue
         index = {c: (len(collected.taus) if p["tau"] == OTSU else
                      int(np.argmin(np.abs(collected.taus - p["tau"])))) for c, p in per_class.items()}
-        overall = _scores_at(collected, sweep, theta, fusion, index)
+        overall = _scores_at(collected, sweep, theta, fusion, index, members)
         tau = (per_class[labels[0]]["tau"] if len(labels) == 1
                else {classes[c]: p["tau"] for c, p in per_class.items()})
         table.append({"fusion": fusion, "tau": tau, **overall})
-    if not table:
-        return None
-    order = {f: i for i, f in enumerate(FUSIONS)}
-    best = max(table, key=lambda t: (t["iou_mean"] if t["iou_mean"] is not None else -1.0,
-                                     -order.get(t["fusion"], len(order))))
-    return {**best, "tau_curve": tau_curve(collected, sweep, theta, best["fusion"]),
-            "fusions": table}
+    return table
 
 
 def _scores_at(collected: Collected, sweep: ThetaSweep, theta: float, fusion: str,
-               index: dict[int, int]) -> dict[str, Any]:
+               index: dict[int, int], members: tuple[int, ...] | None = None) -> dict[str, Any]:
     """Mean/micro IoU with each class's tau at grid position ``index[class]``."""
     agreeing = sweep.agreeing_at(theta)
     acc = MaskScores()
     for j, entry in collected.masks.items():
         t = index[entry.label]
-        subset = agreeing[j]
+        subset = _restrict(agreeing[j], members)
         tp, fp = (int(v[t]) for v in entry.counts[(fusion, subset)]) if subset else (0, 0)
         acc.add_counts(tp, fp, entry.gt_pixels - tp)
     return acc.result()
 
 
-def _brief(chosen: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: chosen[k] for k in ("fusion", "tau", "iou_mean", "iou_micro", "n_masks")}
+def _brief(chosen: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    return {"mask_members": _member_names(chosen.get("members"), names),
+            **{k: chosen[k] for k in ("fusion", "tau", "iou_mean", "iou_micro", "n_masks")}}
+
+
+def _member_names(members: Sequence[int] | None, names: Sequence[str]) -> list[str] | None:
+    return None if members is None else [names[i] for i in members]
 
 
 def _one_tau(tau: Any) -> float:
@@ -325,7 +390,7 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
               novelty: bool = True, novelty_score: str | None = None,
               novelty_pass_rate: float | None = None, fusions: Sequence[str] = FUSIONS,
               tau_without_masks: float | str | None = None,
-              sources: Sequence[str] | None = None) -> dict[str, Any]:
+              sources: Sequence[str] | None = None, choose_members: bool = True) -> dict[str, Any]:
     """Choose theta (and tau, where ground-truth masks exist) on validation data.
 
     Args:
@@ -355,12 +420,16 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
             first (:func:`aax.patch_maps.fit_run`, from the negative training images);
             each source is calibrated as above and the one with the best validation mean
             IoU is kept (ties: the first listed). Without masks the run's source is kept.
+        choose_members: where masks exist, also choose the mask members (step 4 of the
+            module docstring); False fuses every agreeing member's map, as the paper does.
 
     Returns:
         The calibration entry: ``theta``, ``tau``, ``previous``, ``n``, ``n_errors``,
         ``accuracy``, ``accuracy_kept``, ``flag_rate``, ``coverage``, ``constraint_met``,
         ``iou_mean``/``iou_micro``/``n_masks`` (None without masks), ``n_candidates``,
-        ``tau_curve``, ``risk_coverage`` (the points), ``mc_passes``, ``date``; with
+        ``tau_curve``, ``risk_coverage`` (the points), ``mc_passes``, ``date``,
+        ``mask_members`` (member names, or None for all) and ``member_sets`` (each set's
+        best, where masks exist); with
         ``write`` and ``novelty``, ``novelty``: the manifest's novelty block, or
         ``{"skipped": why}``.
     """
@@ -389,10 +458,13 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
     theta = settle_theta(point["theta"], collected.uncertainty)
     previous_tau = ensemble.tau  # a float, or one per class (kept as is when no masks)
     previous_fusion = getattr(maps, "fusion", "min")
+    previous_members = getattr(maps, "mask_members", None)
+    names = list(ensemble.members)
+    sets = member_sets(len(names)) if choose_members else [None]
     best_tau, source, by_source = None, previous_source, []
     for candidate in sources:
         if candidate == previous_source:
-            chosen = choose_masks(collected, sweep, theta, ensemble.classes, previous_tau, fusions)
+            chosen = choose_masks(collected, sweep, theta, ensemble.classes, previous_tau, fusions, sets)
         elif candidate == "patch" and not getattr(ensemble, "patches", None):
             by_source.append({"source": candidate, "skipped": "the run has no patch bank"})
             continue
@@ -403,25 +475,28 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
                                 workers=workers, label_map=label_map, fusions=fusions)
             finally:
                 ensemble.maps = maps
-            chosen = choose_masks(again, sweep, theta, ensemble.classes, previous_tau, fusions)
+            chosen = choose_masks(again, sweep, theta, ensemble.classes, previous_tau, fusions, sets)
         if chosen is None:  # no masks: nothing to choose by
             break
-        by_source.append({"source": candidate, **_brief(chosen)})
+        by_source.append({"source": candidate, **_brief(chosen, names)})
         if best_tau is None or (chosen["iou_mean"] or 0.0) > (best_tau["iou_mean"] or 0.0):
             best_tau, source = chosen, candidate
     taus_curve = [] if best_tau is None else best_tau["tau_curve"]
     if best_tau is not None:
         tau, fusion = best_tau["tau"], best_tau["fusion"]
+        mask_members = _member_names(best_tau["members"], names)
     else:
         tau = previous_tau if tau_without_masks is None else tau_without_masks
-        fusion = previous_fusion
+        fusion, mask_members = previous_fusion, previous_members
 
     result: dict[str, Any] = {
         "theta": theta, "tau": tau, "theta_candidate": point["theta"],
         "fusion": fusion, "source": source,
+        "mask_members": None if mask_members is None else list(mask_members),
         "previous": {"theta": float(ensemble.theta), "tau": previous_tau, "fusion": previous_fusion,
                      "source": previous_source},
         "fusions": None if best_tau is None else best_tau["fusions"],
+        "member_sets": None if best_tau is None else [_brief(r, names) for r in best_tau["member_sets"]],
         "sources": by_source or None,
         "data": data_name or _describe(valdata), "n": int(len(collected.labels)), "n_errors": collected.n_errors,
         "mc_passes": k, "max_flag_rate": max_flag_rate, "constraint_met": met,
@@ -500,6 +575,9 @@ def write_calibration(run: Path, result: dict[str, Any]) -> Path:
     manifest["theta"], manifest["tau"] = result["theta"], result["tau"]
     if result.get("fusion") is not None:
         manifest["maps"] = {**(manifest.get("maps") or {}), "fusion": result["fusion"]}
+        manifest["maps"].pop("mask_members", None)  # all members: the default, as runs made before the option
+        if result.get("mask_members"):
+            manifest["maps"]["mask_members"] = list(result["mask_members"])
     if result.get("source") is not None:
         manifest["maps"] = {**(manifest.get("maps") or {}), "source": result["source"]}
         if result["source"] == "cam":

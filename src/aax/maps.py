@@ -17,6 +17,10 @@ them):
 * ``fusion``: how the agreeing members' maps become one mask (:mod:`aax.decide`):
   ``min`` (the paper's intersection), ``mean`` or ``vote`` (a pixel is in the mask when
   at least ``quorum`` maps exceed tau);
+* ``mask_members``: the members whose maps a mask may be fused from (None: all, the
+  paper's). An image's mask fuses its agreeing members among them, or all its agreeing
+  members when none is; ``aax calibrate`` chooses the set on validation masks. The class
+  decision never depends on it;
 * ``source``: ``"cam"`` (XGrad-CAM, the paper's) or ``"patch"``: each member's
   patch-feature novelty map (:mod:`aax.patch_maps`; needs the run's patch bank). The
   strides and TTA above apply to CAMs only; patch maps come from the class pass's stride.
@@ -57,6 +61,7 @@ class MapOptions:
     tta_flip: bool = False
     fusion: str = "min"
     source: str = "cam"
+    mask_members: tuple[str, ...] | None = None
     _views: tuple[tuple[float, bool], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -71,6 +76,11 @@ class MapOptions:
         if self.source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
         object.__setattr__(self, "tta_scales", scales)
+        if self.mask_members is not None:
+            members = tuple(str(m) for m in self.mask_members)
+            if not members or len(set(members)) != len(members):
+                raise ValueError(f"mask_members must name distinct members, got {list(self.mask_members)}")
+            object.__setattr__(self, "mask_members", members)
         views = tuple((s, f) for s in scales for f in ((False, True) if self.tta_flip else (False,)))
         object.__setattr__(self, "_views", views)
 
@@ -85,13 +95,15 @@ class MapOptions:
         return self.views != ((1.0, False),)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form (``RUN/aax.json["maps"]``). The source is left out when it is
-        the paper's (``"cam"``), so that annotation folders made before the option
-        existed still match their settings and resume."""
+        """The JSON form (``RUN/aax.json["maps"]``). The source and the mask members are
+        left out when they are the paper's (``"cam"``, all), as runs made before the
+        options existed have them."""
         out = {"class_stride": self.class_stride, "map_stride": self.map_stride,
                "tta_scales": list(self.tta_scales), "tta_flip": self.tta_flip, "fusion": self.fusion}
         if self.source != "cam":
             out["source"] = self.source
+        if self.mask_members is not None:
+            out["mask_members"] = list(self.mask_members)
         return out
 
     @classmethod
@@ -102,7 +114,8 @@ class MapOptions:
         class_stride = int(data.get("class_stride", train_stride))
         return cls(class_stride=class_stride, map_stride=int(data.get("map_stride", class_stride)),
                    tta_scales=tuple(data.get("tta_scales", (1.0,))), tta_flip=bool(data.get("tta_flip", False)),
-                   fusion=str(data.get("fusion", "min")), source=str(data.get("source", "cam")))
+                   fusion=str(data.get("fusion", "min")), source=str(data.get("source", "cam")),
+                   mask_members=data.get("mask_members"))
 
     def replace(self, **changes: Any) -> MapOptions:
         """A copy with ``changes``."""

@@ -26,6 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fusions", nargs="+", choices=["min", "mean", "vote"], default=["min", "mean", "vote"],
                    help="mask fusions to choose from where VALDATA has masks (default: all three; "
                         "'min' alone keeps the paper's intersection)")
+    p.add_argument("--all-members", dest="choose_members", action="store_false",
+                   help="fuse every agreeing member's map, as the paper does (default: where VALDATA has masks, "
+                        "also choose the set of members whose maps form masks: a member whose maps lower the "
+                        "validation IoU is left out of the masks, never out of the class decision)")
     p.add_argument("--map-sources", nargs="+", choices=["cam", "patch"], default=None,
                    help="the map sources to choose from where the validation data has masks (default: the "
                         "RUN's own, XGrad-CAM unless set). With patch, the RUN's patch bank is made first "
@@ -62,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
                            novelty=args.novelty, novelty_score=args.novelty_score,
                            novelty_pass_rate=args.novelty_pass_rate, fusions=tuple(args.fusions),
                            tau_without_masks=None if args.tau_without_masks == "keep" else args.tau_without_masks,
-                           sources=args.map_sources)
+                           sources=args.map_sources, choose_members=args.choose_members)
     except (FileNotFoundError, ValueError) as exc:
         print(f"aax calibrate: {exc}", file=sys.stderr)
         return 2
@@ -73,6 +77,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"tau = {tau_text(result['tau'])}, fusion {result['fusion']}, {result.get('source', 'cam')} maps "
               f"(was {tau_text(prev['tau'])}, {prev['fusion']}, {prev.get('source', 'cam')}): mean IoU "
               f"{_pct(result['iou_mean'])} on {result['n_masks']} masks")
+        sets = result.get("member_sets") or []
+        if result.get("mask_members"):
+            everyone = next((r for r in sets if r["mask_members"] is None), None)
+            print(f"masks fuse the maps of {', '.join(result['mask_members'])} only (all members: mean IoU "
+                  f"{_pct(everyone and everyone['iou_mean'])}); every member still votes on the class")
         for row in result.get("sources") or []:
             if "skipped" in row:
                 print(f"  {row['source']} maps: skipped ({row['skipped']})")
