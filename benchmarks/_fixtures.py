@@ -217,6 +217,7 @@ class FeatureReplay:
     def __init__(self, member: Any, features: torch.Tensor) -> None:
         self.head = member.head
         self.name = getattr(member, "name", "")
+        self.grid_origin = member.grid_origin  # where its maps' cells lie (aax.explain.Grid)
         self._features = features
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

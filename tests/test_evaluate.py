@@ -183,6 +183,8 @@ def test_outputs_written(data, tmp_path):
     assert tables == result["tables"] + "\n"
     assert "| **AAX (fused maps of the agreeing members)** | 50.0 | 66.7 | 25.0 |" in tables
     assert "| ResNet-50 with XGrad-CAM and MC Dropout | 25.0 | 33.3 |" in tables
+    assert "AAX's masks: min fusion of the agreeing members' maps." in tables  # a run without map settings
+    assert metrics["settings"]["fusion"] == "min" and metrics["settings"]["mask_members"] is None
     # the trivial masks are printed beside ours (a mask that cannot beat them says nothing)
     assert set(metrics["trivial"]) == {"whole image", "centred box"}
     assert 0 < metrics["trivial"]["whole image"]["iou_mean"] <= 1
@@ -383,3 +385,11 @@ def test_no_novelty_evaluates_the_papers_protocol(data, tmp_path):
     result = evaluate(ens, data, report=False, novelty=False)
     assert [c["novelty"] for c in ens.calls] == [False]
     assert result["settings"]["novelty"] is None
+
+
+def test_masks_text_names_the_mask_members():
+    from aax.evaluate import masks_text
+
+    text = masks_text({"fusion": "mean", "mask_members": ["resnet50", "densenet121"]})
+    assert text == ("AAX's masks: mean fusion of the agreeing members' maps among resnet50, densenet121 "
+                    "(chosen on validation masks).")

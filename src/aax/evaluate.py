@@ -70,6 +70,18 @@ def trivial_mask(name: str, shape: tuple[int, ...]) -> np.ndarray:
     raise ValueError(f"unknown trivial mask {name!r}; expected one of {TRIVIAL_MASKS}")
 
 
+def _mask_members(ensemble: Any) -> list[str] | None:
+    members = getattr(getattr(ensemble, "maps", None), "mask_members", None)
+    return None if members is None else list(members)
+
+
+def masks_text(settings: Mapping[str, Any]) -> str:
+    """How the masks of these results were made, in words (fusion, mask members)."""
+    members = settings.get("mask_members")
+    among = f" among {', '.join(members)} (chosen on validation masks)" if members else ""
+    return f"AAX's masks: {settings.get('fusion', 'min')} fusion of the agreeing members' maps{among}."
+
+
 def method_label(name: str) -> str:
     """How tables, the report and the README name a method: one name everywhere."""
     if name == ENSEMBLE:
@@ -507,6 +519,8 @@ def evaluate(ensemble: Ensemble, data: Any, *, unseen: Any = None, theta: float 
             "n_errors": len(errors), "has_masks": scorer.has_masks,
             "novelty": _novelty_settings(ensemble) if novelty else None,
             "map_source": getattr(getattr(ensemble, "maps", None), "source", "cam"),
+            "fusion": getattr(getattr(ensemble, "maps", None), "fusion", "min"),
+            "mask_members": _mask_members(ensemble),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         },
         "confusion": {
@@ -578,7 +592,7 @@ def tables_markdown(result: dict[str, Any]) -> str:
            f"{s['n_images']} images, {s['n_errors']} input errors (listed in metrics.json), classes {', '.join(s['classes'])} "
            f"(negative: {s['negative_class']}); theta = {s['theta']:g}, tau = {tau_text(s['tau'])}, "
            f"K = {s['mc_passes']} MC passes, quorum {s['quorum']}. Flagged images count as wrong "
-           f"in accuracy; 'kept' is the accuracy on the images not flagged.", "",
+           f"in accuracy; 'kept' is the accuracy on the images not flagged. {masks_text(s)}", "",
            "## Classification (paper tables 1 and 3)", "",
            "| Method | Accuracy (%) | Accuracy kept (%) | Flag rate (%) | Precision (%) | Recall (%) | F1 (%) |",
            "|---|---:|---:|---:|---:|---:|---:|"]
