@@ -8,7 +8,11 @@ Per member:
   saves the activations, a tensor hook on its output saves the gradients, one full
   forward and one backward of the class score (through the whole backbone, parameter
   gradients included, as the library does), the channel weights in NumPy, then the map
-  resized to the image's size and min-max normalised.
+  resized to the image's size and min-max normalised. The resize places each cell where
+  the member's receptive field is centred (``Member.grid_origin``), as AAX does, written
+  here independently with ``F.grid_sample``: pytorch-grad-cam's plain resize puts
+  ResNet-50's and EfficientNet-B0's cells half a cell off (docs/method.md), and the check
+  below is of the maps, not of that.
 
 The decision protocol and the mask are then the same as AAX's (``aax.decide``): they
 cost next to nothing and make the outputs comparable.
@@ -64,11 +68,27 @@ def xgradcam_reference(member: torch.nn.Module, hooks: ActivationsAndGradients, 
     cams = np.maximum((weights[:, :, None, None] * a).sum(axis=1), 0)
     maps = []
     for cam, (h, w) in zip(cams, sizes):
-        up = F.interpolate(torch.from_numpy(cam)[None, None], size=(h, w), mode="bilinear",
-                           align_corners=False)[0, 0].numpy()
+        up = _registered_resize(torch.from_numpy(cam), member, tuple(x.shape[-2:]), (h, w)).numpy()
         up = up - up.min()
         maps.append(up / (up.max() + EPS))
     return maps
+
+
+def _registered_resize(cam: torch.Tensor, member: Any, input_size: tuple[int, int],
+                       size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of a ``[h, w]`` map to ``size``: output pixel ``q`` is input pixel
+    ``(q + 0.5) * S / H - 0.5``, which lies at cell ``(p - origin) / stride``."""
+    coords = []
+    for n_cells, n_in, n_out in zip(cam.shape, input_size, size):
+        stride = n_in / n_cells
+        origin = member.grid_origin(round(stride)) if hasattr(member, "grid_origin") else (stride - 1) / 2
+        p = (torch.arange(n_out, dtype=torch.float64) + 0.5) * n_in / n_out - 0.5
+        u = (p - origin) / stride
+        coords.append((2 * u + 1) / n_cells - 1)  # grid_sample's normalised coordinate
+    gy, gx = torch.meshgrid(coords[0], coords[1], indexing="ij")
+    grid = torch.stack([gx, gy], dim=-1)[None].float()
+    return F.grid_sample(cam[None, None].float(), grid, mode="bilinear", padding_mode="border",
+                         align_corners=False)[0, 0]
 
 
 def reference_batch(ensemble: Any, x: torch.Tensor, sizes: Sequence[tuple[int, int]],
