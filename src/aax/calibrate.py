@@ -115,10 +115,12 @@ def _counts_with_otsu(score: np.ndarray, gt: np.ndarray, taus: np.ndarray) -> tu
 
 def collect(ensemble: Ensemble, data: Any, *, taus: Sequence[float] = TAU_GRID,
             mc_passes: int | None = None, batch_size: int | None = None, workers: int | None = None,
-            label_map: Mapping[str, str] | None = None, fusions: Sequence[str] = FUSIONS) -> Collected:
+            label_map: Mapping[str, str] | None = None, fusions: Sequence[str] = FUSIONS,
+            sets: Sequence[tuple[int, ...] | None] = (None,)) -> Collected:
     """Annotate ``data`` once (maps kept) and keep only what the sweeps need: the
     members' probabilities and uncertainties, and per-tau pixel counts of every mask
-    the ensemble could form on each positive image with a ground-truth mask."""
+    the ensemble could form on each positive image with a ground-truth mask, for each
+    mask-member set of ``sets`` (None: all members)."""
     classes = list(ensemble.classes)
     index = {c: i for i, c in enumerate(classes)}
     dataset = open_data(data, classes, label_map)
@@ -151,7 +153,7 @@ def collect(ensemble: Ensemble, data: Any, *, taus: Sequence[float] = TAU_GRID,
             entry.trivial[name] = (int(np.count_nonzero(box & gt)), int(np.count_nonzero(box & ~gt)))
         # the member sets that can agree on this image, whatever theta turns out to be
         row = ThetaSweep.build(p[None], u[None], ensemble.negative_index, ensemble.quorum).agreeing[0]
-        for subset in _subsets({s for s in row if s}):
+        for subset in {_restrict(s, members) for s in row if s for members in sets}:
             stack = np.stack([maps[i] for i in subset])
             for fusion in fusions:
                 score = fuse(stack, fusion, ensemble.quorum)
@@ -162,14 +164,6 @@ def collect(ensemble: Ensemble, data: Any, *, taus: Sequence[float] = TAU_GRID,
     m, c = len(ensemble.members), len(classes)
     return Collected(labels=np.array(labels), probs=np.stack(probs).reshape(-1, m, c),
                      uncertainty=np.stack(unc).reshape(-1, m), masks=masks, taus=taus_arr, n_errors=n_errors)
-
-
-def _subsets(sets: set[tuple[int, ...]]) -> set[tuple[int, ...]]:
-    """Every non-empty subset of each set: the member sets a mask may be fused from once
-    :data:`mask members <choose_masks>` narrow an image's agreeing members."""
-    from itertools import combinations
-
-    return {c for s in sets for k in range(1, len(s) + 1) for c in combinations(s, k)}
 
 
 def _restrict(subset: tuple[int, ...], members: tuple[int, ...] | None) -> tuple[int, ...]:
@@ -449,8 +443,10 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
 
         patch_block = fit_patches(ensemble)
     label_map = run_label_map(ensemble) if label_map is None else label_map
+    names = list(ensemble.members)
+    sets = member_sets(len(names)) if choose_members else [None]
     collected = collect(ensemble, valdata, taus=taus, mc_passes=k, batch_size=batch_size, workers=workers,
-                        label_map=label_map, fusions=fusions)
+                        label_map=label_map, fusions=fusions, sets=sets)
     sweep = ThetaSweep.build(collected.probs, collected.uncertainty, ensemble.negative_index, ensemble.quorum)
     candidates = theta_candidates(collected.uncertainty, default=float(ensemble.theta))
     curve = risk_coverage(sweep, collected.labels, candidates)
@@ -459,8 +455,6 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
     previous_tau = ensemble.tau  # a float, or one per class (kept as is when no masks)
     previous_fusion = getattr(maps, "fusion", "min")
     previous_members = getattr(maps, "mask_members", None)
-    names = list(ensemble.members)
-    sets = member_sets(len(names)) if choose_members else [None]
     best_tau, source, by_source = None, previous_source, []
     for candidate in sources:
         if candidate == previous_source:
@@ -472,7 +466,7 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
             ensemble.maps = maps.replace(source=candidate)
             try:  # the class decisions do not depend on the source: only the masks are recounted
                 again = collect(ensemble, valdata, taus=taus, mc_passes=k, batch_size=batch_size,
-                                workers=workers, label_map=label_map, fusions=fusions)
+                                workers=workers, label_map=label_map, fusions=fusions, sets=sets)
             finally:
                 ensemble.maps = maps
             chosen = choose_masks(again, sweep, theta, ensemble.classes, previous_tau, fusions, sets)
