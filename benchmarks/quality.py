@@ -2,7 +2,7 @@
 """Mask quality of each lever on real and synthetic data: the paper's tables, side by side.
 
 For each data set given (a CSV manifest, as ``aax data convert`` writes for BUSI and
-BSData, or ``--lesion`` for ``aax synth --kind lesion``), a seeded, stratified subsample
+BSData, or ``--lesion`` / ``--fire`` for ``aax synth``), a seeded, stratified subsample
 is split into train+validation and a held-out test part. The ensemble is trained at
 output stride 32 and at 16 (small, from-scratch runs: see the printed settings), and for
 each lever:
@@ -66,6 +66,8 @@ LEVERS: list[tuple[str, int, dict[str, Any]]] = [
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lesion", action="store_true", help="synthetic lesions (aax synth --kind lesion)")
+    p.add_argument("--fire", action="store_true",
+                   help="synthetic fire frames (aax synth --kind fire), at --lesion-size, trained here")
     p.add_argument("--lesion-run", type=Path, default=None,
                    help="use this trained stride-32 RUN for the lesions (e.g. make demo's) instead of training")
     p.add_argument("--lesion-run16", type=Path, default=None,
@@ -288,12 +290,19 @@ def main(argv: list[str] | None = None) -> int:
         if not (folder / "images").is_dir():
             synth.generate("lesion", folder, n_per_class=args.per_class, size=args.lesion_size, seed=args.seed)
         sets.append(("lesion", folder, args.lesion_size))
+    if args.fire:
+        from aax.data import synth
+
+        folder = args.out / "fire-data"
+        if not (folder / "images").is_dir():
+            synth.generate("fire", folder, n_per_class=args.per_class, size=args.lesion_size, seed=args.seed)
+        sets.append(("fire", folder, args.lesion_size))
     if args.busi:
         sets.append(("busi", args.busi, args.size))
     if args.bsdata:
         sets.append(("bsdata", args.bsdata, args.size))
     if not sets:
-        print("nothing to do: give --lesion, --busi or --bsdata", file=sys.stderr)
+        print("nothing to do: give --lesion, --fire, --busi or --bsdata", file=sys.stderr)
         return 2
     path = args.out / "quality.json"
     everything = json.loads(path.read_text()) if path.is_file() else {}
