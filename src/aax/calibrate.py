@@ -507,7 +507,8 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
         "procedure": "theta: best accuracy on kept images with flag rate <= max_flag_rate over the observed "
                      "uncertainties (ties: larger coverage, smaller theta); tau: best mean IoU of the "
                      "ensemble masks at that theta over tau_grid and Otsu's per-image threshold, for each "
-                     "fusion, per positive class (ties: the intersection, a grid value, nearest the previous tau)",
+                     "fusion, per positive class (ties: the intersection, a grid value, nearest the previous tau); "
+                     "mask members: all, or a set of >= 2 members only when strictly better",
     }
     if best_tau is not None:
         result["trivial"] = trivial_scores(collected)  # ground truth only: the same for every source
