@@ -58,7 +58,7 @@ def test_xgrad_cam_matches_hook_reference(random_members, name):
     x = torch.randn(3, 3, 96, 96)
     peaks = []
     for cls in (0, 1):
-        ours = xgrad_cam(member, x, cls).numpy()
+        ours = xgrad_cam(member, x, cls, registered=False).numpy()  # resized as the library does
         ref = reference_xgrad_cam(member, member.target_layer, x, cls)
         assert ours.shape == (3, 96, 96)
         assert ours.min() >= 0 and ours.max() <= 1
@@ -111,3 +111,19 @@ def test_upsample_is_bilinear_interpolation(src, dst):
     expected = torch.nn.functional.interpolate(maps[:, None], size=dst, mode="bilinear",
                                                align_corners=False)[:, 0]
     torch.testing.assert_close(upsample(maps, dst), expected, atol=1e-6, rtol=0)
+
+
+def test_registered_map_is_the_plain_map_moved_by_half_a_cell(random_members):
+    """ResNet-50's cells are centred on 32 j, not on 32 j + 15.5 as a plain resize puts
+    them: registered pixel q shows what the plain map shows at q + 15.5 (the mean of its
+    pixels q + 15 and q + 16, away from the kinks of the bilinear interpolant). Both
+    keep every cell centre inside the image, so min-max normalisation agrees."""
+    member = random_members["resnet50"]
+    x = torch.randn(2, 3, 96, 96)
+    registered = xgrad_cam(member, x, 1).numpy()
+    plain = xgrad_cam(member, x, 1, registered=False).numpy()
+    assert np.abs(registered - plain).max() > 0.05  # half a cell is visible
+    q = np.array([i for i in range(1, 64) if i % 32])
+    moved = 0.25 * (plain[:, q + 15][:, :, q + 15] + plain[:, q + 16][:, :, q + 15]
+                    + plain[:, q + 15][:, :, q + 16] + plain[:, q + 16][:, :, q + 16])
+    np.testing.assert_allclose(registered[:, q][:, :, q], moved, atol=1e-5)

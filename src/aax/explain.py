@@ -173,11 +173,13 @@ class HeadCAM:
         return torch.relu(torch.einsum("bk,bkhw->bhw", alpha, features))
 
     def __call__(self, x: torch.Tensor, class_index: int | torch.Tensor,
-                 features: torch.Tensor | None = None) -> torch.Tensor:
+                 features: torch.Tensor | None = None, registered: bool = True) -> torch.Tensor:
         """Maps ``[B, H, W]`` in [0, 1] at the input size of ``x``.
 
         ``features`` may be passed when ``A = member.features(x)`` is already at hand, so
-        that the backbone runs once for both MC Dropout and the map.
+        that the backbone runs once for both MC Dropout and the map. ``registered``:
+        resized on the member's :class:`Grid` (each cell on its receptive field's
+        centre), as AAX's masks are; False resizes as pytorch-grad-cam does.
         """
         if features is None:
             with torch.no_grad():
@@ -185,7 +187,9 @@ class HeadCAM:
         index = torch.as_tensor(class_index, device=features.device, dtype=torch.long)
         index = index.expand(features.shape[0]) if index.ndim == 0 else index
         with torch.no_grad():
-            maps = upsample(self.raw(features.detach(), index), tuple(x.shape[-2:]))
+            # (features come from the member at its current output stride)
+            grid = Grid.of(self.member, x.shape[-2:]) if registered and hasattr(self.member, "grid_origin") else None
+            maps = upsample(self.raw(features.detach(), index), tuple(x.shape[-2:]), grid)
         return normalise(maps)
 
 
@@ -205,7 +209,8 @@ class GradCAM(HeadCAM):
 
 
 def xgrad_cam(member: Member, x: torch.Tensor, class_index: int | torch.Tensor,
-              features: torch.Tensor | None = None, closed_form: bool = True) -> torch.Tensor:
+              features: torch.Tensor | None = None, closed_form: bool = True,
+              registered: bool = True) -> torch.Tensor:
     """XGrad-CAM of ``member`` for ``class_index``: ``[B, H, W]`` in [0, 1] at the input size.
 
     Args:
@@ -214,5 +219,7 @@ def xgrad_cam(member: Member, x: torch.Tensor, class_index: int | torch.Tensor,
         class_index: one class for the batch, or ``[B]`` classes.
         features: ``member.features(x)`` if already computed.
         closed_form: closed-form head gradient (exact for GAP+Linear) instead of autograd.
+        registered: resize on the member's :class:`Grid`, as AAX's masks are (False: as
+            pytorch-grad-cam resizes, each cell centred on its block).
     """
-    return XGradCAM(member, closed_form=closed_form)(x, class_index, features)
+    return XGradCAM(member, closed_form=closed_form)(x, class_index, features, registered)
