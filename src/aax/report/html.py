@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from html import escape
 from typing import Any
 
-from aax.evaluate import ENSEMBLE, Example, Tau, method_label, tau_text
+from aax.evaluate import ENSEMBLE, Example, Tau, masks_text, method_label, tau_text
 from aax.records import REVIEW
 from aax.report import figures
 
@@ -219,7 +219,7 @@ def page(result: Mapping[str, Any], examples: Sequence[Example]) -> str:
         parts += ["<h2>Masks (paper tables 2 and 4)</h2>", mask_table(result),
                   f'<p class="note">On the {e.get("n_masks", 0)} positive images with a ground-truth mask; '
                   "an image without a predicted mask scores IoU 0. Mean: average of per-image IoU; micro: "
-                  "summed intersection over summed union.</p>"]
+                  f"summed intersection over summed union. {escape(masks_text(s))}</p>"]
     parts += ["<h2>Examples (paper figures 2 and 3)</h2>", example_grid(examples, names, s["tau"], s["negative_class"],
                                                                    s.get("map_source", "cam"))]
 
