@@ -283,20 +283,15 @@ def main(argv: list[str] | None = None) -> int:
     sets: list[tuple[str, Any, int]] = []
     if args.lesion_run:
         sets.append(("lesion", args.lesion_run, 0))
-    elif args.lesion:
+    generated = [kind for kind, wanted in (("lesion", args.lesion and not args.lesion_run), ("fire", args.fire))
+                 if wanted]
+    for kind in generated:  # aax synth's data, made once in OUT and trained on here
         from aax.data import synth
 
-        folder = args.out / "lesion-data"
+        folder = args.out / f"{kind}-data"
         if not (folder / "images").is_dir():
-            synth.generate("lesion", folder, n_per_class=args.per_class, size=args.lesion_size, seed=args.seed)
-        sets.append(("lesion", folder, args.lesion_size))
-    if args.fire:
-        from aax.data import synth
-
-        folder = args.out / "fire-data"
-        if not (folder / "images").is_dir():
-            synth.generate("fire", folder, n_per_class=args.per_class, size=args.lesion_size, seed=args.seed)
-        sets.append(("fire", folder, args.lesion_size))
+            synth.generate(kind, folder, n_per_class=args.per_class, size=args.lesion_size, seed=args.seed)
+        sets.append((kind, folder, args.lesion_size))
     if args.busi:
         sets.append(("busi", args.busi, args.size))
     if args.bsdata:

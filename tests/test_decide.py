@@ -162,3 +162,13 @@ def test_binarise_and_tau_parsing() -> None:
     assert parse_tau("otsu") == OTSU and parse_tau("0.25") == 0.25
     assert parse_tau({"a": 0.4, "b": "otsu"}) == {"a": 0.4, "b": OTSU}
     assert tau_for({"a": "otsu"}, "a") == OTSU and tau_for({"a": "otsu"}, "b") == 0.5
+
+
+def test_mask_subset_narrows_the_agreeing_members_by_hand():
+    from aax.decide import mask_subset
+
+    assert mask_subset((0, 1, 2), None) == (0, 1, 2)
+    assert mask_subset((0, 1, 2), [0, 2]) == (0, 2)
+    assert mask_subset((1, 2), [0, 2]) == (2,)
+    assert mask_subset((1,), [0, 2]) == (1,)  # no agreeing member is a mask member: all of them
+    assert mask_subset((), [0, 2]) == ()

@@ -27,7 +27,8 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from aax.decide import NO_PREDICTION, OTSU, decide, map_class, otsu_threshold, predicted_classes, tau_for
+from aax.decide import (NO_PREDICTION, OTSU, decide, map_class, mask_subset, otsu_threshold, predicted_classes,
+                        tau_for)
 from aax.explain import Grid, normalise, upsample
 from aax.maps import MapOptions, class_features, fuse_maps, saliency_maps
 from aax import runtime
@@ -321,9 +322,7 @@ def _maps_and_masks(raw: torch.Tensor, grids: Sequence[Grid], sizes: Sequence[tu
             chunk = group[start:start + step]
             up = normalise(upsample(raw[chunk], (h, w), grids), inplace=True)
             for j, b in enumerate(chunk):
-                agreeing = list(decisions[b].agreeing)
-                if mask_members is not None:
-                    agreeing = [i for i in agreeing if i in mask_members] or agreeing
+                agreeing = list(mask_subset(decisions[b].agreeing, mask_members))
                 if agreeing:
                     # all members agree most of the time: a view then, not a gathered copy
                     chosen = up[j] if len(agreeing) == m else up[j, agreeing]

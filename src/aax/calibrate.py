@@ -52,12 +52,13 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import combinations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from aax.decide import FUSIONS, OTSU, fuse, otsu_threshold
+from aax.decide import FUSIONS, OTSU, fuse, mask_subset, otsu_threshold
 from aax.evaluate import (TRIVIAL_MASKS, _describe, _samples, annotate_with, ground_truth, no_labelled_images,
                           open_data, paired, run_label_map, trivial_mask)
 from aax.metrics import MaskScores, ThetaSweep, risk_coverage, theta_candidates
@@ -153,7 +154,7 @@ def collect(ensemble: Ensemble, data: Any, *, taus: Sequence[float] = TAU_GRID,
             entry.trivial[name] = (int(np.count_nonzero(box & gt)), int(np.count_nonzero(box & ~gt)))
         # the member sets that can agree on this image, whatever theta turns out to be
         row = ThetaSweep.build(p[None], u[None], ensemble.negative_index, ensemble.quorum).agreeing[0]
-        for subset in {_restrict(s, members) for s in row if s for members in sets}:
+        for subset in {mask_subset(s, members) for s in row if s for members in sets}:
             stack = np.stack([maps[i] for i in subset])
             for fusion in fusions:
                 score = fuse(stack, fusion, ensemble.quorum)
@@ -166,18 +167,9 @@ def collect(ensemble: Ensemble, data: Any, *, taus: Sequence[float] = TAU_GRID,
                      uncertainty=np.stack(unc).reshape(-1, m), masks=masks, taus=taus_arr, n_errors=n_errors)
 
 
-def _restrict(subset: tuple[int, ...], members: tuple[int, ...] | None) -> tuple[int, ...]:
-    """The agreeing members whose maps form the mask, given the mask members (None: all)."""
-    if members is None or not subset:
-        return subset
-    return tuple(i for i in subset if i in members) or subset
-
-
 def member_sets(n_members: int) -> list[tuple[int, ...] | None]:
     """The mask-member sets calibration tries: all members (None) first, then every set
     of at least two members, larger first."""
-    from itertools import combinations
-
     sets: list[tuple[int, ...] | None] = [None]
     for k in range(n_members - 1, 1, -1):
         sets += list(combinations(range(n_members), k))
@@ -240,7 +232,7 @@ def tau_curve(collected: Collected, sweep: ThetaSweep, theta: float, fusion: str
               label: int | None = None, otsu: bool = False,
               members: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
     """Mean and micro IoU of the ensemble's masks (fused by ``fusion``, from the agreeing
-    members among ``members``: see :func:`_restrict`) for every tau of the grid (and, with
+    members among ``members``: :func:`aax.decide.mask_subset`) for every tau of the grid (and, with
     ``otsu``, a last point ``tau="otsu"``), with the decisions at ``theta``, over the
     images of class ``label`` (all when None); an image the ensemble does not call
     positive scores 0."""
@@ -252,7 +244,7 @@ def tau_curve(collected: Collected, sweep: ThetaSweep, theta: float, fusion: str
     for j, entry in collected.masks.items():
         if label is not None and entry.label != label:
             continue
-        subset = _restrict(agreeing[j], members)
+        subset = mask_subset(agreeing[j], members)
         if subset:
             tp, fp = entry.counts[(fusion, subset)]
         else:
@@ -346,7 +338,7 @@ def _scores_at(collected: Collected, sweep: ThetaSweep, theta: float, fusion: st
     acc = MaskScores()
     for j, entry in collected.masks.items():
         t = index[entry.label]
-        subset = _restrict(agreeing[j], members)
+        subset = mask_subset(agreeing[j], members)
         tp, fp = (int(v[t]) for v in entry.counts[(fusion, subset)]) if subset else (0, 0)
         acc.add_counts(tp, fp, entry.gt_pixels - tp)
     return acc.result()

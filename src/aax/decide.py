@@ -27,6 +27,7 @@ top probabilities tie predicts nothing (as the paper's ``p > 0.5`` rule for two 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,6 +102,16 @@ def decide(probs: np.ndarray, uncertainty: np.ndarray, theta: float, negative_in
     if len(votes.get(negative_index, ())) >= quorum:
         return Decision(negative_index, False, CONSENSUS)
     return Decision(None, True, NO_CONSENSUS)
+
+
+def mask_subset(agreeing: Sequence[int], mask_members: Sequence[int] | None) -> tuple[int, ...]:
+    """The members whose maps form an image's mask: its agreeing members among the
+    run's mask members (``maps.mask_members``; None: all), or all its agreeing members
+    when none of them is one."""
+    agreeing = tuple(agreeing)
+    if mask_members is None:
+        return agreeing
+    return tuple(i for i in agreeing if i in mask_members) or agreeing
 
 
 def intersect(maps: np.ndarray, tau: float) -> np.ndarray:

@@ -53,7 +53,7 @@ def run_demo(out: str | os.PathLike = "demo-run", config: DemoConfig | None = No
     from aax.calibrate import calibrate_run
     from aax.data import synth
     from aax.ensemble import Ensemble
-    from aax.evaluate import evaluate
+    from aax.evaluate import evaluate, masks_text
     from aax.train import TrainConfig, train
 
     config = config or DemoConfig()
@@ -88,9 +88,7 @@ def run_demo(out: str | os.PathLike = "demo-run", config: DemoConfig | None = No
     step("3/6 calibrating theta and tau on the validation split")
     calibration = calibrate_run(run, ensemble=ensemble)
     ensemble = Ensemble.load(run, device=config.device)  # with the calibrated settings
-    step(f"    theta = {ensemble.theta:.4g}, tau = {ensemble.tau}, {ensemble.maps.fusion} fusion of "
-         + ("the agreeing members' maps" if ensemble.maps.mask_members is None
-            else f"the agreeing members' maps among {', '.join(ensemble.maps.mask_members)}"))
+    step(f"    theta = {ensemble.theta:.4g}, tau = {ensemble.tau}; {masks_text(ensemble.maps.to_dict())}")
     if calibration.get("trivial"):
         trivial = ", ".join(f"{k} {100 * v['iou_mean']:.1f} %" for k, v in calibration["trivial"].items()
                             if v.get("iou_mean") is not None)

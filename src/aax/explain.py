@@ -149,9 +149,17 @@ def upsample(maps: torch.Tensor, size: tuple[int, int], grid: Grid | Sequence[Gr
         wy = _axis_weights(grid, 0, h, dst_h, device)
         wx = _axis_weights(grid, 1, w, dst_w, device)
         return wy @ maps.float() @ wx.T
-    wy = torch.stack([_axis_weights(g, 0, h, dst_h, device) for g in grid])  # [M, H, h]
-    wx = torch.stack([_axis_weights(g, 1, w, dst_w, device) for g in grid])  # [M, W, w]
+    grids = tuple(grid)
+    wy = _stacked_weights(grids, 0, h, dst_h, device)  # [M, H, h]
+    wx = _stacked_weights(grids, 1, w, dst_w, device)  # [M, W, w]
     return wy @ maps.float() @ wx.transpose(1, 2)
+
+
+@functools.lru_cache(maxsize=64)
+def _stacked_weights(grids: tuple[Grid, ...], dim: int, src: int, dst: int, device: str) -> torch.Tensor:
+    """Each member's resampling weights (one grid each), stacked: built once per image size, as
+    :func:`_linear_weights` are, not per image."""
+    return torch.stack([_axis_weights(g, dim, src, dst, device) for g in grids])
 
 
 class HeadCAM:
@@ -188,7 +196,7 @@ class HeadCAM:
         index = index.expand(features.shape[0]) if index.ndim == 0 else index
         with torch.no_grad():
             # (features come from the member at its current output stride)
-            grid = Grid.of(self.member, x.shape[-2:]) if registered and hasattr(self.member, "grid_origin") else None
+            grid = Grid.of(self.member, x.shape[-2:]) if registered else None
             maps = upsample(self.raw(features.detach(), index), tuple(x.shape[-2:]), grid)
         return normalise(maps)
 

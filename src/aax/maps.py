@@ -244,9 +244,7 @@ def saliency_maps(ensemble: Ensemble, x: torch.Tensor, features: Sequence[torch.
 
 def patch_grid(member: Member, input_size: Sequence[int], map_size: Sequence[int]) -> Grid:
     """Where the cells of a member's patch map (``map_size``) lie on the input."""
-    stride = max(1, round(int(input_size[-1]) / int(map_size[-1])))
-    origin = float(member.grid_origin(stride))
-    return Grid(float(stride), (origin, origin), (int(input_size[-2]), int(input_size[-1])))
+    return Grid.of(member, input_size, max(1, round(int(input_size[-1]) / int(map_size[-1]))))
 
 
 def patch_member_maps(ensemble: Ensemble, name: str, member: Member, x: torch.Tensor, options: MapOptions,

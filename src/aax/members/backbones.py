@@ -74,8 +74,9 @@ class Member(nn.Module):
         receptive field. Cell ``j`` is centred at ``grid_origin(stride) + stride * j``.
 
         The padding of the strided layers decides it, not the weights: a stride-2 layer
-        whose window is centred on ``2j`` adds nothing, one centred on ``2j + 1`` adds
-        half its input's stride, dilated layers (symmetric padding) nothing. Resizing a map
+        whose windows are centred on ``2j + d`` of its input adds ``d`` times its input's
+        stride (``d = 0`` for ResNet-50, 1 for EfficientNet-B0's TF-"same" padding, 1/2 for
+        a 2x2 pool), dilated layers (symmetric padding) nothing. Resizing a map
         needs it (:class:`aax.explain.Grid`); tests/test_grid.py measures it on each member.
         """
         raise NotImplementedError
