@@ -10,8 +10,9 @@ each lever:
 - the map settings are set (:class:`aax.maps.MapOptions`; the "patch maps" levers use
   the patch-feature novelty maps of :mod:`aax.patch_maps`, with a bank fitted from the
   run's negative training images when the run has none),
-- theta, tau and the fusion are calibrated on the run's validation split
-  (:func:`aax.calibrate.calibrate`, nothing written to the RUN),
+- theta, tau, the fusion, the mask members and the refinement (superpixels or none)
+  are calibrated on the run's validation split (:func:`aax.calibrate.calibrate`,
+  nothing written to the RUN),
 - the test part is evaluated (:func:`aax.evaluate.evaluate`): each member alone vs AAX,
   accuracy, flag rate, mean IoU,
 - the annotation cost is timed: ``annotate_batch`` on one batch of test images, the
@@ -87,6 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mc-passes", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--levers", nargs="+", default=None, help="lever names to run (default: all)")
+    p.add_argument("--refines", nargs="+", choices=["none", "superpixels"], default=["none", "superpixels"],
+                   help="refinements calibration may choose from (default both; each row also shows AAX "
+                        "calibrated without refinement)")
     p.add_argument("--extras-on", default=None,
                    help="the lever the intersection-only, Otsu and TTA rows use (default: the best on validation)")
     return p.parse_args(argv)
@@ -136,27 +140,36 @@ def annotate_cost(ensemble: Ensemble, test: Any, settings: AnnotateSettings, rep
 
 def run_lever(ensemble: Ensemble, val: Any, test: Any, options: MapOptions, args: argparse.Namespace,
               fusions: tuple[str, ...] = ("min", "mean", "vote"), tau: Any = None) -> dict[str, Any]:
-    """Calibrate ``options`` on ``val`` (theta, tau, fusion, mask members) and evaluate on
-    ``test``; AAX is also evaluated with every member's map in the masks (``aax_all``:
-    the best fusion and tau calibration found for all members), so each row shows what
-    choosing the mask members adds."""
+    """Calibrate ``options`` on ``val`` (theta, tau, fusion, mask members, refinement) and
+    evaluate on ``test``; AAX is also evaluated with every member's map in the masks
+    (``aax_all``: the best fusion and tau calibration found for all members) and without
+    refinement (``aax_plain``: calibrated with ``refines=("none",)``), so each row shows
+    what choosing the mask members and the superpixels add."""
     ensemble.maps = options
     ensemble.theta, ensemble.tau = 0.1, 0.5
     cal = calibrate(ensemble, val, write=False, fusions=fusions, mc_passes=args.mc_passes,
-                    sources=(options.source,))
-    ensemble.theta = cal["theta"]
+                    sources=(options.source,), refines=args.refines)
 
     def row(m: dict[str, Any]) -> dict[str, Any]:
         return {k: m.get(k) for k in ("accuracy", "accuracy_kept", "flag_rate", "iou_mean", "iou_micro", "n_masks")}
 
+    aax_plain = None
+    if cal["refine"] != "none":
+        plain = calibrate(ensemble, val, write=False, fusions=fusions, mc_passes=args.mc_passes,
+                          sources=(options.source,), refines=("none",))
+        ensemble.theta, ensemble.tau = plain["theta"], plain["tau"] if tau is None else tau
+        ensemble.maps = options.replace(fusion=plain["fusion"], mask_members=plain.get("mask_members"))
+        aax_plain = row(evaluate(ensemble, test, report=False, mc_passes=args.mc_passes)["ensemble"])
+    ensemble.theta = cal["theta"]
     everyone = next((r for r in cal["member_sets"] or [] if r["mask_members"] is None), None)
     aax_all = None
     if cal.get("mask_members") and everyone is not None:
         ensemble.tau = everyone["tau"] if tau is None else tau
-        ensemble.maps = options.replace(fusion=everyone["fusion"])
+        ensemble.maps = options.replace(fusion=everyone["fusion"], refine=everyone["refine"])
         aax_all = row(evaluate(ensemble, test, report=False, mc_passes=args.mc_passes)["ensemble"])
     ensemble.tau = cal["tau"] if tau is None else tau
-    ensemble.maps = options.replace(fusion=cal["fusion"], mask_members=cal.get("mask_members"))
+    ensemble.maps = options.replace(fusion=cal["fusion"], mask_members=cal.get("mask_members"),
+                                    refine=cal["refine"])
     ev = evaluate(ensemble, test, report=False, mc_passes=args.mc_passes)
     settings = AnnotateSettings.from_ensemble(ensemble, mc_passes=args.mc_passes)
     cost = annotate_cost(ensemble, test, settings, args.repeats)
@@ -164,7 +177,7 @@ def run_lever(ensemble: Ensemble, val: Any, test: Any, options: MapOptions, args
     return {"maps": ensemble.maps.to_dict(), "theta": cal["theta"], "tau": ensemble.tau,
             "val_iou": cal["iou_mean"], "val_fusions": cal["fusions"], "val_member_sets": cal["member_sets"],
             "members": {n: row(m) for n, m in ev["members"].items()}, "aax": aax,
-            "aax_all": aax_all or aax, "seconds_per_image": cost}
+            "aax_all": aax_all or aax, "aax_plain": aax_plain or aax, "seconds_per_image": cost}
 
 
 def run_dataset(name: str, source: Any, image_size: int, args: argparse.Namespace,
@@ -256,8 +269,8 @@ def table(name: str, result: dict[str, Any]) -> str:
     members = list(next(iter(levers.values()))["members"])
     lines = [f"### {name}", "", f"settings: {json.dumps(result['settings'])}", "",
              "| lever | fusion, tau | cost x | " + " | ".join(f"{m} acc / IoU" for m in members)
-             + " | AAX acc kept / flag / IoU | AAX IoU, all members' maps | AAX val IoU |",
-             "|---|---|---|" + "---|" * len(members) + "---|---|---|"]
+             + " | AAX acc kept / flag / IoU | AAX IoU, all members' maps | AAX IoU, no refinement | AAX val IoU |",
+             "|---|---|---|" + "---|" * len(members) + "---|---|---|---|"]
     for lever, r in levers.items():
         tau = r["tau"] if isinstance(r["tau"], str) else json.dumps(r["tau"])
         cells = [f"{pct(r['members'][m]['accuracy'])} / {pct(r['members'][m]['iou_mean'])}" for m in members]
@@ -266,13 +279,16 @@ def table(name: str, result: dict[str, Any]) -> str:
         fused = r["maps"]["fusion"]
         if r["maps"].get("mask_members"):
             fused += " of " + "+".join(r["maps"]["mask_members"])
+        if r["maps"].get("refine", "none") != "none":
+            fused += " + " + r["maps"]["refine"]
         everyone = (r.get("aax_all") or a)["iou_mean"]
+        plain = (r.get("aax_plain") or a)["iou_mean"]
         lines.append(f"| {lever} | {fused}, {tau} | {cost} | " + " | ".join(cells)
                      + f" | {pct(a['accuracy_kept'])} / {pct(a['flag_rate'])} / {pct(a['iou_mean'])} | {pct(everyone)} "
-                     f"| {pct(r['val_iou'])} |")
+                     f"| {pct(plain)} | {pct(r['val_iou'])} |")
     for t, m in result["trivial"].items():
         lines.append(f"| trivial: {t} | | | " + " | ".join("" for _ in members)
-                     + f" | - / - / {pct(m['iou_mean'])} | | |")
+                     + f" | - / - / {pct(m['iou_mean'])} | | | |")
     return "\n".join(lines) + "\n"
 
 

@@ -93,7 +93,8 @@ def test_writes_manifest_and_curve(run, tmp_path):
     assert manifest["theta"] == result["theta"] and manifest["tau"] == result["tau"]
     assert manifest["other"] == {"kept": True}  # the rest of the manifest is untouched
     cal = manifest["calibration"]
-    assert cal["previous"] == {"theta": 0.1, "tau": 0.9, "fusion": "min", "source": "cam"}
+    assert cal["previous"] == {"theta": 0.1, "tau": 0.9, "fusion": "min", "source": "cam", "refine": "none"}
+    assert cal["refine"] == "none"  # the fake ensemble cuts no regions
     assert cal["source"] == "cam" and [r["source"] for r in cal["sources"]] == ["cam"]  # no patch bank
     assert manifest["maps"] == {"fusion": result["fusion"]} and result["fusion"] == "min"
     assert cal["n"] == 10 and cal["n_candidates"] == 8 and "date" in cal
@@ -216,10 +217,14 @@ def test_calibrate_command(request, tmp_path):
     cal = json.loads((run / "aax.json").read_text())["calibration"]
     assert cal["n"] == 8 and cal["max_flag_rate"] == 0.5 and cal["data"] == str(val)
     assert len(cal["member_sets"]) == 4  # all three, then each pair
-    assert main(["calibrate", str(run), str(val), "--batch-size", "4", "--all-members", "--no-novelty"]) == 0
+    assert {r["refine"] for r in cal["fusions"]} == {"none", "superpixels"}  # both tried by default
+    assert main(["calibrate", str(run), str(val), "--batch-size", "4", "--all-members", "--no-novelty",
+                 "--refines", "none"]) == 0
     manifest = json.loads((run / "aax.json").read_text())
     assert manifest["calibration"]["mask_members"] is None and "mask_members" not in manifest["maps"]
     assert [r["mask_members"] for r in manifest["calibration"]["member_sets"]] == [None]
+    assert manifest["calibration"]["refine"] == "none" and "refine" not in manifest["maps"]
+    assert {r["refine"] for r in manifest["calibration"]["fusions"]} == {"none"}
     assert main(["calibrate", str(tmp_path / "no-run"), str(val)]) == 2
 
 
@@ -284,7 +289,7 @@ def test_each_positive_class_gets_its_own_tau_by_hand():
 
     def entry(label: int, tp: list[int], fp: list[int]) -> _ImageMasks:
         # 100 GT pixels; TP / FP at tau = 0.2, 0.5, 0.8, then at Otsu's threshold
-        counts = {(f, everyone): (np.array(tp), np.array(fp)) for f in ("min", "mean", "vote")}
+        counts = {(f, everyone, "none"): (np.array(tp), np.array(fp)) for f in ("min", "mean", "vote")}
         return _ImageMasks(gt_pixels=100, counts=counts, label=label)
 
     # IoU = TP / (TP + FP + FN): benign 0.5, 90/110, 0.4, 0.5; malignant 0.25, 0.5, 0.7, 0.5
@@ -362,3 +367,47 @@ def test_mask_members_are_written_and_cleared(run, tmp_path):
     assert manifest["maps"]["mask_members"] == NAMES[:2]
     calibrate(FakeEnsemble(spec=MISLEADS, run=run), data, write=True, novelty=False, choose_members=False)
     assert "mask_members" not in json.loads((run / "aax.json").read_text())["maps"]  # all: the default
+
+
+# The square finding GT, most of it at 0.6 with a weak quarter at 0.2, and the ring around
+# it at 0.4: thresholded as it is, the best mask is the strong part (0.75); averaged over
+# the image's regions (GT, ring, the rest) the square's mean (0.5) stands above the
+# ring's, and tau in [0.4, 0.5) gives it exactly.
+WEAK_QUARTER = np.zeros((S, S), bool)
+WEAK_QUARTER[16:32, 16:32] = True
+SPILLS = np.where(GT & ~WEAK_QUARTER, 0.6, np.where(GT, 0.2, np.where(RING, 0.4, 0.0))).astype(np.float32)
+REGIONS = np.where(GT, 1, np.where(RING, 2, 0)).astype(np.int64)
+SQUARES = {
+    "p1.png": ("diseased", GT, [D, D, D], [0.01, 0.01, 0.01], [SPILLS, SPILLS, SPILLS], True),
+    "p2.png": ("diseased", GT, [D, D, D], [0.01, 0.01, 0.01], [SPILLS, SPILLS, SPILLS], True),
+    **{f"h{i}.png": ("healthy", None, [H, H, H], [0.0, 0.0, 0.0], BLANK, True) for i in range(3, 8)},
+}
+
+
+def test_refinement_is_chosen_by_iou_by_hand(run, tmp_path):
+    regions = {"p1.png": REGIONS, "p2.png": REGIONS[::2, ::2]}  # at the model's size, resized to the image's
+    data = fake_data(tmp_path, SQUARES)
+    result = calibrate(FakeEnsemble(spec=SQUARES, run=run, regions=regions), data, write=False)
+    rows = {(r["fusion"], r["refine"]): r["iou_mean"] for r in result["fusions"]}
+    assert rows[("min", "none")] == pytest.approx(0.75)
+    # p2's regions, halved and resized back to the image's size, are the same regions
+    assert rows[("min", "superpixels")] == pytest.approx(1.0)
+    assert result["refine"] == "superpixels" and result["iou_mean"] == pytest.approx(1.0)
+    assert 0.4 <= result["tau"] <= 0.5 and result["previous"]["refine"] == "none"  # the square: 0.5 + float error
+    paper = calibrate(FakeEnsemble(spec=SQUARES, run=run, regions=regions), data, write=False, refines=("none",))
+    assert paper["refine"] == "none" and paper["iou_mean"] == pytest.approx(0.75)
+    # without regions (an ensemble that cuts none) nothing is refined: the tie keeps "none"
+    bare = calibrate(FakeEnsemble(spec=SQUARES, run=run), data, write=False)
+    assert bare["refine"] == "none" and bare["iou_mean"] == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="refines"):
+        calibrate(FakeEnsemble(spec=SQUARES, run=run), data, write=False, refines=("crf",))
+
+
+def test_refinement_is_written_and_cleared(run, tmp_path):
+    regions = dict.fromkeys(("p1.png", "p2.png"), REGIONS)
+    data = fake_data(tmp_path, SQUARES)
+    calibrate(FakeEnsemble(spec=SQUARES, run=run, regions=regions), data, write=True, novelty=False)
+    assert json.loads((run / "aax.json").read_text())["maps"]["refine"] == "superpixels"
+    calibrate(FakeEnsemble(spec=SQUARES, run=run, regions=regions), data, write=True, novelty=False,
+              refines=("none",))
+    assert "refine" not in json.loads((run / "aax.json").read_text())["maps"]  # none: the default

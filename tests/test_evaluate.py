@@ -81,9 +81,10 @@ class FakeEnsemble:
     negative_index = 1
     mc_passes, quorum = 8, 2
 
-    def __init__(self, spec=None, unseen=None, run=Path("fake-run"), theta=0.1, tau=0.5):
+    def __init__(self, spec=None, unseen=None, run=Path("fake-run"), theta=0.1, tau=0.5, regions=None):
         self.spec = SPEC if spec is None else spec
         self.unseen = UNSEEN if unseen is None else unseen
+        self.regions = regions or {}  # file name -> superpixel labels, kept with the maps
         self.run, self.theta, self.tau = run, theta, tau
         self.calls = []
 
@@ -113,6 +114,7 @@ class FakeEnsemble:
                 members=[MemberResult(n, list(p), u, None if k < 0 else CLASSES[k])
                          for n, p, u, k in zip(NAMES, probs, unc, predicted_classes(np.array(probs)))],
                 mask=mask, saliency=dict(zip(NAMES, fmaps)) if keep_saliency else None, size=(S, S), label=label,
+                regions=self.regions.get(name) if keep_saliency else None,
                 preview=np.full((S, S, 3), 120, np.uint8),
             )
 

@@ -17,7 +17,7 @@ import hashlib
 import math
 import os
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +33,7 @@ from aax.explain import Grid, normalise, upsample
 from aax.maps import MapOptions, class_features, fuse_maps, saliency_maps
 from aax import runtime
 from aax.records import REVIEW, AnnotationRecord, MemberResult
+from aax.refine import input_superpixels, pool, resize_labels
 from aax.training import runfiles
 from aax.uncertainty import mc_probabilities, summarize
 
@@ -262,8 +263,14 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
     wanted = [b for b, d in enumerate(decisions) if keep_saliency or d.agreeing]
     mask_members = (None if settings.maps.mask_members is None
                     else [names.index(n) for n in settings.maps.mask_members])
+    refine = settings.maps.refine == "superpixels"
+    # regions where masks are refined, and for every image whose maps are kept (calibration
+    # and evaluation pool those maps themselves)
+    cut = list(range(len(sizes))) if keep_saliency else [b for b in wanted if refine and decisions[b].agreeing]
+    regions = dict(zip(cut, input_superpixels(x[cut], *ensemble.normalisation))) if cut else {}
     masks, maps = _maps_and_masks(raw, grids, sizes, wanted, decisions, taus, keep_saliency,
-                                  settings.maps.fusion, settings.quorum, mask_members)
+                                  settings.maps.fusion, settings.quorum, mask_members,
+                                  regions if refine else None)
 
     predicted_all = predicted_classes(probs_np.reshape(-1, probs_np.shape[-1])).reshape(probs_np.shape[:2])
     records = []
@@ -283,6 +290,7 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
                      for i, n in enumerate(names)],
             mask=masks.get(b),
             saliency=dict(zip(names, maps[b])) if keep_saliency else None,
+            regions=regions.get(b) if keep_saliency else None,
             size=(h, w),
         ))
     return records
@@ -300,11 +308,13 @@ def _maps_and_masks(raw: torch.Tensor, grids: Sequence[Grid], sizes: Sequence[tu
                     wanted: Sequence[int],
                     decisions: Sequence, taus: Sequence[float | str], keep: bool,
                     fusion: str = "min", votes: int = 2, mask_members: Sequence[int] | None = None,
+                    regions: Mapping[int, np.ndarray] | None = None,
                     ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
     """Masks (the agreeing members' maps fused, ``> tau``, as :func:`aax.decide.fuse` and
     :func:`aax.decide.binarise`; only those among ``mask_members`` when any is) and, with
     ``keep``, every member's map, at each image's original size, each resized on its
-    member's :class:`~aax.explain.Grid`.
+    member's :class:`~aax.explain.Grid`. With ``regions`` (image -> superpixel labels),
+    an image's fused score is averaged over its regions first (:func:`aax.refine.pool`).
 
     Images of one size are upsampled together, on the device, in chunks of
     :func:`map_budget` pixels; only the boolean masks (and kept maps) leave the device.
@@ -327,6 +337,8 @@ def _maps_and_masks(raw: torch.Tensor, grids: Sequence[Grid], sizes: Sequence[tu
                     # all members agree most of the time: a view then, not a gathered copy
                     chosen = up[j] if len(agreeing) == m else up[j, agreeing]
                     score = fuse_maps(chosen, fusion, votes)
+                    if regions is not None:
+                        score = pool(score, torch.from_numpy(resize_labels(regions[b], (h, w))).to(score.device))
                     tau = otsu_threshold(score.cpu().numpy()) if taus[b] == OTSU else taus[b]
                     masks[b] = (score > tau).cpu().numpy()
             if keep:

@@ -37,6 +37,9 @@ Procedure (one annotate pass over the validation images, saliency maps kept):
    members, the paper's). The class decision is untouched: every member still votes.
    A member whose maps mislead on validation masks thus stops spoiling the masks
    (docs/quality.md: the demo's EfficientNet-B0).
+5. **refinement**, where masks exist: each fusion above is also counted with its fused
+   map averaged over the image's superpixels (:mod:`aax.refine`); the refinement is
+   one more choice in the same table, and "none" (the paper's) wins ties.
 
 Results: ``theta``/``tau`` and a ``calibration`` entry (what was measured, on what, and
 when) are written into ``RUN/aax.json`` atomically; the risk-coverage curve (accuracy on
@@ -63,6 +66,7 @@ from aax.evaluate import (TRIVIAL_MASKS, _describe, _samples, annotate_with, gro
                           open_data, paired, run_label_map, trivial_mask)
 from aax.metrics import MaskScores, ThetaSweep, risk_coverage, theta_candidates
 from aax.patch_maps import SOURCES
+from aax.refine import REFINES, pool_numpy, resize_labels
 
 if TYPE_CHECKING:  # pragma: no cover
     from aax.ensemble import Ensemble
@@ -76,11 +80,12 @@ MANIFEST = "aax.json"
 @dataclass
 class _ImageMasks:
     """One positive validation image with a ground-truth mask: its pixel counts for each
-    fusion and set of members that can form its mask (``(fusion, subset) -> [tau] TP,
-    FP``, the last entry at the image's own Otsu threshold), and its class index."""
+    fusion, refinement and set of members that can form its mask (``(fusion, subset,
+    refine) -> [tau] TP, FP``, the last entry at the image's own Otsu threshold), and its
+    class index."""
 
     gt_pixels: int
-    counts: dict[tuple[str, tuple[int, ...]], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    counts: dict[tuple[str, tuple[int, ...], str], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     label: int = -1
     trivial: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> TP, FP
 
@@ -117,11 +122,11 @@ def _counts_with_otsu(score: np.ndarray, gt: np.ndarray, taus: np.ndarray) -> tu
 def collect(ensemble: Ensemble, data: Any, *, taus: Sequence[float] = TAU_GRID,
             mc_passes: int | None = None, batch_size: int | None = None, workers: int | None = None,
             label_map: Mapping[str, str] | None = None, fusions: Sequence[str] = FUSIONS,
-            sets: Sequence[tuple[int, ...] | None] = (None,)) -> Collected:
+            sets: Sequence[tuple[int, ...] | None] = (None,), refines: Sequence[str] = ("none",)) -> Collected:
     """Annotate ``data`` once (maps kept) and keep only what the sweeps need: the
     members' probabilities and uncertainties, and per-tau pixel counts of every mask
     the ensemble could form on each positive image with a ground-truth mask, for each
-    mask-member set of ``sets`` (None: all members)."""
+    mask-member set of ``sets`` (None: all members) and refinement of ``refines``."""
     classes = list(ensemble.classes)
     index = {c: i for i, c in enumerate(classes)}
     dataset = open_data(data, classes, label_map)
@@ -148,6 +153,9 @@ def collect(ensemble: Ensemble, data: Any, *, taus: Sequence[float] = TAU_GRID,
         if gt is None or record.saliency is None:
             continue  # (a bad mask is left out here; aax evaluate lists it)
         maps = [record.saliency[m.name] for m in record.members]
+        regions = None  # a record without regions (an ensemble that cuts none) refines nothing
+        if "superpixels" in refines and record.regions is not None:
+            regions = resize_labels(record.regions, gt.shape)
         entry = _ImageMasks(gt_pixels=int(gt.sum()), label=index[label])
         for name in TRIVIAL_MASKS:
             box = trivial_mask(name, gt.shape)
@@ -158,7 +166,9 @@ def collect(ensemble: Ensemble, data: Any, *, taus: Sequence[float] = TAU_GRID,
             stack = np.stack([maps[i] for i in subset])
             for fusion in fusions:
                 score = fuse(stack, fusion, ensemble.quorum)
-                entry.counts[(fusion, subset)] = _counts_with_otsu(score, gt, taus_arr)
+                for refine in refines:
+                    refined = pool_numpy(score, regions) if refine == "superpixels" and regions is not None else score
+                    entry.counts[(fusion, subset, refine)] = _counts_with_otsu(refined, gt, taus_arr)
         masks[j] = entry
     if not labels:
         raise no_labelled_images(data, dataset, classes)
@@ -230,9 +240,9 @@ def settle_theta(theta: float, uncertainty: np.ndarray) -> float:
 
 def tau_curve(collected: Collected, sweep: ThetaSweep, theta: float, fusion: str = "min",
               label: int | None = None, otsu: bool = False,
-              members: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
+              members: tuple[int, ...] | None = None, refine: str = "none") -> list[dict[str, Any]]:
     """Mean and micro IoU of the ensemble's masks (fused by ``fusion``, from the agreeing
-    members among ``members``: :func:`aax.decide.mask_subset`) for every tau of the grid (and, with
+    members among ``members``: :func:`aax.decide.mask_subset`, refined by ``refine``) for every tau of the grid (and, with
     ``otsu``, a last point ``tau="otsu"``), with the decisions at ``theta``, over the
     images of class ``label`` (all when None); an image the ensemble does not call
     positive scores 0."""
@@ -246,7 +256,7 @@ def tau_curve(collected: Collected, sweep: ThetaSweep, theta: float, fusion: str
             continue
         subset = mask_subset(agreeing[j], members)
         if subset:
-            tp, fp = entry.counts[(fusion, subset)]
+            tp, fp = entry.counts[(fusion, subset, refine)]
         else:
             tp = fp = np.zeros(n, dtype=np.int64)
         for t, acc in enumerate(scores):
@@ -274,11 +284,13 @@ def choose_tau(curve: Sequence[dict[str, Any]], current: float) -> dict[str, Any
 
 def choose_masks(collected: Collected, sweep: ThetaSweep, theta: float, classes: Sequence[str],
                  current_tau: Any, fusions: Sequence[str] = FUSIONS,
-                 sets: Sequence[tuple[int, ...] | None] = (None,)) -> dict[str, Any] | None:
-    """The mask members, fusion and tau (one per positive class when several have masks)
-    with the best mean IoU of the ensemble's masks at ``theta`` (rule: the module
-    docstring). ``sets``: the mask-member sets to try (None: all members). Returns
-    ``members`` (a set's member indices, or None), ``fusion``, ``tau``, ``iou_mean``,
+                 sets: Sequence[tuple[int, ...] | None] = (None,),
+                 refines: Sequence[str] = ("none",)) -> dict[str, Any] | None:
+    """The mask members, fusion, refinement and tau (one per positive class when several
+    have masks) with the best mean IoU of the ensemble's masks at ``theta`` (rule: the
+    module docstring). ``sets``: the mask-member sets to try (None: all members);
+    ``refines``: the refinements (:data:`aax.refine.REFINES`). Returns
+    ``members`` (a set's member indices, or None), ``fusion``, ``refine``, ``tau``, ``iou_mean``,
     ``iou_micro``, ``n_masks``, ``tau_curve`` (the chosen set and fusion, all classes),
     ``fusions`` (each fusion's best with all members) and ``member_sets`` (each set's
     best), or None without masks."""
@@ -287,11 +299,11 @@ def choose_masks(collected: Collected, sweep: ThetaSweep, theta: float, classes:
     order = {f: i for i, f in enumerate(FUSIONS)}
     by_set = []
     for members in sets:
-        table = _fusion_table(collected, sweep, theta, classes, current_tau, fusions, members)
+        table = _fusion_table(collected, sweep, theta, classes, current_tau, fusions, members, refines)
         if not table:
             continue
         best = max(table, key=lambda t: (t["iou_mean"] if t["iou_mean"] is not None else -1.0,
-                                         -order.get(t["fusion"], len(order))))
+                                         -REFINES.index(t["refine"]), -order.get(t["fusion"], len(order))))
         by_set.append({"members": members, **best, "table": table})
     if not by_set:
         return None
@@ -301,52 +313,55 @@ def choose_masks(collected: Collected, sweep: ThetaSweep, theta: float, classes:
             chosen = row
     everyone = next((r for r in by_set if r["members"] is None), by_set[0])
     result = {k: v for k, v in chosen.items() if k != "table"}
-    return {**result, "tau_curve": tau_curve(collected, sweep, theta, chosen["fusion"], members=chosen["members"]),
+    return {**result, "tau_curve": tau_curve(collected, sweep, theta, chosen["fusion"], members=chosen["members"],
+                                             refine=chosen["refine"]),
             "fusions": everyone["table"],
             "member_sets": [{k: v for k, v in r.items() if k != "table"} for r in by_set]}
 
 
 def _fusion_table(collected: Collected, sweep: ThetaSweep, theta: float, classes: Sequence[str],
                   current_tau: Any, fusions: Sequence[str],
-                  members: tuple[int, ...] | None) -> list[dict[str, Any]]:
-    """Each fusion's best (per-class) tau and its scores, with masks from ``members``."""
+                  members: tuple[int, ...] | None, refines: Sequence[str] = ("none",)) -> list[dict[str, Any]]:
+    """Each fusion's (and refinement's) best (per-class) tau and its scores, with masks
+    from ``members``."""
     labels = sorted({e.label for e in collected.masks.values()})
     current = _one_tau(current_tau)
     table = []
-    for fusion in fusions:
+    for refine, fusion in ((r, f) for r in refines for f in fusions):
         per_class: dict[int, dict[str, Any]] = {}
         for c in labels:
             best = choose_tau(tau_curve(collected, sweep, theta, fusion, c if len(labels) > 1 else None, otsu=True,
-                                        members=members), current)
+                                        members=members, refine=refine), current)
             if best is not None:
                 per_class[c] = best
         if not per_class:
             continue
         index = {c: (len(collected.taus) if p["tau"] == OTSU else
                      int(np.argmin(np.abs(collected.taus - p["tau"])))) for c, p in per_class.items()}
-        overall = _scores_at(collected, sweep, theta, fusion, index, members)
+        overall = _scores_at(collected, sweep, theta, fusion, index, members, refine)
         tau = (per_class[labels[0]]["tau"] if len(labels) == 1
                else {classes[c]: p["tau"] for c, p in per_class.items()})
-        table.append({"fusion": fusion, "tau": tau, **overall})
+        table.append({"fusion": fusion, "refine": refine, "tau": tau, **overall})
     return table
 
 
 def _scores_at(collected: Collected, sweep: ThetaSweep, theta: float, fusion: str,
-               index: dict[int, int], members: tuple[int, ...] | None = None) -> dict[str, Any]:
+               index: dict[int, int], members: tuple[int, ...] | None = None,
+               refine: str = "none") -> dict[str, Any]:
     """Mean/micro IoU with each class's tau at grid position ``index[class]``."""
     agreeing = sweep.agreeing_at(theta)
     acc = MaskScores()
     for j, entry in collected.masks.items():
         t = index[entry.label]
         subset = mask_subset(agreeing[j], members)
-        tp, fp = (int(v[t]) for v in entry.counts[(fusion, subset)]) if subset else (0, 0)
+        tp, fp = (int(v[t]) for v in entry.counts[(fusion, subset, refine)]) if subset else (0, 0)
         acc.add_counts(tp, fp, entry.gt_pixels - tp)
     return acc.result()
 
 
 def _brief(chosen: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
     return {"mask_members": _member_names(chosen.get("members"), names),
-            **{k: chosen[k] for k in ("fusion", "tau", "iou_mean", "iou_micro", "n_masks")}}
+            **{k: chosen[k] for k in ("fusion", "refine", "tau", "iou_mean", "iou_micro", "n_masks")}}
 
 
 def _member_names(members: Sequence[int] | None, names: Sequence[str]) -> list[str] | None:
@@ -376,7 +391,8 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
               novelty: bool = True, novelty_score: str | None = None,
               novelty_pass_rate: float | None = None, fusions: Sequence[str] = FUSIONS,
               tau_without_masks: float | str | None = None,
-              sources: Sequence[str] | None = None, choose_members: bool = True) -> dict[str, Any]:
+              sources: Sequence[str] | None = None, choose_members: bool = True,
+              refines: Sequence[str] = REFINES) -> dict[str, Any]:
     """Choose theta (and tau, where ground-truth masks exist) on validation data.
 
     Args:
@@ -408,14 +424,17 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
             IoU is kept (ties: the first listed). Without masks the run's source is kept.
         choose_members: where masks exist, also choose the mask members (step 4 of the
             module docstring); False fuses every agreeing member's map, as the paper does.
+        refines: the refinements of the fused map to choose from where masks exist
+            (step 5; ``("none",)`` keeps the paper's thresholded map). Without masks the
+            run's refinement is kept.
 
     Returns:
         The calibration entry: ``theta``, ``tau``, ``previous``, ``n``, ``n_errors``,
         ``accuracy``, ``accuracy_kept``, ``flag_rate``, ``coverage``, ``constraint_met``,
         ``iou_mean``/``iou_micro``/``n_masks`` (None without masks), ``n_candidates``,
         ``tau_curve``, ``risk_coverage`` (the points), ``mc_passes``, ``date``,
-        ``mask_members`` (member names, or None for all) and ``member_sets`` (each set's
-        best, where masks exist); with
+        ``mask_members`` (member names, or None for all), ``member_sets`` (each set's
+        best, where masks exist) and ``refine``; with
         ``write`` and ``novelty``, ``novelty``: the manifest's novelty block, or
         ``{"skipped": why}``.
     """
@@ -429,6 +448,9 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
     unknown = [s for s in sources if s not in SOURCES]
     if unknown:
         raise ValueError(f"unknown map source {unknown[0]!r}; expected one of {SOURCES}")
+    refines = tuple(refines)
+    if not refines or any(r not in REFINES for r in refines):
+        raise ValueError(f"refines must name some of {REFINES}, got {list(refines)}")
     patch_block = None
     if write and "patch" in sources and getattr(ensemble, "run", None) is not None:
         from aax.patch_maps import fit_run as fit_patches
@@ -438,7 +460,7 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
     names = list(ensemble.members)
     sets = member_sets(len(names)) if choose_members else [None]
     collected = collect(ensemble, valdata, taus=taus, mc_passes=k, batch_size=batch_size, workers=workers,
-                        label_map=label_map, fusions=fusions, sets=sets)
+                        label_map=label_map, fusions=fusions, sets=sets, refines=refines)
     sweep = ThetaSweep.build(collected.probs, collected.uncertainty, ensemble.negative_index, ensemble.quorum)
     candidates = theta_candidates(collected.uncertainty, default=float(ensemble.theta))
     curve = risk_coverage(sweep, collected.labels, candidates)
@@ -447,10 +469,11 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
     previous_tau = ensemble.tau  # a float, or one per class (kept as is when no masks)
     previous_fusion = getattr(maps, "fusion", "min")
     previous_members = getattr(maps, "mask_members", None)
+    previous_refine = getattr(maps, "refine", "none")
     best_tau, source, by_source = None, previous_source, []
     for candidate in sources:
         if candidate == previous_source:
-            chosen = choose_masks(collected, sweep, theta, ensemble.classes, previous_tau, fusions, sets)
+            chosen = choose_masks(collected, sweep, theta, ensemble.classes, previous_tau, fusions, sets, refines)
         elif candidate == "patch" and not getattr(ensemble, "patches", None):
             by_source.append({"source": candidate, "skipped": "the run has no patch bank"})
             continue
@@ -458,10 +481,10 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
             ensemble.maps = maps.replace(source=candidate)
             try:  # the class decisions do not depend on the source: only the masks are recounted
                 again = collect(ensemble, valdata, taus=taus, mc_passes=k, batch_size=batch_size,
-                                workers=workers, label_map=label_map, fusions=fusions, sets=sets)
+                                workers=workers, label_map=label_map, fusions=fusions, sets=sets, refines=refines)
             finally:
                 ensemble.maps = maps
-            chosen = choose_masks(again, sweep, theta, ensemble.classes, previous_tau, fusions, sets)
+            chosen = choose_masks(again, sweep, theta, ensemble.classes, previous_tau, fusions, sets, refines)
         if chosen is None:  # no masks: nothing to choose by
             break
         by_source.append({"source": candidate, **_brief(chosen, names)})
@@ -469,18 +492,18 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
             best_tau, source = chosen, candidate
     taus_curve = [] if best_tau is None else best_tau["tau_curve"]
     if best_tau is not None:
-        tau, fusion = best_tau["tau"], best_tau["fusion"]
+        tau, fusion, refine = best_tau["tau"], best_tau["fusion"], best_tau["refine"]
         mask_members = _member_names(best_tau["members"], names)
     else:
         tau = previous_tau if tau_without_masks is None else tau_without_masks
-        fusion, mask_members = previous_fusion, previous_members
+        fusion, mask_members, refine = previous_fusion, previous_members, previous_refine
 
     result: dict[str, Any] = {
         "theta": theta, "tau": tau, "theta_candidate": point["theta"],
-        "fusion": fusion, "source": source,
+        "fusion": fusion, "source": source, "refine": refine,
         "mask_members": None if mask_members is None else list(mask_members),
         "previous": {"theta": float(ensemble.theta), "tau": previous_tau, "fusion": previous_fusion,
-                     "source": previous_source},
+                     "source": previous_source, "refine": previous_refine},
         "fusions": None if best_tau is None else best_tau["fusions"],
         "member_sets": None if best_tau is None else [_brief(r, names) for r in best_tau["member_sets"]],
         "sources": by_source or None,
@@ -499,8 +522,9 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
         "procedure": "theta: best accuracy on kept images with flag rate <= max_flag_rate over the observed "
                      "uncertainties (ties: larger coverage, smaller theta); tau: best mean IoU of the "
                      "ensemble masks at that theta over tau_grid and Otsu's per-image threshold, for each "
-                     "fusion, per positive class (ties: the intersection, a grid value, nearest the previous tau); "
-                     "mask members: all, or a set of >= 2 members only when strictly better",
+                     "fusion and refinement, per positive class (ties: no refinement, the intersection, a grid "
+                     "value, nearest the previous tau); mask members: all, or a set of >= 2 members only when "
+                     "strictly better",
     }
     if best_tau is not None:
         result["trivial"] = trivial_scores(collected)  # ground truth only: the same for every source
@@ -565,6 +589,9 @@ def write_calibration(run: Path, result: dict[str, Any]) -> Path:
         manifest["maps"].pop("mask_members", None)  # all members: the default, as runs made before the option
         if result.get("mask_members"):
             manifest["maps"]["mask_members"] = list(result["mask_members"])
+        manifest["maps"].pop("refine", None)  # none: the default, as runs made before the option
+        if result.get("refine", "none") != "none":
+            manifest["maps"]["refine"] = result["refine"]
     if result.get("source") is not None:
         manifest["maps"] = {**(manifest.get("maps") or {}), "source": result["source"]}
         if result["source"] == "cam":

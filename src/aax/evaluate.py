@@ -44,6 +44,7 @@ from aax.metrics import (
 from aax.decide import binarise, parse_tau, tau_for
 from aax.openset import member_columns, novelty_summary, table_markdown
 from aax.records import REVIEW, AnnotationRecord
+from aax.refine import pool_numpy, resize_labels
 
 if TYPE_CHECKING:  # pragma: no cover
     from aax.ensemble import Ensemble
@@ -76,10 +77,12 @@ def _mask_members(ensemble: Any) -> list[str] | None:
 
 
 def masks_text(settings: Mapping[str, Any]) -> str:
-    """How the masks of these results were made, in words (fusion, mask members)."""
+    """How the masks of these results were made, in words (fusion, mask members, refinement)."""
     members = settings.get("mask_members")
     among = f" among {', '.join(members)} (chosen on validation masks)" if members else ""
-    return f"AAX's masks: {settings.get('fusion', 'min')} fusion of the agreeing members' maps{among}."
+    refined = (", averaged over the image's superpixels (members' masks too)"
+               if settings.get("refine", "none") == "superpixels" else "")
+    return f"AAX's masks: {settings.get('fusion', 'min')} fusion of the agreeing members' maps{among}{refined}."
 
 
 def method_label(name: str) -> str:
@@ -249,11 +252,16 @@ def tau_text(tau: Tau) -> str:
 
 
 def member_mask(record: AnnotationRecord, index: int, decision: str, negative: str,
-                tau: Tau) -> np.ndarray | None:
-    """A member's own mask: its saliency map ``> tau`` when it alone predicts a positive class."""
+                tau: Tau, refine: str = "none") -> np.ndarray | None:
+    """A member's own mask: its saliency map ``> tau`` when it alone predicts a positive
+    class; with ``refine="superpixels"`` the map is first averaged over the image's
+    regions (``record.regions``), as the ensemble's fused map is."""
     if decision in (REVIEW, negative) or record.saliency is None:
         return None
-    return binarise(record.saliency[record.members[index].name], tau_for(tau, decision))
+    score = record.saliency[record.members[index].name]
+    if refine == "superpixels" and record.regions is not None:
+        score = pool_numpy(score, resize_labels(record.regions, score.shape))
+    return binarise(score, tau_for(tau, decision))
 
 
 @dataclass
@@ -280,10 +288,10 @@ class _Scorer:
     """Accumulates the ensemble's and the members' metrics one record at a time."""
 
     def __init__(self, names: Sequence[str], classes: Sequence[str], negative: str,
-                 theta: float, tau: Tau, max_examples: int) -> None:
+                 theta: float, tau: Tau, max_examples: int, refine: str = "none") -> None:
         self.names, self.classes, self.negative = list(names), list(classes), negative
         self.positive = [c for c in classes if c != negative]
-        self.theta, self.tau = theta, tau
+        self.theta, self.tau, self.refine = theta, tau, refine
         self.labels: list[str] = []
         self.predictions: dict[str, list[str]] = {n: [] for n in [ENSEMBLE, *names]}
         self.masks: dict[str, MaskScores] = {n: MaskScores() for n in [ENSEMBLE, *names]}
@@ -317,7 +325,7 @@ class _Scorer:
         preds = {ENSEMBLE: record.mask}
         for i, name in enumerate(self.names):
             decisions[name] = member_decision(record, i, self.theta)
-            preds[name] = member_mask(record, i, decisions[name], self.negative, self.tau)
+            preds[name] = member_mask(record, i, decisions[name], self.negative, self.tau, self.refine)
         for name, d in decisions.items():
             self.predictions[name].append(d)
 
@@ -489,7 +497,9 @@ def evaluate(ensemble: Ensemble, data: Any, *, unseen: Any = None, theta: float 
     classes = list(ensemble.classes)
     dataset = open_data(data, classes, run_label_map(ensemble) if label_map is None else label_map)
     negative = ensemble.negative_class
-    scorer = _Scorer(names, classes, negative, theta, tau, max_examples if (out is not None and report) else 0)
+    refine = getattr(getattr(ensemble, "maps", None), "refine", "none")
+    scorer = _Scorer(names, classes, negative, theta, tau, max_examples if (out is not None and report) else 0,
+                     refine)
     want_preview = out is not None and report and max_examples > 0
     records = annotate_with(ensemble, dataset, saliency=True, preview=want_preview, theta=theta, tau=tau,
                             mc_passes=mc_passes, batch_size=batch_size, workers=workers,
@@ -521,6 +531,7 @@ def evaluate(ensemble: Ensemble, data: Any, *, unseen: Any = None, theta: float 
             "map_source": getattr(getattr(ensemble, "maps", None), "source", "cam"),
             "fusion": getattr(getattr(ensemble, "maps", None), "fusion", "min"),
             "mask_members": _mask_members(ensemble),
+            "refine": refine,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         },
         "confusion": {

@@ -23,7 +23,11 @@ them):
   decision never depends on it;
 * ``source``: ``"cam"`` (XGrad-CAM, the paper's) or ``"patch"``: each member's
   patch-feature novelty map (:mod:`aax.patch_maps`; needs the run's patch bank). The
-  strides and TTA above apply to CAMs only; patch maps come from the class pass's stride.
+  strides and TTA above apply to CAMs only; patch maps come from the class pass's stride;
+* ``refine``: ``"none"`` (the paper's) or ``"superpixels"``: the fused map is averaged
+  over the image's own regions before the threshold (:mod:`aax.refine`), so that a
+  mask's outline follows the image's edges. Members' masks in ``aax evaluate`` are
+  made the same way.
 
 The torch functions here mirror the NumPy reference in :mod:`aax.decide` (tested equal).
 """
@@ -42,6 +46,7 @@ from aax.decide import FUSIONS
 from aax.explain import Grid, XGradCAM, normalise, upsample
 from aax.members import OUTPUT_STRIDES, Member
 from aax.patch_maps import SOURCES, distance_maps, features_and_patches, patch_features
+from aax.refine import REFINES
 
 if TYPE_CHECKING:  # pragma: no cover
     from aax.ensemble import Ensemble
@@ -62,6 +67,7 @@ class MapOptions:
     fusion: str = "min"
     source: str = "cam"
     mask_members: tuple[str, ...] | None = None
+    refine: str = "none"
     _views: tuple[tuple[float, bool], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -75,6 +81,8 @@ class MapOptions:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
         if self.source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
+        if self.refine not in REFINES:
+            raise ValueError(f"refine must be one of {REFINES}, got {self.refine!r}")
         object.__setattr__(self, "tta_scales", scales)
         if self.mask_members is not None:
             members = tuple(str(m) for m in self.mask_members)
@@ -95,15 +103,17 @@ class MapOptions:
         return self.views != ((1.0, False),)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form (``RUN/aax.json["maps"]``). The source and the mask members are
-        left out when they are the paper's (``"cam"``, all), as runs made before the
-        options existed have them."""
+        """The JSON form (``RUN/aax.json["maps"]``). The source, the mask members and the
+        refinement are left out when they are the paper's (``"cam"``, all, ``"none"``),
+        as runs made before the options existed have them."""
         out = {"class_stride": self.class_stride, "map_stride": self.map_stride,
                "tta_scales": list(self.tta_scales), "tta_flip": self.tta_flip, "fusion": self.fusion}
         if self.source != "cam":
             out["source"] = self.source
         if self.mask_members is not None:
             out["mask_members"] = list(self.mask_members)
+        if self.refine != "none":
+            out["refine"] = self.refine
         return out
 
     @classmethod
@@ -115,7 +125,7 @@ class MapOptions:
         return cls(class_stride=class_stride, map_stride=int(data.get("map_stride", class_stride)),
                    tta_scales=tuple(data.get("tta_scales", (1.0,))), tta_flip=bool(data.get("tta_flip", False)),
                    fusion=str(data.get("fusion", "min")), source=str(data.get("source", "cam")),
-                   mask_members=data.get("mask_members"))
+                   mask_members=data.get("mask_members"), refine=str(data.get("refine", "none")))
 
     def replace(self, **changes: Any) -> MapOptions:
         """A copy with ``changes``."""

@@ -39,7 +39,10 @@ class AnnotationRecord:
 
     ``decision`` is a class name or ``"review"``; ``mask`` (bool, at the image's own
     size) is set only for positive decisions; ``saliency`` maps member name to its
-    XGrad-CAM map in [0, 1] at the image's own size, kept only when asked for.
+    XGrad-CAM map in [0, 1] at the image's own size, kept only when asked for, with
+    ``regions``: the image's superpixel labels at the model's input size
+    (:func:`aax.refine.input_superpixels`), which calibration and evaluation pool the
+    maps over when the run refines its masks.
     """
 
     image: str
@@ -55,6 +58,7 @@ class AnnotationRecord:
     label: str | None = None  # ground-truth class, when the input carries one
     mask_path: str | None = None  # set by the store, relative to its folder
     preview: np.ndarray | None = None  # small uint8 RGB copy of the image, for overlays
+    regions: np.ndarray | None = None  # superpixel labels [S, S], kept with the saliency maps
 
     @property
     def flagged(self) -> bool:

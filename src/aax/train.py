@@ -191,10 +191,13 @@ class TrainConfig:
 
 def default_maps(train_stride: int) -> Any:
     """The map settings a new run gets: its class pass at the trained stride, its maps at
-    :data:`aax.maps.DEFAULT_MAP_STRIDE` (or the trained stride, if finer)."""
+    :data:`aax.maps.DEFAULT_MAP_STRIDE` (or the trained stride, if finer), the fused map
+    averaged over superpixels (docs/quality.md: better or equal on the four sets measured;
+    calibration on validation masks may turn it off)."""
     from aax.maps import DEFAULT_MAP_STRIDE, MapOptions
 
-    return MapOptions(class_stride=train_stride, map_stride=min(train_stride, DEFAULT_MAP_STRIDE))
+    return MapOptions(class_stride=train_stride, map_stride=min(train_stride, DEFAULT_MAP_STRIDE),
+                      refine="superpixels")
 
 
 def default_negative_class(classes: Sequence[str]) -> str:

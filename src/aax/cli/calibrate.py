@@ -30,6 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="fuse every agreeing member's map, as the paper does (default: where VALDATA has masks, "
                         "also choose the set of members whose maps form masks: a member whose maps lower the "
                         "validation IoU is left out of the masks, never out of the class decision)")
+    p.add_argument("--refines", nargs="+", choices=["none", "superpixels"], default=["none", "superpixels"],
+                   help="refinements of the fused map to choose from where VALDATA has masks (default: both; "
+                        "'none' alone keeps the paper's thresholded map; superpixels: the map averaged over "
+                        "the image's regions, docs/method.md)")
     p.add_argument("--map-sources", nargs="+", choices=["cam", "patch"], default=None,
                    help="the map sources to choose from where the validation data has masks (default: the "
                         "RUN's own, XGrad-CAM unless set). With patch, the RUN's patch bank is made first "
@@ -66,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
                            novelty=args.novelty, novelty_score=args.novelty_score,
                            novelty_pass_rate=args.novelty_pass_rate, fusions=tuple(args.fusions),
                            tau_without_masks=None if args.tau_without_masks == "keep" else args.tau_without_masks,
-                           sources=args.map_sources, choose_members=args.choose_members)
+                           sources=args.map_sources, choose_members=args.choose_members,
+                           refines=tuple(args.refines))
     except (FileNotFoundError, ValueError) as exc:
         print(f"aax calibrate: {exc}", file=sys.stderr)
         return 2
@@ -74,8 +79,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"theta = {result['theta']:.4g} (was {prev['theta']:.4g}): accuracy on kept images "
           f"{_pct(result['accuracy_kept'])}, flag rate {_pct(result['flag_rate'])} on {result['n']} images")
     if result["iou_mean"] is not None:
-        print(f"tau = {tau_text(result['tau'])}, fusion {result['fusion']}, {result.get('source', 'cam')} maps "
-              f"(was {tau_text(prev['tau'])}, {prev['fusion']}, {prev.get('source', 'cam')}): mean IoU "
+        print(f"tau = {tau_text(result['tau'])}, fusion {result['fusion']}, {result.get('source', 'cam')} maps, "
+              f"refinement {result.get('refine', 'none')} (was {tau_text(prev['tau'])}, {prev['fusion']}, "
+              f"{prev.get('source', 'cam')}, {prev.get('refine', 'none')}): mean IoU "
               f"{_pct(result['iou_mean'])} on {result['n_masks']} masks")
         sets = result.get("member_sets") or []
         if result.get("mask_members"):
