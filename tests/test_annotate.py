@@ -19,7 +19,7 @@ from PIL import Image
 
 from aax.cli import main
 from aax.decide import decide
-from aax.refine import pool_numpy, resize_labels
+from aax.refine import WORK_SIDE, pool_numpy, resize_labels
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +65,7 @@ def test_records_follow_the_protocol(ensemble, input_dir):
         assert r.agreeing == [list(ensemble.members)[i] for i in d.agreeing]
         for m in r.saliency.values():
             assert m.shape == (h, w) and m.min() >= 0 and m.max() <= 1
-        assert r.regions is not None and r.regions.shape == (ensemble.image_size,) * 2  # kept with the maps
+        assert r.regions is not None and r.regions.shape == (WORK_SIDE, WORK_SIDE)  # kept with the maps
         if r.agreeing:
             score = np.min([r.saliency[n] for n in r.agreeing], axis=0)
             if ensemble.maps.refine == "superpixels":  # new runs' default: region means

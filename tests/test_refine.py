@@ -11,7 +11,7 @@ from aax.annotate import _maps_and_masks
 from aax.decide import Decision
 from aax.explain import Grid
 from aax.maps import MapOptions
-from aax.refine import REFINES, input_superpixels, pool, pool_numpy, resize_labels, superpixels
+from aax.refine import REFINES, WORK_SIDE, input_superpixels, pool, pool_numpy, resize_labels, superpixels
 
 
 def two_halves(h: int = 64, w: int = 64) -> np.ndarray:
@@ -52,12 +52,22 @@ def test_superpixels_reject_a_bad_shape():
         superpixels(np.zeros((4,)))
 
 
-def test_input_superpixels_cut_the_denormalised_input():
-    image = two_halves(32, 32)
+def normalised(image: np.ndarray, mean, std) -> torch.Tensor:
+    return ((torch.from_numpy(image).permute(2, 0, 1).float() - torch.tensor(mean).view(3, 1, 1))
+            / torch.tensor(std).view(3, 1, 1))
+
+
+def test_input_superpixels_cut_the_denormalised_input_at_the_working_size():
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    x = (torch.from_numpy(image).permute(2, 0, 1).float() - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
-    (labels,) = input_superpixels(x[None], mean, std)
+    image = two_halves(WORK_SIDE, WORK_SIDE)
+    (labels,) = input_superpixels(normalised(image, mean, std)[None], mean, std)
     np.testing.assert_array_equal(labels, superpixels(image.astype(np.float32)))
+    # any input size is cut at WORK_SIDE: the same two regions from a 64 and a 224 px input
+    for side in (64, 224):
+        (labels,) = input_superpixels(normalised(two_halves(side, side), mean, std)[None], mean, std)
+        assert labels.shape == (WORK_SIDE, WORK_SIDE)
+        left, right = np.unique(labels[:, :WORK_SIDE // 2 - 3]), np.unique(labels[:, WORK_SIDE // 2 + 3:])
+        assert len(left) == 1 and len(right) == 1 and left[0] != right[0]
 
 
 def test_pool_by_hand_and_against_numpy():
