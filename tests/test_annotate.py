@@ -129,6 +129,12 @@ def test_command_writes_rows_masks_overlays_and_summary(trained_run, input_dir, 
     assert run_cli(trained_run, input_dir, "--out", out, "--theta", "0.3", "--workers", "0") == 2
     assert run_cli(trained_run, input_dir, "--out", out, "--theta", "0.3", "--workers", "0", "--overwrite") == 1
     assert not (out / "saliency").exists()
+    # the refinement is part of the settings: new runs refine; --refine none is other settings
+    assert summary["settings"]["maps"]["refine"] == "superpixels"
+    assert run_cli(trained_run, input_dir, "--out", out, "--theta", "0.3", "--workers", "0", "--refine", "none") == 2
+    assert run_cli(trained_run, input_dir, "--out", out, "--theta", "0.3", "--workers", "0", "--refine", "none",
+                   "--overwrite") == 1
+    assert json.loads((out / "summary.json").read_text())["settings"]["maps"]["refine"] == "none"
 
 
 def test_kill_9_then_resume_completes_exactly_once(trained_run, input_dir, tmp_path):

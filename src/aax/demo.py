@@ -88,7 +88,7 @@ def run_demo(out: str | os.PathLike = "demo-run", config: DemoConfig | None = No
     step("3/6 calibrating theta and tau on the validation split")
     calibration = calibrate_run(run, ensemble=ensemble)
     ensemble = Ensemble.load(run, device=config.device)  # with the calibrated settings
-    step(f"    theta = {ensemble.theta:.4g}, tau = {ensemble.tau}; {masks_text(ensemble.maps.to_dict())}")
+    step(f"    theta = {ensemble.theta:.4g}, tau = {ensemble.tau}; {masks_text(ensemble.maps.to_dict(), members_too=False)}")
     if calibration.get("trivial"):
         trivial = ", ".join(f"{k} {100 * v['iou_mean']:.1f} %" for k, v in calibration["trivial"].items()
                             if v.get("iou_mean") is not None)

@@ -76,11 +76,12 @@ def _mask_members(ensemble: Any) -> list[str] | None:
     return None if members is None else list(members)
 
 
-def masks_text(settings: Mapping[str, Any]) -> str:
-    """How the masks of these results were made, in words (fusion, mask members, refinement)."""
+def masks_text(settings: Mapping[str, Any], members_too: bool = True) -> str:
+    """How the masks of these results were made, in words (fusion, mask members,
+    refinement; ``members_too``: say that members' own masks are refined as well)."""
     members = settings.get("mask_members")
     among = f" among {', '.join(members)} (chosen on validation masks)" if members else ""
-    refined = (", averaged over the image's superpixels (members' masks too)"
+    refined = (", averaged over the image's superpixels" + (" (members' masks too)" if members_too else "")
                if settings.get("refine", "none") == "superpixels" else "")
     return f"AAX's masks: {settings.get('fusion', 'min')} fusion of the agreeing members' maps{among}{refined}."
 

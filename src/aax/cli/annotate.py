@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "features are far from every patch of the negative training images (needs the "
                         "RUN's patch bank, which `aax calibrate RUN --map-sources cam patch` makes; docs/quality.md). "
                         "Default: the RUN's")
+    p.add_argument("--refine", choices=["none", "superpixels"], default=None,
+                   help="average the fused map over the image's superpixels before tau (superpixels), or "
+                        "threshold it as it is (none, the paper's). Default: the RUN's (new runs: superpixels)")
     p.add_argument("--tta-scales", type=positive_float, nargs="+", default=None, metavar="S",
                    help="CAM test-time augmentation: input scales whose maps are averaged, e.g. 1 1.5 2")
     p.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
@@ -67,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
     ensemble = Ensemble.load(args.run, device=args.device, channels_last=args.channels_last)
     changes = {k: v for k, v in (("map_stride", args.map_stride), ("fusion", args.fusion),
-                                 ("source", args.map_source),
+                                 ("source", args.map_source), ("refine", args.refine),
                                  ("tta_scales", args.tta_scales), ("tta_flip", args.tta_flip)) if v is not None}
     ensemble.maps = ensemble.maps.replace(**changes)
     try:

@@ -147,6 +147,10 @@ def _after_training(run: Path, args: argparse.Namespace) -> None:
         return
     print(f"calibrated on the validation split: theta {result['theta']:.4g}, "
           f"tau {result['tau']}")
+    if result.get("iou_mean") is not None:
+        from aax.evaluate import masks_text
+
+        print(masks_text(result, members_too=False), f"Validation mean IoU {100 * result['iou_mean']:.1f}%.")
     from aax.cli.calibrate import print_novelty, print_trivial
 
     print_trivial(result)
