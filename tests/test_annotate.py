@@ -79,6 +79,18 @@ def test_records_follow_the_protocol(ensemble, input_dir):
             assert r.mask is None
 
 
+def test_regions_are_kept_only_when_asked_masks_alike(ensemble, input_dir):
+    files = [f for f in image_files(input_dir) if f.parent.name != "broken"][:6]
+    kept = list(ensemble.annotate(files, keep_saliency=True, keep_regions=True, workers=0))
+    bare = list(ensemble.annotate(files, keep_saliency=True, keep_regions=False, workers=0))
+    plain = list(ensemble.annotate(files, workers=0))
+    assert all(r.regions is not None for r in kept) and all(r.regions is None for r in bare + plain)
+    for a, b, c in zip(kept, bare, plain):  # the masks do not depend on what is kept
+        assert (a.mask is None) == (b.mask is None) == (c.mask is None)
+        if a.mask is not None:
+            assert np.array_equal(a.mask, b.mask) and np.array_equal(a.mask, c.mask)
+
+
 def test_annotate_streams(ensemble, input_dir):
     stream = ensemble.annotate(image_files(input_dir), batch_size=2, workers=0)
     first = next(stream)  # a generator: results come before the whole set is done

@@ -89,7 +89,7 @@ class FakeEnsemble:
         self.calls = []
 
     def annotate(self, images, *, theta=None, tau=None, mc_passes=None, batch_size=16,
-                 keep_saliency=False, keep_preview=False, workers=None, novelty=True):
+                 keep_saliency=False, keep_preview=False, workers=None, novelty=True, keep_regions=None):
         self.calls.append({"theta": theta, "tau": tau, "keep_saliency": keep_saliency, "novelty": novelty})
         theta = self.theta if theta is None else theta
         tau = self.tau if tau is None else tau
@@ -114,7 +114,7 @@ class FakeEnsemble:
                 members=[MemberResult(n, list(p), u, None if k < 0 else CLASSES[k])
                          for n, p, u, k in zip(NAMES, probs, unc, predicted_classes(np.array(probs)))],
                 mask=mask, saliency=dict(zip(NAMES, fmaps)) if keep_saliency else None, size=(S, S), label=label,
-                regions=self.regions.get(name) if keep_saliency else None,
+                regions=self.regions.get(name) if keep_saliency and keep_regions is not False else None,
                 preview=np.full((S, S, 3), 120, np.uint8),
             )
 

@@ -204,7 +204,8 @@ def default_batch_size(device: torch.device, image_size: int) -> int:
 @torch.no_grad()
 def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[int, int]],
                    settings: AnnotateSettings, keep_saliency: bool = False,
-                   amp: bool = False, seeds: Sequence[int] | None = None) -> list[AnnotationRecord]:
+                   amp: bool = False, seeds: Sequence[int] | None = None,
+                   keep_regions: bool | None = None) -> list[AnnotationRecord]:
     """Annotate one prepared batch ``x`` ``[B, 3, S, S]`` (no I/O).
 
     Args:
@@ -216,6 +217,10 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
             scores are computed from the pooled features and logits whenever the
             ensemble has novelty data; the step applies when ``settings.novelty`` is set).
         keep_saliency: keep every member's map (at the original size) in the records.
+        keep_regions: with ``keep_saliency``, also keep every image's superpixel labels
+            (``record.regions``, :mod:`aax.refine`); None: when the run refines its masks
+            (evaluation pools the members' maps over them). Calibration asks for them to
+            weigh the refinement.
         amp: run the backbones under autocast (CUDA), the head and maps in float32.
         seeds: one MC Dropout seed per image (see :func:`image_seed`), for results that
             do not depend on batching; None draws from torch's global generator.
@@ -264,9 +269,9 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
     mask_members = (None if settings.maps.mask_members is None
                     else [names.index(n) for n in settings.maps.mask_members])
     refine = settings.maps.refine == "superpixels"
-    # regions where masks are refined, and for every image whose maps are kept (calibration
-    # and evaluation pool those maps themselves)
-    cut = list(range(len(sizes))) if keep_saliency else [b for b in wanted if refine and decisions[b].agreeing]
+    keep_regions = keep_saliency and (refine if keep_regions is None else keep_regions)
+    # regions where masks are refined, and for every image when kept with the maps
+    cut = list(range(len(sizes))) if keep_regions else [b for b in wanted if refine and decisions[b].agreeing]
     regions = dict(zip(cut, input_superpixels(x[cut], *ensemble.normalisation))) if cut else {}
     masks, maps = _maps_and_masks(raw, grids, sizes, wanted, decisions, taus, keep_saliency,
                                   settings.maps.fusion, settings.quorum, mask_members,
@@ -290,7 +295,7 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
                      for i, n in enumerate(names)],
             mask=masks.get(b),
             saliency=dict(zip(names, maps[b])) if keep_saliency else None,
-            regions=regions.get(b) if keep_saliency else None,
+            regions=regions.get(b) if keep_regions else None,
             size=(h, w),
         ))
     return records
@@ -351,14 +356,14 @@ def _maps_and_masks(raw: torch.Tensor, grids: Sequence[Grid], sizes: Sequence[tu
 def annotate(ensemble: Ensemble, images: Iterable[Any], *, theta: float | None = None,
              tau: float | None = None, mc_passes: int | None = None, batch_size: int | None = None,
              keep_saliency: bool = False, keep_preview: bool = False, workers: int | None = None,
-             amp: bool = False, novelty: bool = True) -> Iterator[AnnotationRecord]:
+             amp: bool = False, novelty: bool = True, keep_regions: bool | None = None) -> Iterator[AnnotationRecord]:
     """Annotate ``images`` (paths, or an :mod:`aax.data` dataset) and yield one record per
     image, in input order. Unreadable files yield ``status="error"`` records.
 
     Memory does not grow with the number of images: records are yielded as batches finish.
     With ``keep_preview`` each record carries ``preview``, a small uint8 copy of the image
     (for overlays). ``novelty=False`` skips the novelty step (the scores are still
-    recorded when the run has novelty data).
+    recorded when the run has novelty data). ``keep_regions``: as :func:`annotate_batch`.
     """
     settings = AnnotateSettings.from_ensemble(ensemble, theta, tau, mc_passes, novelty)
     items = as_items(images)
@@ -378,7 +383,8 @@ def annotate(ensemble: Ensemble, images: Iterable[Any], *, theta: float | None =
             done[index] = AnnotationRecord(image="", status="error", error=reason)
         if batch["x"] is not None:
             seeds = [image_seed(items[i].path) for i in batch["index"]]
-            results = annotate_batch(ensemble, batch["x"], batch["size"], settings, keep_saliency, amp, seeds)
+            results = annotate_batch(ensemble, batch["x"], batch["size"], settings, keep_saliency, amp, seeds,
+                                     keep_regions)
             for index, record, preview in zip(batch["index"], results, batch["preview"]):
                 record.preview = preview
                 done[index] = record

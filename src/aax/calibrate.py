@@ -135,7 +135,7 @@ def collect(ensemble: Ensemble, data: Any, *, taus: Sequence[float] = TAU_GRID,
     masks: dict[int, _ImageMasks] = {}
     n_errors = len(getattr(dataset, "errors", None) or [])
     records = annotate_with(ensemble, dataset, saliency=True, mc_passes=mc_passes,
-                            batch_size=batch_size, workers=workers)
+                            batch_size=batch_size, workers=workers, keep_regions="superpixels" in refines)
     for sample, record in paired(_samples(dataset), records):
         if record.status != "ok":
             n_errors += 1

@@ -39,10 +39,10 @@ class AnnotationRecord:
 
     ``decision`` is a class name or ``"review"``; ``mask`` (bool, at the image's own
     size) is set only for positive decisions; ``saliency`` maps member name to its
-    XGrad-CAM map in [0, 1] at the image's own size, kept only when asked for, with
-    ``regions``: the image's superpixel labels at the model's input size
-    (:func:`aax.refine.input_superpixels`), which calibration and evaluation pool the
-    maps over when the run refines its masks.
+    XGrad-CAM map in [0, 1] at the image's own size, kept only when asked for, and with
+    them (when the run refines its masks, or when asked: ``keep_regions``) ``regions``:
+    the image's superpixel labels (:func:`aax.refine.input_superpixels`), which
+    evaluation and calibration pool the maps over.
     """
 
     image: str
@@ -58,7 +58,7 @@ class AnnotationRecord:
     label: str | None = None  # ground-truth class, when the input carries one
     mask_path: str | None = None  # set by the store, relative to its folder
     preview: np.ndarray | None = None  # small uint8 RGB copy of the image, for overlays
-    regions: np.ndarray | None = None  # superpixel labels [S, S], kept with the saliency maps
+    regions: np.ndarray | None = None  # superpixel labels [128, 128], see above
 
     @property
     def flagged(self) -> bool:
