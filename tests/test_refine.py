@@ -145,3 +145,23 @@ def test_evaluate_refines_the_members_masks_as_the_runs():
         assert after["members"][name]["iou_mean"] == pytest.approx(1.0)  # the square's region
     assert before["settings"]["refine"] == "none" and after["settings"]["refine"] == "superpixels"
     assert "superpixels" in masks_text(after["settings"]) and "superpixels" not in masks_text(before["settings"])
+
+
+def test_report_examples_refine_the_members_masks_as_the_runs():
+    """The report's grid (aax.report.example_from_record) makes members' masks as the
+    evaluation does: pooled over the regions when the run refines."""
+    from pathlib import Path
+
+    from test_calibrate import GT, REGIONS, SQUARES
+    from test_evaluate import NAMES, FakeEnsemble
+
+    from aax.report import example_from_record
+
+    (record,) = FakeEnsemble(spec=SQUARES, regions={"p1.png": REGIONS}).annotate([Path("p1.png")],
+                                                                                  keep_saliency=True)
+    settings = {"theta": 0.1, "tau": 0.45, "negative_class": "healthy"}
+    plain = example_from_record(record, {"settings": {**settings, "refine": "none"}}, GT)
+    refined = example_from_record(record, {"settings": {**settings, "refine": "superpixels"}}, GT)
+    for name in NAMES:
+        assert plain.member_iou[name] == pytest.approx(0.75)
+        assert refined.member_iou[name] == pytest.approx(1.0)

@@ -252,16 +252,25 @@ def tau_text(tau: Tau) -> str:
     return tau if isinstance(tau, str) else f"{tau:g}"
 
 
+def image_regions(record: AnnotationRecord, refine: str) -> np.ndarray | None:
+    """The record's superpixel labels at the image's size when ``refine`` is
+    ``"superpixels"`` and it has them (:mod:`aax.refine`), else None: what
+    :func:`member_mask` pools a member's map over. Resized once per image, for all members."""
+    if refine != "superpixels" or record.regions is None or record.size is None:
+        return None
+    return resize_labels(record.regions, record.size)
+
+
 def member_mask(record: AnnotationRecord, index: int, decision: str, negative: str,
-                tau: Tau, refine: str = "none") -> np.ndarray | None:
+                tau: Tau, regions: np.ndarray | None = None) -> np.ndarray | None:
     """A member's own mask: its saliency map ``> tau`` when it alone predicts a positive
-    class; with ``refine="superpixels"`` the map is first averaged over the image's
-    regions (``record.regions``), as the ensemble's fused map is."""
+    class; with ``regions`` (:func:`image_regions`) the map is first averaged over the
+    image's regions, as a refining run's fused map is."""
     if decision in (REVIEW, negative) or record.saliency is None:
         return None
     score = record.saliency[record.members[index].name]
-    if refine == "superpixels" and record.regions is not None:
-        score = pool_numpy(score, resize_labels(record.regions, score.shape))
+    if regions is not None:
+        score = pool_numpy(score, regions)
     return binarise(score, tau_for(tau, decision))
 
 
@@ -324,9 +333,10 @@ class _Scorer:
                                           members=record.members))
         decisions = {ENSEMBLE: record.decision}
         preds = {ENSEMBLE: record.mask}
+        regions = image_regions(record, self.refine)
         for i, name in enumerate(self.names):
             decisions[name] = member_decision(record, i, self.theta)
-            preds[name] = member_mask(record, i, decisions[name], self.negative, self.tau, self.refine)
+            preds[name] = member_mask(record, i, decisions[name], self.negative, self.tau, regions)
         for name, d in decisions.items():
             self.predictions[name].append(d)
 

@@ -38,12 +38,11 @@ SIGMA = 0.5
 MIN_SIZE = 20
 """Smallest region, in pixels at 128 x 128 (scaled with the area)."""
 
-REFERENCE_AREA = 128 * 128
-
 WORK_SIDE = 128
-"""The side model inputs are cut at (:func:`input_superpixels`). Cut at their own size,
-larger inputs give fewer regions (their edges are spread over more pixels), e.g. 33
-regions per lesion image at 128 px and 15 at 224 px."""
+"""The side model inputs are cut at (:func:`input_superpixels`), and the side the
+parameters above are given at. Cut at their own size, larger inputs give fewer regions
+(their edges are spread over more pixels), e.g. 33 regions per lesion image at 128 px
+and 15 at 224 px."""
 
 
 def superpixels(image: np.ndarray, scale: float | None = None) -> np.ndarray:
@@ -59,7 +58,7 @@ def superpixels(image: np.ndarray, scale: float | None = None) -> np.ndarray:
     image = np.asarray(image, dtype=np.float64)
     if image.ndim not in (2, 3) or min(image.shape[:2]) < 2:
         raise ValueError(f"superpixels needs an [H, W] or [H, W, C] image, got shape {image.shape}")
-    f = image.shape[0] * image.shape[1] / REFERENCE_AREA
+    f = image.shape[0] * image.shape[1] / (WORK_SIDE * WORK_SIDE)
     labels = felzenszwalb(image, scale=float(SCALE if scale is None else scale) * f, sigma=SIGMA * f ** 0.5,
                           min_size=max(5, round(MIN_SIZE * f)),
                           channel_axis=-1 if image.ndim == 3 else None)

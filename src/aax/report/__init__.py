@@ -23,15 +23,17 @@ MAX_ROWS = 8  # example rows in the grid: enough to see, small enough to mail
 def example_from_record(record: AnnotationRecord, result: Mapping[str, Any],
                         gt_mask: np.ndarray | None = None) -> Any:
     """An :class:`aax.evaluate.Example` from a record annotated with ``keep_saliency``,
-    scored with the result's theta and tau (a member alone as in :mod:`aax.evaluate`)."""
-    from aax.evaluate import Example, member_decision, member_mask
+    scored with the result's theta, tau and refinement (a member alone as in :mod:`aax.evaluate`)."""
+    from aax.evaluate import Example, image_regions, member_decision, member_mask
     from aax.metrics import iou
     from aax.report.figures import shrink_map, shrink_mask
 
     s = result["settings"]
     names = [m.name for m in record.members]
     decisions = {n: member_decision(record, i, s["theta"]) for i, n in enumerate(names)}
-    masks = {n: member_mask(record, i, decisions[n], s["negative_class"], s["tau"]) for i, n in enumerate(names)}
+    regions = image_regions(record, s.get("refine", "none"))  # members' masks as the run makes its own
+    masks = {n: member_mask(record, i, decisions[n], s["negative_class"], s["tau"], regions)
+             for i, n in enumerate(names)}
     gt = None if gt_mask is None else np.asarray(gt_mask, dtype=bool)
     return Example(
         image=record.image, label=record.label or "?", decision=record.decision or "?",
