@@ -121,6 +121,43 @@ def test_margin_and_quorum_margin():
     assert (nv.quorum_margin(margins, 2) > 0).tolist() == [True, False]
 
 
+def test_class_thresholds_let_each_predicted_class_pass_at_the_rate():
+    # healthy images score low and tight, diseased high and spread: one pooled threshold
+    # passes every healthy image and only 18 of 20 diseased ones
+    healthy, diseased = np.linspace(1.0, 2.0, 20), np.linspace(1.0, 10.0, 20)
+    pooled = nv.threshold_at(np.concatenate([healthy, diseased]), 0.95)
+    assert np.mean(diseased <= pooled["threshold"]) == 0.9 and np.mean(healthy <= pooled["threshold"]) == 1.0
+    scores = np.concatenate([healthy, diseased, [50.0, 60.0]])
+    predicted = ["healthy"] * 20 + ["diseased"] * 20 + ["sick", None]
+    by = nv.class_thresholds(scores, predicted, 0.95, min_images=10)
+    assert set(by) == {"healthy", "diseased"}  # "sick": 1 image (< 10), None: no class
+    assert by["healthy"] == nv.threshold_at(healthy, 0.95) and by["diseased"] == nv.threshold_at(diseased, 0.95)
+    assert np.mean(diseased <= by["diseased"]["threshold"]) == 0.95 == np.mean(healthy <= by["healthy"]["threshold"])
+    assert set(nv.class_thresholds(scores, predicted, 0.95, min_images=21)) == set()
+    with pytest.raises(ValueError, match="one predicted class per score"):
+        nv.class_thresholds(scores, predicted[:-1])
+
+
+def test_limits_for_uses_the_predicted_class_else_the_pooled_threshold():
+    entry = {"threshold": 5.0, "median": 2.0,
+             "by_class": {"diseased": {"threshold": 9.0, "median": 4.0}, "healthy": {"threshold": 1.5, "median": 1.0}}}
+    t, m = nv.limits_for(entry, ["diseased", "healthy", "sick", None])
+    assert t.tolist() == [9.0, 1.5, 5.0, 5.0] and m.tolist() == [4.0, 1.0, 2.0, 2.0]
+    old = {"threshold": 5.0, "median": 2.0}  # calibrated before thresholds per class
+    assert nv.limits_for(old, ["diseased", "healthy"])[0].tolist() == [5.0, 5.0]
+    # margins in each image's own units: 9 is on the diseased threshold, over the healthy one
+    assert nv.margin(np.array([9.0, 9.0]), *nv.limits_for(entry, ["diseased", "healthy"])).tolist() == [0.0, 15.0]
+
+
+def test_novelty_step_carries_thresholds_per_class_only_when_set():
+    entry = {"threshold": 5.0, "median": 2.0, "by_class": {"diseased": {"threshold": 9.0, "median": 4.0}}}
+    scorer = nv.Novelty(members={"a": None, "b": None}, score="knn",
+                        thresholds={"a": {"knn": entry}, "b": {"knn": {"threshold": 3.0, "median": 1.0}}})
+    assert scorer.step() == {"score": "knn", "thresholds": {"a": 5.0, "b": 3.0}, "by_class": {"a": {"diseased": 9.0}, "b": {}}}
+    scorer.thresholds["a"]["knn"] = {"threshold": 5.0, "median": 2.0}
+    assert scorer.step() == {"score": "knn", "thresholds": {"a": 5.0, "b": 3.0}}  # as stores made before
+
+
 def test_stratified_cap_keeps_class_shares():
     labels = np.array([0] * 90 + [1] * 10)
     keep = nv.stratified_cap(labels, 20, seed=0)

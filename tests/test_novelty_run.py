@@ -65,6 +65,18 @@ def test_records_carry_scores_and_the_novel_step(ensemble, lesion_dir):
     # thresholds below every score: every member calls every image novel -> review, "novel"
     forced = dataclasses.replace(settings, novelty={"score": "knn", "thresholds": {n: -1.0 for n in ensemble.members}})
     assert {r.reason for r in annotate_batch(ensemble, x, sizes, forced, seeds=seeds)} == {"novel"}
+    # thresholds per predicted class come first: pooled thresholds that never flag, but
+    # below every score for the class each member predicts -> every image novel
+    predicted = {(i, m.name): m.predicted for i, r in enumerate(on) for m in r.members}
+    by_class = {n: {c: -1.0 for c in ensemble.classes} for n in ensemble.members}
+    first = dataclasses.replace(settings, novelty={"score": "knn", "thresholds": {n: 9.0 for n in ensemble.members},
+                                                   "by_class": by_class})
+    assert {r.reason for r in annotate_batch(ensemble, x, sizes, first, seeds=seeds)} == {"novel"}
+    # only for a class no member predicts: the pooled thresholds apply
+    other = {n: {"no-such-class": -1.0} for n in ensemble.members}
+    unused = dataclasses.replace(first, novelty={**first.novelty, "by_class": other})
+    assert "novel" not in {r.reason for r in annotate_batch(ensemble, x, sizes, unused, seeds=seeds)}
+    assert all(p is not None for p in predicted.values())
     # thresholds above every score: decisions and masks are the paper's protocol's exactly
     never = dataclasses.replace(settings, novelty={"score": "knn", "thresholds": {n: 9.0 for n in ensemble.members}})
     off = dataclasses.replace(settings, novelty=None)
@@ -117,6 +129,36 @@ def test_old_run_without_novelty_loads_annotates_and_calibrate_adds_it(trained_r
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # loads without the message now
         assert Ensemble.load(old, device="cpu").novelty.ready
+
+
+def test_fit_sets_a_threshold_per_predicted_class(trained_run, monkeypatch, tmp_path):
+    from aax.ensemble import Ensemble
+    from aax.novelty_fit import fit_run, recorded_split
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    train_paths, train_labels, val_paths = recorded_split(run)
+    monkeypatch.setattr(nv, "MIN_PER_CLASS", 3)  # the test run's validation split is small
+    block = fit_run(run, train_paths, train_labels, val_paths)
+    assert block["per_class"] is True
+    ens = Ensemble.load(run, device="cpu")
+    step = ens.novelty.step()
+    assert step["by_class"] and set(step["by_class"]) == set(ens.members)
+    records = list(ens.annotate(val_paths, novelty=False))
+    for n in ens.members:
+        entry = block["thresholds"][n][block["score"]]
+        for c, own in entry["by_class"].items():
+            scores = [m.novelty[block["score"]] for r in records for m in r.members
+                      if m.name == n and m.predicted == c]
+            assert len(scores) >= 3 and own["n"] == len(scores)  # the images it predicts as c
+            assert own["threshold"] == pytest.approx(nv.threshold_at(np.array(scores), 0.95)["threshold"], rel=1e-4)
+        flags = [m.novelty[block["score"]] > nv.limits_for(entry, [m.predicted])[0][0]
+                 for r in records for m in r.members if m.name == n]
+        assert block["validation"]["flag_rate"][n] == pytest.approx(np.mean(flags))
+    pooled = fit_run(run, train_paths, train_labels, val_paths, per_class=False)
+    assert pooled["per_class"] is False
+    assert all("by_class" not in e for t in pooled["thresholds"].values() for e in t.values())
+    assert "by_class" not in Ensemble.load(run, device="cpu").novelty.step()
 
 
 def test_calibrate_keeps_features_of_the_same_checkpoints(trained_run, tmp_path):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from aax.openset import fpr_at_tpr, member_scores, member_scores_from_rows, side_by_side, table_markdown
+from aax.openset import (fpr_at_tpr, member_columns, member_predicted, member_predicted_from_rows, member_scores,
+                         member_scores_from_rows, side_by_side, table_markdown)
 from aax.records import AnnotationRecord, MemberResult
 
 
@@ -43,6 +44,25 @@ def test_side_by_side_rows_by_hand():
     assert "| KNN | **AAX (2 of 3)** | 1.000 | 0.0 | 0.0 | 100.0 |" in text
 
 
+def test_side_by_side_flags_with_the_predicted_class_threshold():
+    # member a: pooled 1.0, but 3.0 for images it predicts "x" -> the 2.0 seen image passes
+    limits = {n: {"knn": {"threshold": 1.0, "median": 0.5,
+                          "by_class": {"x": {"threshold": 3.0, "median": 1.0}}}} for n in NAMES}
+    seen = {"u": np.zeros((2, 3)), "knn": np.array([[2.0, 2.0, 2.0], [0.2, 0.2, 0.2]])}
+    unseen = {"u": np.zeros((1, 3)), "knn": np.array([[2.0, 2.0, 2.0]])}
+    pred_seen = np.array([["x", "x", "y"], ["y", "y", "y"]], dtype=object)
+    pred_unseen = np.array([["y", "y", None]], dtype=object)
+    rows = side_by_side(seen, unseen, NAMES, limits, 0.1, 2, pred_seen, pred_unseen)
+    by = {(r["score"], r["method"]): r for r in rows}
+    assert by[("knn", "a")]["flag_seen"] == 0.0 and by[("knn", "c")]["flag_seen"] == 0.5
+    assert by[("knn", "a")]["flag_unseen"] == 1.0 and by[("knn", "c")]["flag_unseen"] == 1.0  # None: pooled
+    # seen image 1: only c over its threshold -> not flagged by the rule; unseen: all three
+    assert by[("knn", "AAX (2 of 3)")]["flag_seen"] == 0.0 and by[("knn", "AAX (2 of 3)")]["flag_unseen"] == 1.0
+    # without predicted classes: the pooled thresholds, as before
+    pooled = {(r["score"], r["method"]): r for r in side_by_side(seen, unseen, NAMES, limits, 0.1, 2)}
+    assert pooled[("knn", "a")]["flag_seen"] == 0.5 and pooled[("knn", "AAX (2 of 3)")]["flag_seen"] == 0.5
+
+
 def test_scores_without_thresholds_get_no_flag_rates():
     seen = {"u": np.zeros((2, 3)), "energy": np.zeros((2, 3))}
     unseen = {"u": np.ones((2, 3)), "energy": np.ones((2, 3))}
@@ -53,7 +73,8 @@ def test_scores_without_thresholds_get_no_flag_rates():
 
 def _record(u, knn):
     return AnnotationRecord(image="x", decision="review", reason="novel",
-                            members=[MemberResult(n, [0.5, 0.5], uu, None, novelty={"knn": k}, novel=k > 1)
+                            members=[MemberResult(n, [0.5, 0.5], uu, "x" if k > 1 else None, novelty={"knn": k},
+                                                  novel=k > 1)
                                      for n, uu, k in zip(NAMES, u, knn)])
 
 
@@ -65,5 +86,7 @@ def test_member_scores_from_records_and_rows_agree():
     b = member_scores_from_rows(rows, NAMES)
     assert set(a) == set(b) == {"u", "knn"}
     assert (a["knn"] == b["knn"]).all() and (a["u"] == b["u"]).all()
+    rows = [{**row, **member_columns(r)} for row, r in zip(rows, records)]
+    assert (member_predicted(records, NAMES) == member_predicted_from_rows(rows, NAMES)).all()
     old = [AnnotationRecord(image="y", members=[MemberResult(n, [1.0, 0.0], 0.0, None) for n in NAMES])]
     assert set(member_scores(old, NAMES)) == {"u"}  # a run without novelty: u only

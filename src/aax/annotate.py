@@ -54,7 +54,8 @@ class AnnotateSettings:
     tau: float | str | dict[str, float | str]  # one threshold ("otsu": per image), or one per positive class
     mc_passes: int
     quorum: int
-    # the novelty step (aax.novelty): score name and member -> threshold; None = skipped
+    # the novelty step (aax.novelty.Novelty.step): score name, member -> threshold and
+    # member -> predicted class -> threshold; None = skipped
     novelty: dict[str, Any] | None = None
     maps: MapOptions = field(default_factory=MapOptions)  # strides, test-time augmentation, fusion
 
@@ -75,8 +76,7 @@ class AnnotateSettings:
             raise ValueError(f"{getattr(ensemble, 'run', 'the run')}: the 'patch' map source needs the run's patch "
                              f"bank (patches.npz), which `aax calibrate RUN --map-sources cam patch` makes")
         scorer = getattr(ensemble, "novelty", None)
-        step = ({"score": scorer.score, "thresholds": scorer.member_thresholds()}
-                if novelty and scorer is not None and scorer.ready else None)
+        step = (scorer.step() if novelty and scorer is not None and scorer.ready else None)
         return cls(theta=float(ensemble.theta if theta is None else theta),
                    tau=dict(tau) if isinstance(tau, dict) else (tau if tau == OTSU else float(tau)),
                    mc_passes=int(ensemble.mc_passes if mc_passes is None else mc_passes),
@@ -257,10 +257,11 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
     shared.clear()
 
     classes = ensemble.classes
+    predicted_all = predicted_classes(probs_np.reshape(-1, probs_np.shape[-1])).reshape(probs_np.shape[:2])
     novel = None
     if settings.novelty is not None and scores:
-        limits = settings.novelty["thresholds"]
-        novel = np.stack([s[settings.novelty["score"]] > limits[n] for n, s in zip(names, scores)], axis=1)
+        novel = np.stack([s[settings.novelty["score"]] > _novelty_limits(settings.novelty, n, predicted_all[:, i], classes)
+                          for i, (n, s) in enumerate(zip(names, scores))], axis=1)
     decisions = [decide(probs_np[b], uncert_np[b], settings.theta, ensemble.negative_index, settings.quorum,
                         None if novel is None else novel[b])
                  for b in range(len(sizes))]
@@ -277,7 +278,6 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
                                   settings.maps.fusion, settings.quorum, mask_members,
                                   regions if refine else None)
 
-    predicted_all = predicted_classes(probs_np.reshape(-1, probs_np.shape[-1])).reshape(probs_np.shape[:2])
     records = []
     for b, (h, w) in enumerate(sizes):
         decision = decisions[b]
@@ -299,6 +299,15 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
             size=(h, w),
         ))
     return records
+
+
+def _novelty_limits(step: dict[str, Any], name: str, predicted: np.ndarray, classes: Sequence[str]) -> np.ndarray:
+    """A member's novelty threshold for each image: its predicted class's when the step
+    has one (:func:`aax.novelty.class_thresholds`), else the member's threshold."""
+    by_class = (step.get("by_class") or {}).get(name) or {}
+    default = float(step["thresholds"][name])
+    return np.array([by_class.get(classes[p], default) if p != NO_PREDICTION else default for p in predicted],
+                    dtype=float)
 
 
 def map_budget(device: torch.device) -> int:

@@ -389,8 +389,8 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
               device: str | None = None, workers: int | None = None, write: bool = True,
               data_name: str | None = None, label_map: Mapping[str, str] | None = None,
               novelty: bool = True, novelty_score: str | None = None,
-              novelty_pass_rate: float | None = None, fusions: Sequence[str] = FUSIONS,
-              tau_without_masks: float | str | None = None,
+              novelty_pass_rate: float | None = None, novelty_per_class: bool | None = None,
+              fusions: Sequence[str] = FUSIONS, tau_without_masks: float | str | None = None,
               sources: Sequence[str] | None = None, choose_members: bool = True,
               refines: Sequence[str] = REFINES) -> dict[str, Any]:
     """Choose theta (and tau, where ground-truth masks exist) on validation data.
@@ -412,7 +412,8 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
         novelty: with ``write``, also store the novelty features (from the training split
             the manifest records) and set the novelty thresholds on ``valdata``
             (:mod:`aax.novelty_fit`); ``novelty_score``/``novelty_pass_rate`` override
-            the run's (default ``knn``, 0.95).
+            the run's (default ``maha``, 0.95); ``novelty_per_class`` too (default
+            True: one threshold per predicted class, :func:`aax.novelty.class_thresholds`).
         fusions: the fusions to choose from where masks exist (``("min",)`` keeps the
             paper's intersection).
         tau_without_masks: the tau to set when the data has no masks (``"otsu"``: each
@@ -543,11 +544,12 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
             raise ValueError("write=True needs an ensemble loaded from a RUN folder")
         write_calibration(Path(run), result)
         if novelty:
-            result["novelty"] = _novelty(ensemble, valdata, novelty_score, novelty_pass_rate)
+            result["novelty"] = _novelty(ensemble, valdata, novelty_score, novelty_pass_rate, novelty_per_class)
     return result
 
 
-def _novelty(ensemble: Ensemble, valdata: Any, score: str | None, pass_rate: float | None) -> dict[str, Any] | None:
+def _novelty(ensemble: Ensemble, valdata: Any, score: str | None, pass_rate: float | None,
+             per_class: bool | None = None) -> dict[str, Any] | None:
     """Novelty features and thresholds (:func:`aax.novelty_fit.calibrate_novelty`); a run
     whose training images cannot be found again, and that has no features, keeps
     working without the step, and the entry says why."""
@@ -557,7 +559,7 @@ def _novelty(ensemble: Ensemble, valdata: Any, score: str | None, pass_rate: flo
         return {"skipped": "not an ensemble loaded from a RUN folder"}
     paths = [str(s.image) for s in _samples(open_data(valdata, list(ensemble.classes)))]
     try:
-        return calibrate_novelty(ensemble, paths, score=score, pass_rate=pass_rate)
+        return calibrate_novelty(ensemble, paths, score=score, pass_rate=pass_rate, per_class=per_class)
     except (ValueError, OSError) as exc:  # e.g. the training images are gone: the run works without
         return {"skipped": str(exc)}
 

@@ -577,11 +577,12 @@ def evaluate(ensemble: Ensemble, data: Any, *, unseen: Any = None, theta: float 
 
 
 def _novelty_settings(ensemble: Any) -> dict[str, Any] | None:
-    """The run's novelty step as evaluated: the score, pass rate and member thresholds."""
+    """The run's novelty step as evaluated: the score, pass rate and member thresholds
+    (and, when it has them, the member thresholds per predicted class)."""
     scorer = getattr(ensemble, "novelty", None)
     if scorer is None or not scorer.ready:
         return None
-    return {"score": scorer.score, "pass_rate": scorer.pass_rate, "thresholds": scorer.member_thresholds()}
+    return {"pass_rate": scorer.pass_rate, **scorer.step()}
 
 
 def _describe(data: Any) -> str:

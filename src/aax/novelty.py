@@ -19,7 +19,9 @@ Every score is "higher = more novel":
 Each scorer has a scikit-learn-like ``fit`` (NumPy, float64) and ``score`` (torch, on
 any device); the fitted state is a few arrays rebuilt from the stored training features
 when a RUN is loaded. A member calls an image novel when its score is over the member's
-threshold: the score's quantile at ``pass_rate`` on the in-distribution validation split.
+threshold: the score's quantile at ``pass_rate`` on the in-distribution validation split,
+taken among the validation images the member predicts as the same class (one threshold
+per class, :func:`class_thresholds`), or over all of them for a class with too few.
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ span then gets a tiny variance, and the relative Mahalanobis score becomes the
 difference of two huge, unrelated terms (measured on the demo: far-OOD AUROC 0.001 and
 0.08 for two members; 0.999 and 1.0 with the floor)."""
 DEFAULT_PASS_RATE = 0.95
+MIN_PER_CLASS = 10
+"""Validation images a member must predict as a class for that class to get its own
+threshold (below it the quantile is too coarse: at 0.95, ten images put it at their
+largest score); a class with fewer uses the threshold over all validation images."""
 MAX_FEATURES = 1000
 """Training features kept per member (a seeded draw, stratified by class, beyond it)."""
 FEATURES_FILE = "novelty.npz"
@@ -299,13 +305,50 @@ def threshold_at(scores: np.ndarray, pass_rate: float = DEFAULT_PASS_RATE) -> di
             "pass_rate": float(pass_rate)}
 
 
-def margin(scores: np.ndarray, threshold: float, median: float) -> np.ndarray:
+def class_thresholds(scores: np.ndarray, predicted: Sequence[str | None], pass_rate: float = DEFAULT_PASS_RATE,
+                     min_images: int = MIN_PER_CLASS) -> dict[str, dict[str, float]]:
+    """One :func:`threshold_at` per class, over the validation images the member predicts
+    as that class (classes predicted for fewer than ``min_images`` are left out).
+
+    Why: a positive class is far more varied than the negative one (a finding of any
+    size, anywhere), so its images score higher on every feature-space score. One
+    quantile over all validation images then passes nearly every negative image and far
+    fewer than ``pass_rate`` of the positive ones: on the synthetic lesions 4 of 40 test
+    images with a lesion were called novel and none of 40 healthy ones (docs/novelty.md).
+    A threshold per predicted class lets ``pass_rate`` of each class pass (Mondrian,
+    class-conditional conformal prediction).
+    """
+    scores = np.asarray(scores, dtype=float).ravel()
+    predicted = np.asarray([p if p is not None else "" for p in predicted], dtype=object)
+    if predicted.shape != scores.shape:
+        raise ValueError(f"one predicted class per score needed; got {predicted.shape} for {scores.shape}")
+    out = {}
+    for c in sorted({p for p in predicted if p}):
+        chosen = scores[(predicted == c) & np.isfinite(scores)]
+        if chosen.size >= min_images:
+            out[str(c)] = threshold_at(chosen, pass_rate)
+    return out
+
+
+def limits_for(entry: Mapping[str, Any], predicted: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Each image's threshold and median from one stored threshold ``entry``
+    (``{"threshold", "median", "by_class": {class: {...}}}``): its predicted class's when
+    that class has one, else the entry's own (every class's, and runs calibrated before
+    thresholds per class existed)."""
+    by_class = entry.get("by_class") or {}
+    pick = [by_class.get(p, entry) if p is not None else entry for p in predicted]
+    return (np.array([float(e["threshold"]) for e in pick], dtype=float),
+            np.array([float(e["median"]) for e in pick], dtype=float))
+
+
+def margin(scores: np.ndarray, threshold: float | np.ndarray, median: float | np.ndarray) -> np.ndarray:
     """``(score - threshold) / (threshold - median)``: over 0 exactly when the score is
     over the threshold, in units of the validation spread, so that members' scores can be
-    compared and combined (the ensemble rule's continuous score)."""
-    scale = threshold - median
-    if not scale > 0:
-        scale = max(abs(threshold), 1e-12)
+    compared and combined (the ensemble rule's continuous score). ``threshold`` and
+    ``median`` may be one per score (:func:`limits_for`)."""
+    threshold = np.asarray(threshold, dtype=float)
+    scale = threshold - np.asarray(median, dtype=float)
+    scale = np.where(scale > 0, scale, np.maximum(np.abs(threshold), 1e-12))
     return (np.asarray(scores, dtype=float) - threshold) / scale
 
 
@@ -373,8 +416,24 @@ class Novelty:
         return bool(self.members) and all(self.score in self.thresholds.get(n, {}) for n in self.members)
 
     def member_thresholds(self) -> dict[str, float]:
-        """Member -> threshold of the chosen score (what the protocol uses)."""
+        """Member -> threshold of the chosen score over all validation images."""
         return {n: float(self.thresholds[n][self.score]["threshold"]) for n in self.members}
+
+    def member_class_thresholds(self) -> dict[str, dict[str, float]]:
+        """Member -> predicted class -> threshold of the chosen score, for the classes
+        that have their own (:func:`class_thresholds`); the protocol uses these first."""
+        return {n: {c: float(e["threshold"]) for c, e in (self.thresholds[n][self.score].get("by_class") or {}).items()}
+                for n in self.members}
+
+    def step(self) -> dict[str, Any]:
+        """The novelty step as the protocol applies it (and as annotation stores record
+        it in their fingerprint): score, member thresholds and, when any, the member
+        thresholds per predicted class."""
+        out: dict[str, Any] = {"score": self.score, "thresholds": self.member_thresholds()}
+        by_class = self.member_class_thresholds()
+        if any(by_class.values()):
+            out["by_class"] = by_class
+        return out
 
     def score_member(self, name: str, pooled: torch.Tensor, logits: torch.Tensor) -> dict[str, np.ndarray]:
         return self.members[name].score(pooled, logits)

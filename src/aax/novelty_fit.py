@@ -7,7 +7,10 @@
    (float16; at most :data:`aax.novelty.MAX_FEATURES` per member, a seeded draw
    stratified by class beyond that);
 2. every score of every member is computed on the validation images, and each
-   threshold is the score's quantile at ``pass_rate`` there (never on training images);
+   threshold is the score's quantile at ``pass_rate`` there (never on training images):
+   over all of them, and over those the member predicts as each class (the threshold
+   the protocol uses for an image the member predicts as that class,
+   :func:`aax.novelty.class_thresholds`);
 3. the ``novelty`` block of ``RUN/aax.json`` records the file, the settings, the
    thresholds and what was measured on the validation images.
 """
@@ -59,16 +62,32 @@ def validation_scores(novelty: nv.Novelty, feats: dict[str, np.ndarray],
             for n in novelty.members}
 
 
-def thresholds_from(scores: dict[str, dict[str, np.ndarray]], pass_rate: float) -> dict[str, dict[str, dict]]:
-    """member -> score -> :func:`aax.novelty.threshold_at` of the validation scores."""
-    return {n: {s: nv.threshold_at(v, pass_rate) for s, v in per.items()} for n, per in scores.items()}
+def thresholds_from(scores: dict[str, dict[str, np.ndarray]], pass_rate: float,
+                    predicted: dict[str, Sequence[str | None]] | None = None) -> dict[str, dict[str, dict]]:
+    """member -> score -> :func:`aax.novelty.threshold_at` of the validation scores; with
+    ``predicted`` (member -> the class it predicts for each validation image) each entry
+    also holds ``by_class``, one threshold per predicted class."""
+    out: dict[str, dict[str, dict]] = {}
+    for n, per in scores.items():
+        out[n] = {}
+        for s, v in per.items():
+            entry = nv.threshold_at(v, pass_rate)
+            if predicted is not None:
+                entry["by_class"] = nv.class_thresholds(v, predicted[n], pass_rate, min_images=nv.MIN_PER_CLASS)
+            out[n][s] = entry
+    return out
+
+
+def predicted_from_logits(logits: dict[str, np.ndarray], classes: Sequence[str]) -> dict[str, list[str]]:
+    """member -> the class its deterministic head predicts for each image."""
+    return {n: [str(classes[int(i)]) for i in np.asarray(v).argmax(axis=1)] for n, v in logits.items()}
 
 
 def fit_run(run: str | os.PathLike, train_paths: Sequence[str | os.PathLike], train_labels: Sequence[int],
             val_paths: Sequence[str | os.PathLike], *, ensemble: Ensemble | None = None,
             score: str = nv.DEFAULT_SCORE, pass_rate: float = nv.DEFAULT_PASS_RATE, k: int = nv.DEFAULT_K,
             shrinkage: float | None = None, max_features: int = nv.MAX_FEATURES, seed: int = 0,
-            device: str | None = None, reuse_features: bool = True) -> dict[str, Any]:
+            device: str | None = None, reuse_features: bool = True, per_class: bool = True) -> dict[str, Any]:
     """Store the training features of every member and set the thresholds on the
     validation images; write the ``novelty`` block into ``RUN/aax.json`` and return it.
 
@@ -84,6 +103,8 @@ def fit_run(run: str | os.PathLike, train_paths: Sequence[str | os.PathLike], tr
         max_features: training features kept per member (stratified, seeded beyond it).
         reuse_features: keep ``RUN/novelty.npz`` when it was made from these very
             checkpoints (only the thresholds are set again).
+        per_class: also set one threshold per predicted class (the protocol then uses
+            the image's predicted class's); False: one threshold over all images.
     """
     from aax.annotate import run_fingerprint
     from aax.ensemble import Ensemble
@@ -124,10 +145,12 @@ def fit_run(run: str | os.PathLike, train_paths: Sequence[str | os.PathLike], tr
     if not vkept:
         raise ValueError(f"{run}: no readable validation images to set novelty thresholds on")
     scores = validation_scores(novelty, vfeats, vlogits)
-    thresholds = thresholds_from(scores, pass_rate)
-    flags = np.stack([scores[n][score] > thresholds[n][score]["threshold"] for n in names], axis=1)
+    predicted = predicted_from_logits(vlogits, ensemble.classes)
+    thresholds = thresholds_from(scores, pass_rate, predicted if per_class else None)
+    flags = np.stack([scores[n][score] > nv.limits_for(thresholds[n][score], predicted[n])[0] for n in names], axis=1)
     block = {
-        "file": nv.FEATURES_FILE, "score": score, "pass_rate": pass_rate, "k": k, "shrinkage": shrinkage,
+        "file": nv.FEATURES_FILE, "score": score, "pass_rate": pass_rate, "per_class": per_class,
+        "k": k, "shrinkage": shrinkage,
         "max_features": max_features, "weights": weights,
         "n_features": {n: int(stored[n][0].shape[0]) for n in names},
         "feature_dim": {n: int(stored[n][0].shape[1]) for n in names},
@@ -169,7 +192,7 @@ def recorded_split(run: str | os.PathLike) -> tuple[list[str], list[int], list[s
 
 def calibrate_novelty(ensemble: Ensemble, val_paths: Sequence[str | os.PathLike], *,
                       score: str | None = None, pass_rate: float | None = None,
-                      k: int | None = None) -> dict[str, Any]:
+                      k: int | None = None, per_class: bool | None = None) -> dict[str, Any]:
     """What ``aax calibrate`` does for novelty: training features from the split the
     manifest records (kept when they were made from these checkpoints), thresholds on
     ``val_paths``; the loaded ``ensemble`` gets the new scorers. Settings left None keep
@@ -188,7 +211,8 @@ def calibrate_novelty(ensemble: Ensemble, val_paths: Sequence[str | os.PathLike]
                      score=score or block.get("score", nv.DEFAULT_SCORE),
                      pass_rate=float(pass_rate if pass_rate is not None else block.get("pass_rate", nv.DEFAULT_PASS_RATE)),
                      k=int(k if k is not None else block.get("k", nv.DEFAULT_K)),
-                     shrinkage=block.get("shrinkage"))
+                     shrinkage=block.get("shrinkage"),
+                     per_class=bool(per_class if per_class is not None else block.get("per_class", True)))
     ensemble.novelty = nv.load(run, runfiles.read_json(run / runfiles.MANIFEST), list(ensemble.members),
                                ensemble.device)
     return result

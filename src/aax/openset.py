@@ -7,7 +7,8 @@ score of each member, and the ensemble's rule for it, is judged by:
 - FPR at 95 % TPR: the share of seen images scoring at least as high as the score
   that catches 95 % of the unseen ones;
 - flag rates on seen and unseen images at the stored thresholds (``RUN/aax.json``:
-  the novelty thresholds from the validation split; for ``u``, theta).
+  the novelty thresholds from the validation split, the member's predicted class's
+  where it has one, as the protocol applies them; for ``u``, theta).
 
 The ensemble rule is the protocol's: an image is flagged when at least ``quorum``
 members are over their thresholds; its continuous score (for AUROC) is the
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from aax.metrics import auroc
-from aax.novelty import SCORES, margin, quorum_margin
+from aax.novelty import SCORES, limits_for, margin, quorum_margin
 from aax.records import AnnotationRecord
 
 ENSEMBLE = "AAX"
@@ -54,6 +55,25 @@ def member_scores(records: Sequence[AnnotationRecord], names: Sequence[str]) -> 
         for s in SCORES:
             if all(s in m.novelty for r in ok for m in r.members):
                 out[s] = np.array([[m.novelty[s] for m in r.members] for r in ok], dtype=float)
+    return out
+
+
+def member_predicted(records: Sequence[AnnotationRecord], names: Sequence[str]) -> np.ndarray:
+    """``[N, M]`` each member's predicted class (None on a tie) over ``ok`` records."""
+    ok = [r for r in records if r.status == "ok"]
+    out = np.empty((len(ok), len(names)), dtype=object)
+    for j, r in enumerate(ok):
+        out[j] = [m.predicted for m in r.members]
+    return out
+
+
+def member_predicted_from_rows(rows: Sequence[Mapping[str, Any]], names: Sequence[str],
+                               part: str = "data") -> np.ndarray:
+    """:func:`member_predicted` from evaluation rows (:func:`member_columns`)."""
+    ok = [r for r in rows if r.get("set") == part and r.get("status") == "ok"]
+    out = np.empty((len(ok), len(names)), dtype=object)
+    for j, r in enumerate(ok):
+        out[j] = [r.get(f"{n}_predicted") for n in names]
     return out
 
 
@@ -87,7 +107,8 @@ def compare(result: Mapping[str, Any], unseen_records: Sequence[AnnotationRecord
         "score": None if scorer is None else scorer.score,
         "pass_rate": None if scorer is None else scorer.pass_rate,
         "rows": side_by_side(seen, unseen, names, scorer.thresholds if scorer is not None else {}, theta,
-                             int(ensemble.quorum)),
+                             int(ensemble.quorum), member_predicted_from_rows(result["per_image"], names),
+                             member_predicted(unseen_records, names)),
         "novel_rate_seen": _rate(np.array([r.get("reason") == "novel" for r in data_rows])),
         "novel_rate_unseen": _rate(np.array([r.reason == "novel" for r in ok])),
         "flag_rate_unseen": _rate(np.array([r.flagged for r in ok])),
@@ -99,18 +120,27 @@ def _rate(flags: np.ndarray) -> float | None:
 
 
 def side_by_side(seen: Mapping[str, np.ndarray], unseen: Mapping[str, np.ndarray], names: Sequence[str],
-                 thresholds: Mapping[str, Mapping[str, Mapping[str, float]]], theta: float,
-                 quorum: int) -> list[dict[str, Any]]:
+                 thresholds: Mapping[str, Mapping[str, Mapping[str, Any]]], theta: float,
+                 quorum: int, predicted_seen: np.ndarray | None = None,
+                 predicted_unseen: np.ndarray | None = None) -> list[dict[str, Any]]:
     """One row per score and member, and one per score for the ensemble rule.
 
     Args:
         seen, unseen: :func:`member_scores` of the two sets.
         names: member names (the columns of the score arrays).
-        thresholds: member -> score -> ``{"threshold", "median"}`` (the run's novelty
-            thresholds; a score without them gets no flag rates).
+        thresholds: member -> score -> ``{"threshold", "median", "by_class"}`` (the
+            run's novelty thresholds; a score without them gets no flag rates).
         theta: the threshold of ``u``.
         quorum: members needed to flag.
+        predicted_seen, predicted_unseen: :func:`member_predicted` of the two sets; with
+            them an image meets its member's predicted class's threshold (when that class
+            has one), as in the protocol; without, every image the member's threshold.
     """
+    def per_image(entry: Mapping[str, Any], predicted: np.ndarray | None, i: int, n: int) -> tuple[Any, Any]:
+        if predicted is None or predicted.shape[0] != n:
+            return entry["threshold"], entry["median"]
+        return limits_for(entry, list(predicted[:, i]))
+
     rows: list[dict[str, Any]] = []
     for score in [U, *[s for s in ("msp", "energy", "knn", "maha", "rmd") if s in seen and s in unseen]]:
         s_seen, s_unseen = seen[score], unseen[score]
@@ -120,19 +150,22 @@ def side_by_side(seen: Mapping[str, np.ndarray], unseen: Mapping[str, np.ndarray
             limits = {n: thresholds[n][score] for n in names if score in thresholds.get(n, {})}
         have = len(limits) == len(names)
         for i, n in enumerate(names):
-            t = limits[n]["threshold"] if n in limits else None
-            rows.append(_row(score, n, s_seen[:, i], s_unseen[:, i],
-                             None if t is None else s_seen[:, i] > t, None if t is None else s_unseen[:, i] > t))
+            if n not in limits:
+                rows.append(_row(score, n, s_seen[:, i], s_unseen[:, i], None, None))
+                continue
+            t_seen = per_image(limits[n], predicted_seen, i, len(s_seen))[0]
+            t_unseen = per_image(limits[n], predicted_unseen, i, len(s_unseen))[0]
+            rows.append(_row(score, n, s_seen[:, i], s_unseen[:, i], s_seen[:, i] > t_seen, s_unseen[:, i] > t_unseen))
         if score == U:
             q_seen, q_unseen = quorum_margin(s_seen, quorum), quorum_margin(s_unseen, quorum)
             f_seen, f_unseen = q_seen > theta, q_unseen > theta
         elif have:
-            def ensemble_margin(values: np.ndarray) -> np.ndarray:
-                m = np.stack([margin(values[:, i], limits[n]["threshold"], limits[n]["median"])
+            def ensemble_margin(values: np.ndarray, predicted: np.ndarray | None) -> np.ndarray:
+                m = np.stack([margin(values[:, i], *per_image(limits[n], predicted, i, len(values)))
                               for i, n in enumerate(names)], axis=1)
                 return quorum_margin(m, quorum)
 
-            q_seen, q_unseen = ensemble_margin(s_seen), ensemble_margin(s_unseen)
+            q_seen, q_unseen = ensemble_margin(s_seen, predicted_seen), ensemble_margin(s_unseen, predicted_unseen)
             f_seen, f_unseen = q_seen > 0, q_unseen > 0
         else:
             continue
@@ -162,7 +195,8 @@ def novelty_summary(seen_records: Sequence[AnnotationRecord], unseen_records: Se
         "available": len(seen) > 1 and len(unseen) > 1,
         "score": None if scorer is None else scorer.score,
         "pass_rate": None if scorer is None else scorer.pass_rate,
-        "rows": side_by_side(seen, unseen, names, thresholds, theta, quorum),
+        "rows": side_by_side(seen, unseen, names, thresholds, theta, quorum,
+                             member_predicted(seen_records, names), member_predicted(unseen_records, names)),
         "novel_rate_seen": _rate(np.array([r.reason == "novel" for r in ok_seen])),
         "novel_rate_unseen": _rate(np.array([r.reason == "novel" for r in ok_unseen])),
     }
@@ -188,11 +222,14 @@ def table_markdown(summary: Mapping[str, Any]) -> list[str]:
 
 
 def member_columns(record: AnnotationRecord) -> dict[str, Any]:
-    """Per-image CSV columns: each member's novelty scores and whether it found the image novel."""
+    """Per-image CSV columns: each member's novelty scores, the class it predicts (which
+    threshold applies) and whether it found the image novel."""
     row: dict[str, Any] = {}
     for m in record.members:
         for s, v in (m.novelty or {}).items():
             row[f"{m.name}_{s}"] = v
+        if m.novelty:
+            row[f"{m.name}_predicted"] = m.predicted
         if m.novel is not None:
             row[f"{m.name}_novel"] = m.novel
     return row

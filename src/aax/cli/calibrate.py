@@ -48,10 +48,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-novelty", dest="novelty", action="store_false",
                    help="leave the novelty features and thresholds as they are")
     p.add_argument("--novelty-score", choices=list(SCORES), default=None,
-                   help="the score the novelty step thresholds (default: the RUN's, else knn)")
+                   help="the score the novelty step thresholds (default: the RUN's, else maha)")
     p.add_argument("--novelty-pass-rate", type=_pass_rate, default=None,
                    help="share of in-distribution validation images each member's novelty threshold "
                         "lets pass, in (0, 1] (default: the RUN's, else 0.95)")
+    p.add_argument("--novelty-thresholds", choices=["per-class", "pooled"], default=None,
+                   help="per-class: one threshold per class a member predicts (each class's validation "
+                        "images pass at the pass rate; a class with under 10 uses the pooled one); pooled: "
+                        "one threshold over all validation images (default: the RUN's, else per-class)")
     add_device_argument(p)
     p.set_defaults(func=run)
 
@@ -68,7 +72,10 @@ def run(args: argparse.Namespace) -> int:
         result = calibrate(ensemble, valdata, max_flag_rate=args.max_flag_rate, mc_passes=args.mc_passes,
                            batch_size=args.batch_size, data_name=name, label_map=args.label_map,
                            novelty=args.novelty, novelty_score=args.novelty_score,
-                           novelty_pass_rate=args.novelty_pass_rate, fusions=tuple(args.fusions),
+                           novelty_pass_rate=args.novelty_pass_rate,
+                           novelty_per_class=(None if args.novelty_thresholds is None
+                                              else args.novelty_thresholds == "per-class"),
+                           fusions=tuple(args.fusions),
                            tau_without_masks=None if args.tau_without_masks == "keep" else args.tau_without_masks,
                            sources=args.map_sources, choose_members=args.choose_members,
                            refines=tuple(args.refines))
@@ -130,7 +137,12 @@ def print_novelty(block: dict | None) -> None:
         print(f"novelty: not set ({block['skipped']})", file=sys.stderr)
         return
     score, val = block["score"], block["validation"]
-    limits = ", ".join(f"{n} {t[score]['threshold']:.4g} (flags {_pct(val['flag_rate'][n])})"
+    def limit(entry: dict) -> str:
+        by_class = entry.get("by_class") or {}
+        own = "; ".join(f"{c} {e['threshold']:.4g}" for c, e in by_class.items())
+        return f"{entry['threshold']:.4g}" + (f" [predicted {own}]" if own else "")
+
+    limits = ", ".join(f"{n} {limit(t[score])} (flags {_pct(val['flag_rate'][n])})"
                        for n, t in block["thresholds"].items())
     print(f"novelty ({score}, {block['pass_rate']:.0%} of {val['n']} validation images pass): {limits}; "
           f"quorum flags {_pct(val['flag_rate_quorum'])}")

@@ -225,16 +225,19 @@ def histogram_figure(seen: Mapping[str, Sequence[float]], unseen: Mapping[str, S
 
 
 def score_histogram_figure(seen: Mapping[str, Sequence[float]], unseen: Mapping[str, Sequence[float]],
-                           thresholds: Mapping[str, float], score: str) -> Any:
+                           thresholds: Mapping[str, float], score: str,
+                           class_thresholds: Mapping[str, Mapping[str, float]] | None = None) -> Any:
     """Per member, histograms of a novelty score on the evaluation data and on the unseen
-    images, with the member's stored threshold marked."""
+    images, with the member's stored threshold marked (and its threshold per predicted
+    class, when it has them: the ones the protocol uses)."""
     names = list(seen)
     fig = _figure(min(3.4 * len(names), 16), 2.8)
     axes = fig.subplots(1, len(names), squeeze=False)[0]
     for ax, name in zip(axes, names):
         s = np.asarray(seen[name], dtype=float)
         u = np.asarray(unseen.get(name, []), dtype=float)
-        values = np.concatenate([s, u, [thresholds[name]] if name in thresholds else []])
+        per_class = dict((class_thresholds or {}).get(name) or {})
+        values = np.concatenate([s, u, [thresholds[name]] if name in thresholds else [], list(per_class.values())])
         lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
         # distances span orders of magnitude between seen and far-unseen images: log bins
         log = lo > 0 and hi / lo > 100
@@ -245,7 +248,10 @@ def score_histogram_figure(seen: Mapping[str, Sequence[float]], unseen: Mapping[
         if u.size:
             ax.hist(u, bins=bins, color="#ff7f0e", alpha=0.6, label=f"unseen (n={u.size})")
         if name in thresholds:
-            ax.axvline(thresholds[name], color="#d62728", ls="--", lw=1, label=f"threshold {thresholds[name]:.3g}")
+            ax.axvline(thresholds[name], color="#d62728", ls="--", lw=1,
+                       label=f"threshold {thresholds[name]:.3g}" + (" (all classes)" if per_class else ""))
+        for (c, t), colour in zip(sorted(per_class.items()), ("#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")):
+            ax.axvline(t, color=colour, ls=":", lw=1.2, label=f"predicted {c}: {t:.3g}")
         ax.set_title(name, fontsize=10)
         ax.set_xlabel(f"{score} (higher = more novel)", fontsize=8)
         ax.tick_params(labelsize=8)

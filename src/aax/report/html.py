@@ -244,7 +244,8 @@ def page(result: Mapping[str, Any], examples: Sequence[Example]) -> str:
         if nov.get("available"):
             parts += ["<h3>Novelty scores side by side</h3>", novelty_table(nov),
                       f'<p class="note">Higher = more novel. Flagged: over the stored threshold (theta for u; '
-                      f"else the quantile that lets {_pct(nov['pass_rate'])} % of the validation images pass). "
+                      f"else the quantile that lets {_pct(nov['pass_rate'])} % of the validation images pass, "
+                      f"among those the member predicts as the image's class when there are enough). "
                       f"Sent to review as novel: {_pct(nov['novel_rate_unseen'])} % of the unseen images, "
                       f"{_pct(nov['novel_rate_seen'])} % of the data.</p>"]
             chosen = nov.get("score")
@@ -252,7 +253,8 @@ def page(result: Mapping[str, Any], examples: Sequence[Example]) -> str:
             limits = _thresholds(result, names, chosen)
             if chosen and any(seen_s.values()):
                 parts += [f"<h3>{escape(str(chosen))}: seen vs unseen, per member</h3>",
-                          _fig(figures.score_histogram_figure(seen_s, unseen_s, limits, str(chosen)),
+                          _fig(figures.score_histogram_figure(seen_s, unseen_s, limits, str(chosen),
+                                                              _class_thresholds(result, names)),
                                f"{chosen} histograms")]
     errors = result.get("errors") or []
     if errors:
@@ -281,6 +283,11 @@ def _column(result: Mapping[str, Any], names: Sequence[str], score: str | None) 
 
 def _thresholds(result: Mapping[str, Any], names: Sequence[str], score: str | None) -> dict[str, float]:
     stored = ((result.get("settings") or {}).get("novelty") or {}).get("thresholds") or {}
+    return {n: stored[n] for n in names if n in stored}
+
+
+def _class_thresholds(result: Mapping[str, Any], names: Sequence[str]) -> dict[str, dict[str, float]]:
+    stored = ((result.get("settings") or {}).get("novelty") or {}).get("by_class") or {}
     return {n: stored[n] for n in names if n in stored}
 
 
