@@ -11,7 +11,8 @@ from aax.annotate import _maps_and_masks
 from aax.decide import Decision
 from aax.explain import Grid
 from aax.maps import MapOptions
-from aax.refine import REFINES, WORK_SIDE, input_superpixels, pool, pool_numpy, resize_labels, superpixels
+from aax.refine import (REFINES, WORK_SIDE, input_superpixels, pool, pool_numpy, pool_resized, pool_resized_numpy,
+                        resize_labels, superpixels)
 
 
 def two_halves(h: int = 64, w: int = 64) -> np.ndarray:
@@ -88,6 +89,21 @@ def test_resize_labels_is_nearest_as_torch(size):
     labels = np.random.default_rng(2).integers(0, 50, (32, 32))
     ref = F.interpolate(torch.from_numpy(labels)[None, None].float(), size=size, mode="nearest")[0, 0].long().numpy()
     np.testing.assert_array_equal(resize_labels(labels, size), ref)
+
+
+@pytest.mark.parametrize("size", [(128, 128), (300, 451), (97, 128), (40, 250), (7, 5)])
+def test_pool_resized_is_pool_over_the_resized_labels(size):
+    # up, down, mixed and tiny sizes: labels a cell of the image never samples must not count
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 40, (WORK_SIDE, WORK_SIDE))
+    score = rng.random(size)
+    expected = pool_numpy(score, resize_labels(labels, size))
+    np.testing.assert_allclose(pool_resized_numpy(score, labels), expected, rtol=1e-12)
+    got = pool_resized(torch.from_numpy(score), labels)
+    assert got.shape == size and got.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
+    got32 = pool_resized(torch.from_numpy(score.astype(np.float32)), torch.from_numpy(labels))
+    np.testing.assert_allclose(got32.numpy(), expected, rtol=1e-5)
 
 
 def test_map_options_refine_round_trip_and_validation():

@@ -33,7 +33,7 @@ from aax.explain import Grid, normalise, upsample
 from aax.maps import MapOptions, class_features, fuse_maps, saliency_maps
 from aax import runtime
 from aax.records import REVIEW, AnnotationRecord, MemberResult
-from aax.refine import input_superpixels, pool, resize_labels
+from aax.refine import input_superpixels, pool_resized
 from aax.training import runfiles
 from aax.uncertainty import mc_probabilities, summarize
 
@@ -328,7 +328,8 @@ def _maps_and_masks(raw: torch.Tensor, grids: Sequence[Grid], sizes: Sequence[tu
     :func:`aax.decide.binarise`; only those among ``mask_members`` when any is) and, with
     ``keep``, every member's map, at each image's original size, each resized on its
     member's :class:`~aax.explain.Grid`. With ``regions`` (image -> superpixel labels),
-    an image's fused score is averaged over its regions first (:func:`aax.refine.pool`).
+    an image's fused score is averaged over its regions first
+    (:func:`aax.refine.pool_resized`).
 
     Images of one size are upsampled together, on the device, in chunks of
     :func:`map_budget` pixels; only the boolean masks (and kept maps) leave the device.
@@ -352,7 +353,7 @@ def _maps_and_masks(raw: torch.Tensor, grids: Sequence[Grid], sizes: Sequence[tu
                     chosen = up[j] if len(agreeing) == m else up[j, agreeing]
                     score = fuse_maps(chosen, fusion, votes)
                     if regions is not None:
-                        score = pool(score, torch.from_numpy(resize_labels(regions[b], (h, w))).to(score.device))
+                        score = pool_resized(score, regions[b])
                     tau = otsu_threshold(score.cpu().numpy()) if taus[b] == OTSU else taus[b]
                     masks[b] = (score > tau).cpu().numpy()
             if keep:

@@ -66,7 +66,7 @@ from aax.evaluate import (TRIVIAL_MASKS, _describe, _samples, annotate_with, gro
                           open_data, paired, run_label_map, trivial_mask)
 from aax.metrics import MaskScores, ThetaSweep, risk_coverage, theta_candidates
 from aax.patch_maps import SOURCES
-from aax.refine import REFINES, pool_numpy, resize_labels
+from aax.refine import REFINES, pool_resized_numpy
 
 if TYPE_CHECKING:  # pragma: no cover
     from aax.ensemble import Ensemble
@@ -155,7 +155,7 @@ def collect(ensemble: Ensemble, data: Any, *, taus: Sequence[float] = TAU_GRID,
         maps = [record.saliency[m.name] for m in record.members]
         regions = None  # a record without regions (an ensemble that cuts none) refines nothing
         if "superpixels" in refines and record.regions is not None:
-            regions = resize_labels(record.regions, gt.shape)
+            regions = record.regions
         entry = _ImageMasks(gt_pixels=int(gt.sum()), label=index[label])
         for name in TRIVIAL_MASKS:
             box = trivial_mask(name, gt.shape)
@@ -167,7 +167,8 @@ def collect(ensemble: Ensemble, data: Any, *, taus: Sequence[float] = TAU_GRID,
             for fusion in fusions:
                 score = fuse(stack, fusion, ensemble.quorum)
                 for refine in refines:
-                    refined = pool_numpy(score, regions) if refine == "superpixels" and regions is not None else score
+                    refined = (pool_resized_numpy(score, regions) if refine == "superpixels" and regions is not None
+                               else score)
                     entry.counts[(fusion, subset, refine)] = _counts_with_otsu(refined, gt, taus_arr)
         masks[j] = entry
     if not labels:

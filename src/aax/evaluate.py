@@ -44,7 +44,7 @@ from aax.metrics import (
 from aax.decide import binarise, parse_tau, tau_for
 from aax.openset import member_columns, novelty_summary, table_markdown
 from aax.records import REVIEW, AnnotationRecord
-from aax.refine import pool_numpy, resize_labels
+from aax.refine import pool_resized_numpy
 
 if TYPE_CHECKING:  # pragma: no cover
     from aax.ensemble import Ensemble
@@ -253,12 +253,12 @@ def tau_text(tau: Tau) -> str:
 
 
 def image_regions(record: AnnotationRecord, refine: str) -> np.ndarray | None:
-    """The record's superpixel labels at the image's size when ``refine`` is
+    """The record's superpixel labels (at their own size) when ``refine`` is
     ``"superpixels"`` and it has them (:mod:`aax.refine`), else None: what
-    :func:`member_mask` pools a member's map over. Resized once per image, for all members."""
+    :func:`member_mask` pools a member's map over, as annotation pools the fused one."""
     if refine != "superpixels" or record.regions is None or record.size is None:
         return None
-    return resize_labels(record.regions, record.size)
+    return record.regions
 
 
 def member_mask(record: AnnotationRecord, index: int, decision: str, negative: str,
@@ -270,7 +270,7 @@ def member_mask(record: AnnotationRecord, index: int, decision: str, negative: s
         return None
     score = record.saliency[record.members[index].name]
     if regions is not None:
-        score = pool_numpy(score, regions)
+        score = pool_resized_numpy(score, regions)
     return binarise(score, tau_for(tau, decision))
 
 

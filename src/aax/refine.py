@@ -14,8 +14,10 @@ the map's support stays at its (low) mean.
 
 The regions are computed on the image as the members see it (the de-normalised model
 input), brought to 128 x 128 pixels, so they depend neither on the file's resolution nor
-on the run's input size. The labels are then resized (nearest) to each image's own size,
-where masks are made.
+on the run's input size. Masks are made at each image's own size, where the labels
+stand for their nearest-neighbour resize (:func:`resize_labels`); :func:`pool_resized`
+averages over them without making that full-size label image (an int64 image of 96 MB
+for a 12-megapixel photograph).
 """
 
 from __future__ import annotations
@@ -81,15 +83,20 @@ def input_superpixels(x: torch.Tensor, mean: Sequence[float], std: Sequence[floa
     return [superpixels(image.permute(1, 2, 0).numpy(), scale) for image in images]
 
 
+def nearest_index(out: int, size: int) -> np.ndarray:
+    """For each of ``out`` pixels, the source pixel of a nearest-neighbour resize from
+    ``size`` pixels: ``floor(i * size / out)``, as ``F.interpolate(mode="nearest")``."""
+    return np.minimum((np.arange(int(out)) * (int(size) / int(out))).astype(np.int64), int(size) - 1)
+
+
 def resize_labels(labels: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """A label image brought to ``size`` ``(height, width)`` by nearest neighbour (the
-    source pixel ``floor(i * in / out)``, as ``F.interpolate(mode="nearest")``)."""
+    """A label image brought to ``size`` ``(height, width)`` by nearest neighbour
+    (:func:`nearest_index`)."""
     labels = np.asarray(labels)
     h, w = (int(v) for v in size)
     if labels.shape == (h, w):
         return labels
-    rows = np.minimum((np.arange(h) * (labels.shape[0] / h)).astype(np.int64), labels.shape[0] - 1)
-    cols = np.minimum((np.arange(w) * (labels.shape[1] / w)).astype(np.int64), labels.shape[1] - 1)
+    rows, cols = nearest_index(h, labels.shape[0]), nearest_index(w, labels.shape[1])
     return labels[rows[:, None], cols[None, :]]
 
 
@@ -101,6 +108,64 @@ def pool(score: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     sums = torch.zeros(n, dtype=score.dtype, device=score.device).index_add_(0, flat, score.reshape(-1))
     counts = torch.bincount(flat, minlength=n).to(score.dtype)
     return (sums / counts.clamp_min(1))[labels]
+
+
+def pool_resized(score: torch.Tensor, labels: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """``pool(score, resize_labels(labels, score.shape))`` without the full-size labels.
+
+    ``score`` is ``[H, W]`` at the image's size, ``labels`` the regions at their own
+    (small) size. A nearest-neighbour resize copies each label cell onto a block of
+    pixels (rows ``nearest_index(H, h) == i``, columns ``... == j``), so the regions'
+    sums are the sums of the cells' blocks: two scatter-adds bring ``score`` to the
+    labels' size, the region means are taken there and copied back by indexing. Memory
+    beyond the result: the labels' size, not the image's.
+    """
+    h, w = score.shape
+    device = score.device
+    labels = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels, device=device)
+    lh, lw = labels.shape
+    rows = torch.from_numpy(nearest_index(h, lh)).to(device)
+    cols = torch.from_numpy(nearest_index(w, lw)).to(device)
+    cell = torch.zeros(lh, w, dtype=score.dtype, device=device).index_add_(0, rows, score)
+    cell = torch.zeros(lh, lw, dtype=score.dtype, device=device).index_add_(1, cols, cell)
+    count = (torch.bincount(rows, minlength=lh)[:, None] * torch.bincount(cols, minlength=lw)[None, :]).to(score.dtype)
+    flat = labels.reshape(-1).long()
+    n = int(flat.max()) + 1 if flat.numel() else 0
+    sums = torch.zeros(n, dtype=score.dtype, device=device).index_add_(0, flat, cell.reshape(-1))
+    counts = torch.zeros(n, dtype=score.dtype, device=device).index_add_(0, flat, count.reshape(-1))
+    means = (sums / counts.clamp_min(1))[labels.long()]  # [lh, lw]
+    return means.index_select(0, rows).index_select(1, cols)
+
+
+def pool_resized_numpy(score: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """:func:`pool_resized` in NumPy (``score`` ``[H, W]``, ``labels`` at their own size)."""
+    score = np.asarray(score, dtype=float)
+    labels = np.asarray(labels)
+    h, w = score.shape
+    lh, lw = labels.shape
+    rows, cols = nearest_index(h, lh), nearest_index(w, lw)
+    cell = _block_sums(_block_sums(score, rows, lh, axis=0), cols, lw, axis=1)
+    count = np.bincount(rows, minlength=lh)[:, None] * np.bincount(cols, minlength=lw)[None, :]
+    flat = labels.ravel()
+    sums = np.bincount(flat, weights=cell.ravel())
+    counts = np.bincount(flat, weights=count.ravel().astype(float))
+    means = (sums / np.maximum(counts, 1))[labels]
+    return means[rows][:, cols]
+
+
+def _block_sums(a: np.ndarray, index: np.ndarray, n: int, axis: int) -> np.ndarray:
+    """Sums of ``a`` along ``axis`` over the runs of the non-decreasing ``index`` (one
+    per value, ``n`` values; values never taken sum to 0)."""
+    values, starts = np.unique(index, return_index=True)
+    shape = list(a.shape)
+    shape[axis] = n
+    out = np.zeros(shape, dtype=a.dtype)
+    sums = np.add.reduceat(a, starts, axis=axis)
+    if axis == 0:
+        out[values] = sums
+    else:
+        out[:, values] = sums
+    return out
 
 
 def pool_numpy(score: np.ndarray, labels: np.ndarray) -> np.ndarray:
