@@ -158,6 +158,20 @@ def test_novelty_step_carries_thresholds_per_class_only_when_set():
     assert scorer.step() == {"score": "knn", "thresholds": {"a": 5.0, "b": 3.0}}  # as stores made before
 
 
+def test_small_validation_split_warning():
+    from aax.novelty_fit import small_split_warning
+
+    entry = lambda n, **by: {"knn": {"threshold": 1.0, "median": 0.5, "n": n,
+                                     "by_class": {c: {"threshold": 1.0, "median": 0.5, "n": k} for c, k in by.items()}}}
+    # 0.95 needs 19 images: the quantile of fewer is their largest
+    assert small_split_warning({"a": entry(40, x=20, y=20)}, "knn", 0.95) is None
+    text = small_split_warning({"a": entry(40, x=20, y=20), "b": entry(40, x=11, y=29)}, "knn", 0.95)
+    assert "as few as 11 validation images predicted x" in text and "92%" in text
+    assert "as few as 12 validation images:" in small_split_warning({"a": entry(12)}, "knn", 0.95)
+    assert small_split_warning({"a": entry(12)}, "knn", 0.9) is None  # 0.90 needs 9
+    assert small_split_warning({"a": entry(3)}, "knn", 1.0) is None
+
+
 def test_stratified_cap_keeps_class_shares():
     labels = np.array([0] * 90 + [1] * 10)
     keep = nv.stratified_cap(labels, 20, seed=0)

@@ -155,6 +155,7 @@ def test_fit_sets_a_threshold_per_predicted_class(trained_run, monkeypatch, tmp_
         flags = [m.novelty[block["score"]] > nv.limits_for(entry, [m.predicted])[0][0]
                  for r in records for m in r.members if m.name == n]
         assert block["validation"]["flag_rate"][n] == pytest.approx(np.mean(flags))
+    assert "as few as" in block["warning"] and "validation images predicted" in block["warning"]  # < 19 of a class
     pooled = fit_run(run, train_paths, train_labels, val_paths, per_class=False)
     assert pooled["per_class"] is False
     assert all("by_class" not in e for t in pooled["thresholds"].values() for e in t.values())

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -76,6 +77,28 @@ def thresholds_from(scores: dict[str, dict[str, np.ndarray]], pass_rate: float,
                 entry["by_class"] = nv.class_thresholds(v, predicted[n], pass_rate, min_images=nv.MIN_PER_CLASS)
             out[n][s] = entry
     return out
+
+
+def small_split_warning(thresholds: dict[str, dict[str, dict]], score: str, pass_rate: float) -> str | None:
+    """A warning when a threshold the protocol uses rests on too few validation images
+    for ``pass_rate``: the empirical quantile of ``n < pass_rate / (1 - pass_rate)``
+    scores is their largest, which lets only about ``n / (n + 1)`` of new in-distribution
+    images pass (fire, 11 validation images per class: 10.5 % of 200 new fire frames
+    flagged, docs/quality.md)."""
+    if pass_rate >= 1.0:
+        return None
+    need = math.ceil(pass_rate / (1.0 - pass_rate) - 1e-9)
+    used: list[tuple[int, str | None]] = []  # (images, class; None: all of them)
+    for per in thresholds.values():
+        entry = per[score]
+        used += [(int(entry["n"]), None)] + [(int(e["n"]), c) for c, e in (entry.get("by_class") or {}).items()]
+    n, where = min(used, key=lambda t: t[0]) if used else (need, None)
+    if n >= need:
+        return None
+    of = f"validation images predicted {where}" if where is not None else "validation images"
+    return (f"the novelty thresholds rest on as few as {n} {of}: the {pass_rate:.0%} quantile of so few is "
+            f"their largest score, so about {n / (n + 1):.0%} of new in-distribution images pass, not "
+            f"{pass_rate:.0%}; a validation split with at least {need} images per class gives the pass rate asked for")
 
 
 def predicted_from_logits(logits: dict[str, np.ndarray], classes: Sequence[str]) -> dict[str, list[str]]:
@@ -158,6 +181,7 @@ def fit_run(run: str | os.PathLike, train_paths: Sequence[str | os.PathLike], tr
         "validation": {"n": len(vkept),
                        "flag_rate": {n: float(flags[:, i].mean()) for i, n in enumerate(names)},
                        "flag_rate_quorum": float((flags.sum(axis=1) >= ensemble.quorum).mean())},
+        **({"warning": warning} if (warning := small_split_warning(thresholds, score, pass_rate)) else {}),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     manifest = runfiles.read_json(run / runfiles.MANIFEST)  # fresh: calibration may have written

@@ -146,3 +146,5 @@ def print_novelty(block: dict | None) -> None:
                        for n, t in block["thresholds"].items())
     print(f"novelty ({score}, {block['pass_rate']:.0%} of {val['n']} validation images pass): {limits}; "
           f"quorum flags {_pct(val['flag_rate_quorum'])}")
+    if block.get("warning"):
+        print(f"WARNING: {block['warning']}", file=sys.stderr)
