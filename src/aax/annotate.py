@@ -31,6 +31,7 @@ from aax.decide import (NO_PREDICTION, OTSU, decide, map_class, mask_subset, ots
                         tau_for)
 from aax.explain import Grid, normalise, upsample
 from aax.maps import MapOptions, class_features, fuse_maps, saliency_maps
+from aax.novelty import per_image
 from aax import runtime
 from aax.records import REVIEW, AnnotationRecord, MemberResult
 from aax.refine import input_superpixels, pool_resized
@@ -304,10 +305,8 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
 def _novelty_limits(step: dict[str, Any], name: str, predicted: np.ndarray, classes: Sequence[str]) -> np.ndarray:
     """A member's novelty threshold for each image: its predicted class's when the step
     has one (:func:`aax.novelty.class_thresholds`), else the member's threshold."""
-    by_class = (step.get("by_class") or {}).get(name) or {}
-    default = float(step["thresholds"][name])
-    return np.array([by_class.get(classes[p], default) if p != NO_PREDICTION else default for p in predicted],
-                    dtype=float)
+    return per_image(float(step["thresholds"][name]), (step.get("by_class") or {}).get(name) or {},
+                     [classes[p] if p != NO_PREDICTION else None for p in predicted])
 
 
 def map_budget(device: torch.device) -> int:

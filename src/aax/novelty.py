@@ -330,15 +330,20 @@ def class_thresholds(scores: np.ndarray, predicted: Sequence[str | None], pass_r
     return out
 
 
+def per_image(default: float, by_class: Mapping[str, float], predicted: Sequence[str | None]) -> np.ndarray:
+    """Each image's value: its predicted class's in ``by_class`` when that class has one,
+    else ``default`` (also for an image whose member predicts no class)."""
+    return np.array([by_class.get(p, default) if p is not None else default for p in predicted], dtype=float)
+
+
 def limits_for(entry: Mapping[str, Any], predicted: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
     """Each image's threshold and median from one stored threshold ``entry``
     (``{"threshold", "median", "by_class": {class: {...}}}``): its predicted class's when
     that class has one, else the entry's own (every class's, and runs calibrated before
     thresholds per class existed)."""
     by_class = entry.get("by_class") or {}
-    pick = [by_class.get(p, entry) if p is not None else entry for p in predicted]
-    return (np.array([float(e["threshold"]) for e in pick], dtype=float),
-            np.array([float(e["median"]) for e in pick], dtype=float))
+    return tuple(per_image(float(entry[k]), {c: float(e[k]) for c, e in by_class.items()}, predicted)
+                 for k in ("threshold", "median"))
 
 
 def margin(scores: np.ndarray, threshold: float | np.ndarray, median: float | np.ndarray) -> np.ndarray:

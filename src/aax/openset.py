@@ -136,7 +136,7 @@ def side_by_side(seen: Mapping[str, np.ndarray], unseen: Mapping[str, np.ndarray
             them an image meets its member's predicted class's threshold (when that class
             has one), as in the protocol; without, every image the member's threshold.
     """
-    def per_image(entry: Mapping[str, Any], predicted: np.ndarray | None, i: int, n: int) -> tuple[Any, Any]:
+    def image_limits(entry: Mapping[str, Any], predicted: np.ndarray | None, i: int, n: int) -> tuple[Any, Any]:
         if predicted is None or predicted.shape[0] != n:
             return entry["threshold"], entry["median"]
         return limits_for(entry, list(predicted[:, i]))
@@ -153,15 +153,15 @@ def side_by_side(seen: Mapping[str, np.ndarray], unseen: Mapping[str, np.ndarray
             if n not in limits:
                 rows.append(_row(score, n, s_seen[:, i], s_unseen[:, i], None, None))
                 continue
-            t_seen = per_image(limits[n], predicted_seen, i, len(s_seen))[0]
-            t_unseen = per_image(limits[n], predicted_unseen, i, len(s_unseen))[0]
+            t_seen = image_limits(limits[n], predicted_seen, i, len(s_seen))[0]
+            t_unseen = image_limits(limits[n], predicted_unseen, i, len(s_unseen))[0]
             rows.append(_row(score, n, s_seen[:, i], s_unseen[:, i], s_seen[:, i] > t_seen, s_unseen[:, i] > t_unseen))
         if score == U:
             q_seen, q_unseen = quorum_margin(s_seen, quorum), quorum_margin(s_unseen, quorum)
             f_seen, f_unseen = q_seen > theta, q_unseen > theta
         elif have:
             def ensemble_margin(values: np.ndarray, predicted: np.ndarray | None) -> np.ndarray:
-                m = np.stack([margin(values[:, i], *per_image(limits[n], predicted, i, len(values)))
+                m = np.stack([margin(values[:, i], *image_limits(limits[n], predicted, i, len(values)))
                               for i, n in enumerate(names)], axis=1)
                 return quorum_margin(m, quorum)
 
