@@ -249,7 +249,8 @@ def score_histogram_figure(seen: Mapping[str, Sequence[float]], unseen: Mapping[
             ax.hist(u, bins=bins, color="#ff7f0e", alpha=0.6, label=f"unseen (n={u.size})")
         if name in thresholds:
             ax.axvline(thresholds[name], color="#d62728", ls="--", lw=1,
-                       label=f"threshold {thresholds[name]:.3g}" + (" (all classes)" if per_class else ""))
+                       label=(f"pooled {thresholds[name]:.3g} (other classes)" if per_class
+                              else f"threshold {thresholds[name]:.3g}"))
         for (c, t), colour in zip(sorted(per_class.items()), ("#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")):
             ax.axvline(t, color=colour, ls=":", lw=1.2, label=f"predicted {c}: {t:.3g}")
         ax.set_title(name, fontsize=10)
