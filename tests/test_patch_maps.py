@@ -99,6 +99,21 @@ def test_bank_is_stored_with_the_run_and_drives_the_masks(trained_run, lesion_di
         if p.agreeing:
             assert p.mask is not None and p.mask.shape == tuple(p.size)
 
+    # an annotation folder made with one bank is not completed with another's masks
+    from aax.annotate import annotate_to_folder
+    from aax.store import SettingsMismatch
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in images[:2]:
+        shutil.copy(p, src / p.name)
+    annotate_to_folder(reloaded, src, tmp_path / "out", progress=False, workers=0)
+    fit_run(reloaded, negatives[:5], size=50)  # another bank
+    again = Ensemble.load(run, device="cpu")
+    again.maps = again.maps.replace(source="patch")
+    with pytest.raises(SettingsMismatch, match="patch_bank"):
+        annotate_to_folder(again, src, tmp_path / "out", progress=False, workers=0)
+
     # a bank file that lacks a member is refused with the file named
     np.savez(run / FILE, **{n: b for n, b in list(banks.items())[:1]})
     with pytest.raises(ValueError, match=FILE):

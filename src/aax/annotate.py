@@ -498,6 +498,11 @@ def annotate_to_folder(ensemble: Ensemble, source: str | os.PathLike, out: str |
     # masks made before maps were registered on the image (Grid) differ: such a folder is
     # refused (settings differ), not completed with masks of another kind
     fingerprint["maps"]["grid"] = "receptive-field"
+    if settings.maps.source == "patch":  # patch maps depend on the bank: a refitted one makes other masks
+        from aax.patch_maps import FILE as PATCH_FILE
+
+        bank = Path(ensemble.run) / str((ensemble.manifest.get("patches") or {}).get("file", PATCH_FILE))
+        fingerprint["maps"]["patch_bank"] = runfiles.checkpoint_digest(bank)[:16]
     store = AnnotationStore(out, fingerprint, input_root=root, overwrite=overwrite)
     done = store.done()
     render = (lambda r: render_record(r, settings.tau_for(r.decision), settings.theta)) if save_saliency else None
