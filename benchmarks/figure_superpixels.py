@@ -17,7 +17,7 @@ from aax.data import open_dataset
 from aax.decide import fuse, mask_subset, tau_for
 from aax.ensemble import Ensemble
 from aax.metrics import iou
-from aax.refine import pool_numpy, resize_labels
+from aax.refine import pool_resized_numpy, resize_labels
 
 
 def rows(run: Path, test: Path, n: int) -> list[dict]:
@@ -35,8 +35,8 @@ def rows(run: Path, test: Path, n: int) -> list[dict]:
         subset = mask_subset([names.index(a) for a in record.agreeing], members)
         score = fuse(np.stack([record.saliency[names[i]] for i in subset]), maps.fusion, ensemble.quorum)
         tau = tau_for(ensemble.tau, record.decision)
-        labels = resize_labels(record.regions, gt.shape)
-        plain, refined = score > tau, pool_numpy(score, labels) > tau
+        labels = resize_labels(record.regions, gt.shape)  # drawn as region edges
+        plain, refined = score > tau, pool_resized_numpy(score, record.regions) > tau
         out.append({"image": record.preview, "gt": gt, "score": score, "labels": labels, "plain": plain,
                     "refined": refined, "iou_plain": iou(plain, gt), "iou_refined": iou(refined, gt),
                     "title": f"{Path(record.image).name} ({maps.fusion}, tau {tau:g})"})

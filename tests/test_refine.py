@@ -11,7 +11,7 @@ from aax.annotate import _maps_and_masks
 from aax.decide import Decision
 from aax.explain import Grid
 from aax.maps import MapOptions
-from aax.refine import (REFINES, WORK_SIDE, input_superpixels, pool, pool_numpy, pool_resized, pool_resized_numpy,
+from aax.refine import (REFINES, WORK_SIDE, input_superpixels, pool_numpy, pool_resized, pool_resized_numpy,
                         resize_labels, superpixels)
 
 
@@ -76,11 +76,11 @@ def test_pool_by_hand_and_against_numpy():
     score = np.array([[0.2, 0.4, 1.0], [0.0, 0.6, 0.5]])
     expected = np.array([[0.3, 0.3, 0.75], [0.3, 0.3, 0.75]])
     np.testing.assert_allclose(pool_numpy(score, labels), expected)
-    np.testing.assert_allclose(pool(torch.tensor(score), torch.tensor(labels)).numpy(), expected)
+    np.testing.assert_allclose(pool_resized(torch.tensor(score), labels).numpy(), expected)
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 7, (20, 30))
     score = rng.random((20, 30)).astype(np.float32)
-    np.testing.assert_allclose(pool(torch.from_numpy(score), torch.from_numpy(labels)).numpy(),
+    np.testing.assert_allclose(pool_resized(torch.from_numpy(score), torch.from_numpy(labels)).numpy(),
                                pool_numpy(score, labels), rtol=1e-6)
 
 

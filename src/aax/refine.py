@@ -100,18 +100,10 @@ def resize_labels(labels: np.ndarray, size: Sequence[int]) -> np.ndarray:
     return labels[rows[:, None], cols[None, :]]
 
 
-def pool(score: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Each pixel's ``score`` replaced by the mean score of its region (``labels``, same
-    shape and device)."""
-    flat = labels.reshape(-1)
-    n = int(flat.max()) + 1 if flat.numel() else 0
-    sums = torch.zeros(n, dtype=score.dtype, device=score.device).index_add_(0, flat, score.reshape(-1))
-    counts = torch.bincount(flat, minlength=n).to(score.dtype)
-    return (sums / counts.clamp_min(1))[labels]
-
-
 def pool_resized(score: torch.Tensor, labels: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """``pool(score, resize_labels(labels, score.shape))`` without the full-size labels.
+    """Each pixel's ``score`` replaced by the mean score of its region: ``labels``
+    resized to ``score``'s size (:func:`resize_labels`), without making that full-size
+    label image.
 
     ``score`` is ``[H, W]`` at the image's size, ``labels`` the regions at their own
     (small) size. A nearest-neighbour resize copies each label cell onto a block of
@@ -122,18 +114,18 @@ def pool_resized(score: torch.Tensor, labels: np.ndarray | torch.Tensor) -> torc
     """
     h, w = score.shape
     device = score.device
-    labels = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels, device=device)
+    labels = torch.as_tensor(labels, device=device).long()
     lh, lw = labels.shape
     rows = torch.from_numpy(nearest_index(h, lh)).to(device)
     cols = torch.from_numpy(nearest_index(w, lw)).to(device)
     cell = torch.zeros(lh, w, dtype=score.dtype, device=device).index_add_(0, rows, score)
     cell = torch.zeros(lh, lw, dtype=score.dtype, device=device).index_add_(1, cols, cell)
     count = (torch.bincount(rows, minlength=lh)[:, None] * torch.bincount(cols, minlength=lw)[None, :]).to(score.dtype)
-    flat = labels.reshape(-1).long()
+    flat = labels.reshape(-1)
     n = int(flat.max()) + 1 if flat.numel() else 0
     sums = torch.zeros(n, dtype=score.dtype, device=device).index_add_(0, flat, cell.reshape(-1))
     counts = torch.zeros(n, dtype=score.dtype, device=device).index_add_(0, flat, count.reshape(-1))
-    means = (sums / counts.clamp_min(1))[labels.long()]  # [lh, lw]
+    means = (sums / counts.clamp_min(1))[labels]  # [lh, lw]
     return means.index_select(0, rows).index_select(1, cols)
 
 
@@ -169,7 +161,8 @@ def _block_sums(a: np.ndarray, index: np.ndarray, n: int, axis: int) -> np.ndarr
 
 
 def pool_numpy(score: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """:func:`pool` in NumPy (the reference the tests compare with)."""
+    """Each pixel's ``score`` replaced by the mean score of its region, ``labels`` of the
+    same shape: the plain definition the tests compare :func:`pool_resized` with."""
     flat = labels.ravel()
     sums = np.bincount(flat, weights=np.asarray(score, dtype=float).ravel())
     counts = np.bincount(flat)

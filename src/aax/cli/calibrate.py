@@ -11,7 +11,7 @@ _pass_rate = _number(float, 0.0, 1.0, low_open=True)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from aax.novelty import SCORES
+    from aax.novelty import MIN_PER_CLASS, SCORES
 
     p = sub.add_parser("calibrate", help="choose theta and tau on validation data",
                        description="Annotate VALDATA once and choose theta (best accuracy on the images not "
@@ -54,8 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "lets pass, in (0, 1] (default: the RUN's, else 0.95)")
     p.add_argument("--novelty-thresholds", choices=["per-class", "pooled"], default=None,
                    help="per-class: one threshold per class a member predicts (each class's validation "
-                        "images pass at the pass rate; a class with under 10 uses the pooled one); pooled: "
-                        "one threshold over all validation images (default: the RUN's, else per-class)")
+                        f"images pass at the pass rate; a class with under {MIN_PER_CLASS} uses the pooled "
+                        "one); pooled: one threshold over all validation images (default: the RUN's, else "
+                        "per-class)")
     add_device_argument(p)
     p.set_defaults(func=run)
 
