@@ -202,7 +202,7 @@ def test_calibrate_run_on_a_trained_run(request, tmp_path):
 
 
 @pytest.mark.slow
-def test_calibrate_command(request, tmp_path):
+def test_calibrate_command(request, tmp_path, capsys):
     import shutil
 
     from test_evaluate import session_fixture, small_split
@@ -213,9 +213,19 @@ def test_calibrate_command(request, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(session_fixture(request, "trained_run"), run)
     val = write_manifest(small_split(session_fixture(request, "lesion_dir"), per_class=4), tmp_path / "val.csv")
-    assert main(["calibrate", str(run), str(val), "--max-flag-rate", "0.5", "--batch-size", "4"]) == 0
-    cal = json.loads((run / "aax.json").read_text())["calibration"]
+    pool = tmp_path / "pool"  # unlabelled images for the novelty thresholds
+    pool.mkdir()
+    for i, s in enumerate(small_split(session_fixture(request, "lesion_dir"), per_class=6)):
+        shutil.copy(s.image, pool / f"img{i:02d}.png")
+    assert main(["calibrate", str(run), str(val), "--max-flag-rate", "0.5", "--batch-size", "4",
+                 "--novelty-images", str(pool)]) == 0
+    printed = capsys.readouterr().out
+    manifest = json.loads((run / "aax.json").read_text())
+    cal = manifest["calibration"]
     assert cal["n"] == 8 and cal["max_flag_rate"] == 0.5 and cal["data"] == str(val)
+    assert manifest["novelty"]["validation"]["n"] == 12  # set on the pool, not on VALDATA's 8
+    new = manifest["novelty"]["new_images"]
+    assert f"lets pass {100 * new['expected']:.1f}% on average, at least {100 * new['low']:.1f}% 19 times in 20" in printed
     assert len(cal["member_sets"]) == 4  # all three, then each pair
     assert {r["refine"] for r in cal["fusions"]} == {"none", "superpixels"}  # both tried by default
     assert main(["calibrate", str(run), str(val), "--batch-size", "4", "--all-members", "--no-novelty",

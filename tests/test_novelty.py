@@ -172,6 +172,26 @@ def test_small_validation_split_warning():
     assert small_split_warning({"a": entry(3)}, "knn", 1.0) is None
 
 
+def test_pass_rate_on_new_images_is_that_of_the_order_statistic():
+    # by hand: the threshold is the 29th of 30 scores; P(share <= x) = P(Binomial(30, x) >= 29)
+    got = nv.pass_rate_on_new_images(30, 0.95)
+    assert got["expected"] == pytest.approx(29 / 31)
+    x = got["low"]
+    assert 30 * x ** 29 * (1 - x) + x ** 30 == pytest.approx(0.05, abs=1e-9)
+    assert 0.84 < x < 0.86
+    # simulated: thresholds set as threshold_at sets them on 30 uniform scores; the share
+    # of new uniform scores at or below one is the threshold itself
+    rng = np.random.default_rng(0)
+    shares = np.array([nv.threshold_at(rng.random(30), 0.95)["threshold"] for _ in range(4000)])
+    assert shares.mean() == pytest.approx(got["expected"], abs=0.004)
+    assert np.mean(shares < got["low"]) == pytest.approx(0.05, abs=0.012)
+    # more images: closer to the rate asked for; the largest of n: n / (n + 1)
+    assert nv.pass_rate_on_new_images(300, 0.95)["low"] > 0.92 > got["low"]
+    assert nv.pass_rate_on_new_images(10, 0.95)["expected"] == pytest.approx(10 / 11)
+    with pytest.raises(ValueError):
+        nv.pass_rate_on_new_images(0)
+
+
 def test_stratified_cap_keeps_class_shares():
     labels = np.array([0] * 90 + [1] * 10)
     keep = nv.stratified_cap(labels, 20, seed=0)

@@ -156,6 +156,9 @@ def test_fit_sets_a_threshold_per_predicted_class(trained_run, monkeypatch, tmp_
                  for r in records for m in r.members if m.name == n]
         assert block["validation"]["flag_rate"][n] == pytest.approx(np.mean(flags))
     assert "as few as" in block["warning"] and "validation images predicted" in block["warning"]  # < 19 of a class
+    fewest = min((e["n"], c) for t in block["thresholds"].values() for c, e in t[block["score"]]["by_class"].items())
+    assert (block["new_images"]["n"], block["new_images"]["class"]) == fewest  # the least certain threshold
+    assert block["new_images"] == {**nv.pass_rate_on_new_images(fewest[0], 0.95), "class": fewest[1]}
     pooled = fit_run(run, train_paths, train_labels, val_paths, per_class=False)
     assert pooled["per_class"] is False
     assert all("by_class" not in e for t in pooled["thresholds"].values() for e in t.values())
@@ -193,3 +196,32 @@ def test_evaluate_side_by_side_on_never_seen_fire(ensemble, lesion_dir, tmp_path
     assert "KNN" in result["tables"] and "FPR at 95% TPR" in result["tables"]
     header = (tmp_path / "ev" / "per_image.csv").read_text().splitlines()[0]
     assert all(f"{n}_knn" in header and f"{n}_novel" in header for n in ensemble.members)
+
+
+def test_calibrate_sets_novelty_thresholds_on_unlabelled_images(trained_run, tmp_path):
+    from aax.calibrate import calibrate, validation_split
+    from aax.data import synth
+    from aax.ensemble import Ensemble
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    # new in-distribution images, their labels dropped: a plain folder of files
+    made = synth.generate("lesion", tmp_path / "made", n_per_class=10, size=64, seed=123)
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for i, f in enumerate(sorted(find_images(made / "images"))):
+        shutil.copy(f, pool / f"img{i:02d}.png")
+    ens = Ensemble.load(run, device="cpu")
+    result = calibrate(ens, validation_split(run), novelty_images=pool)
+    block = result["novelty"]
+    assert block["validation"]["n"] == 20 != len(validation_split(run))  # the pool, not the validation split
+    records = list(Ensemble.load(run, device="cpu").annotate(sorted(pool.iterdir()), novelty=False))
+    for n in ens.members:
+        entry = block["thresholds"][n][block["score"]]
+        scores = np.array([m.novelty[block["score"]] for r in records for m in r.members if m.name == n])
+        assert entry["n"] == 20
+        assert entry["threshold"] == pytest.approx(nv.threshold_at(scores, 0.95)["threshold"], rel=1e-4)
+    assert block["new_images"]["n"] <= 20
+    # the labelled split is used when no images are given
+    again = calibrate(ens, validation_split(run))["novelty"]
+    assert again["validation"]["n"] == len(validation_split(run))

@@ -63,7 +63,7 @@ import numpy as np
 
 from aax.decide import FUSIONS, OTSU, fuse, mask_subset, otsu_threshold
 from aax.evaluate import (TRIVIAL_MASKS, _describe, _samples, annotate_with, ground_truth, no_labelled_images,
-                          open_data, paired, run_label_map, trivial_mask)
+                          open_data, open_images, paired, run_label_map, trivial_mask)
 from aax.metrics import MaskScores, ThetaSweep, risk_coverage, theta_candidates
 from aax.patch_maps import SOURCES
 from aax.refine import REFINES, pool_resized_numpy
@@ -393,7 +393,7 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
               novelty_pass_rate: float | None = None, novelty_per_class: bool | None = None,
               fusions: Sequence[str] = FUSIONS, tau_without_masks: float | str | None = None,
               sources: Sequence[str] | None = None, choose_members: bool = True,
-              refines: Sequence[str] = REFINES) -> dict[str, Any]:
+              refines: Sequence[str] = REFINES, novelty_images: Any = None) -> dict[str, Any]:
     """Choose theta (and tau, where ground-truth masks exist) on validation data.
 
     Args:
@@ -429,6 +429,14 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
         refines: the refinements of the fused map to choose from where masks exist
             (step 5; ``("none",)`` keeps the paper's thresholded map). Without masks the
             run's refinement is kept.
+        novelty_images: in-distribution images to set the novelty thresholds on instead
+            of ``valdata`` (a folder, a dataset whose labels are ignored, or paths; no
+            labels needed, as each threshold is taken over the images a member predicts
+            as a class). The thresholds' pass rate on new images holds within a few
+            points only with hundreds of images per class
+            (:func:`aax.novelty.pass_rate_on_new_images`); the labelled validation split
+            is rarely that large. They must be unseen by training and free of the
+            images the step is meant to flag.
 
     Returns:
         The calibration entry: ``theta``, ``tau``, ``previous``, ``n``, ``n_errors``,
@@ -545,20 +553,24 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
             raise ValueError("write=True needs an ensemble loaded from a RUN folder")
         write_calibration(Path(run), result)
         if novelty:
-            result["novelty"] = _novelty(ensemble, valdata, novelty_score, novelty_pass_rate, novelty_per_class)
+            result["novelty"] = _novelty(ensemble, valdata if novelty_images is None else novelty_images,
+                                         novelty_score, novelty_pass_rate, novelty_per_class,
+                                         labelled=novelty_images is None)
     return result
 
 
-def _novelty(ensemble: Ensemble, valdata: Any, score: str | None, pass_rate: float | None,
-             per_class: bool | None = None) -> dict[str, Any] | None:
-    """Novelty features and thresholds (:func:`aax.novelty_fit.calibrate_novelty`); a run
-    whose training images cannot be found again, and that has no features, keeps
-    working without the step, and the entry says why."""
+def _novelty(ensemble: Ensemble, images: Any, score: str | None, pass_rate: float | None,
+             per_class: bool | None = None, labelled: bool = True) -> dict[str, Any] | None:
+    """Novelty features and thresholds (:func:`aax.novelty_fit.calibrate_novelty`) on
+    ``images`` (the labelled validation data, or with ``labelled=False`` any images:
+    :func:`aax.evaluate.open_images`); a run whose training images cannot be found again,
+    and that has no features, keeps working without the step, and the entry says why."""
     from aax.novelty_fit import calibrate_novelty
 
     if not isinstance(getattr(ensemble, "manifest", None), dict):
         return {"skipped": "not an ensemble loaded from a RUN folder"}
-    paths = [str(s.image) for s in _samples(open_data(valdata, list(ensemble.classes)))]
+    source = open_data(images, list(ensemble.classes)) if labelled else open_images(images)
+    paths = [str(s.image) for s in _samples(source)]
     try:
         return calibrate_novelty(ensemble, paths, score=score, pass_rate=pass_rate, per_class=per_class)
     except (ValueError, OSError) as exc:  # e.g. the training images are gone: the run works without

@@ -88,17 +88,32 @@ def small_split_warning(thresholds: dict[str, dict[str, dict]], score: str, pass
     if pass_rate >= 1.0:
         return None
     need = math.ceil(pass_rate / (1.0 - pass_rate) - 1e-9)
-    used: list[tuple[int, str | None]] = []  # (images, class; None: all of them)
-    for per in thresholds.values():
-        entry = per[score]
-        used += [(int(entry["n"]), None)] + [(int(e["n"]), c) for c, e in (entry.get("by_class") or {}).items()]
-    n, where = min(used, key=lambda t: t[0]) if used else (need, None)
+    n, where = fewest_images(thresholds, score) or (need, None)
     if n >= need:
         return None
     of = f"validation images predicted {where}" if where is not None else "validation images"
     return (f"the novelty thresholds rest on as few as {n} {of}: the {pass_rate:.0%} quantile of so few is "
             f"their largest score, so about {n / (n + 1):.0%} of new in-distribution images pass, not "
             f"{pass_rate:.0%}; a validation split with at least {need} images per class gives the pass rate asked for")
+
+
+def fewest_images(thresholds: dict[str, dict[str, dict]], score: str) -> tuple[int, str | None] | None:
+    """The fewest validation images any threshold of ``score`` rests on, and their class
+    (None: the threshold over all of them); None without thresholds."""
+    used: list[tuple[int, str | None]] = []
+    for per in thresholds.values():
+        entry = per[score]
+        used += [(int(entry["n"]), None)] + [(int(e["n"]), c) for c, e in (entry.get("by_class") or {}).items()]
+    return min(used, key=lambda t: t[0]) if used else None
+
+
+def on_new_images(thresholds: dict[str, dict[str, dict]], score: str, pass_rate: float) -> dict[str, Any] | None:
+    """:func:`aax.novelty.pass_rate_on_new_images` for the threshold resting on the
+    fewest validation images (the least certain one), with its class."""
+    fewest = fewest_images(thresholds, score)
+    if fewest is None:
+        return None
+    return {**nv.pass_rate_on_new_images(fewest[0], pass_rate), "class": fewest[1]}
 
 
 def predicted_from_logits(logits: dict[str, np.ndarray], classes: Sequence[str]) -> dict[str, list[str]]:
@@ -181,6 +196,7 @@ def fit_run(run: str | os.PathLike, train_paths: Sequence[str | os.PathLike], tr
         "validation": {"n": len(vkept),
                        "flag_rate": {n: float(flags[:, i].mean()) for i, n in enumerate(names)},
                        "flag_rate_quorum": float((flags.sum(axis=1) >= ensemble.quorum).mean())},
+        "new_images": on_new_images(thresholds, score, pass_rate),
         **({"warning": warning} if (warning := small_split_warning(thresholds, score, pass_rate)) else {}),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
