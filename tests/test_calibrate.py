@@ -225,7 +225,10 @@ def test_calibrate_command(request, tmp_path, capsys):
     assert cal["n"] == 8 and cal["max_flag_rate"] == 0.5 and cal["data"] == str(val)
     assert manifest["novelty"]["validation"]["n"] == 12  # set on the pool, not on VALDATA's 8
     new = manifest["novelty"]["new_images"]
-    assert f"lets pass {100 * new['expected']:.1f}% on average, at least {100 * new['low']:.1f}% 19 times in 20" in printed
+    assert manifest["novelty"]["validation"]["source"] == f"{pool} (unlabelled)"
+    assert f"of 12 images of {pool} (unlabelled) pass" in printed
+    assert (f"lets pass {100 * new['expected']:.1f}% on average, at least {100 * new['low']:.1f}% "
+            "19 times in 20") in printed
     assert len(cal["member_sets"]) == 4  # all three, then each pair
     assert {r["refine"] for r in cal["fusions"]} == {"none", "superpixels"}  # both tried by default
     assert main(["calibrate", str(run), str(val), "--batch-size", "4", "--all-members", "--no-novelty",

@@ -224,4 +224,4 @@ def test_calibrate_sets_novelty_thresholds_on_unlabelled_images(trained_run, tmp
     assert block["new_images"]["n"] <= 20
     # the labelled split is used when no images are given
     again = calibrate(ens, validation_split(run))["novelty"]
-    assert again["validation"]["n"] == len(validation_split(run))
+    assert again["validation"]["n"] == len(validation_split(run)) and "source" not in again["validation"]

@@ -572,7 +572,8 @@ def _novelty(ensemble: Ensemble, images: Any, score: str | None, pass_rate: floa
     source = open_data(images, list(ensemble.classes)) if labelled else open_images(images)
     paths = [str(s.image) for s in _samples(source)]
     try:
-        return calibrate_novelty(ensemble, paths, score=score, pass_rate=pass_rate, per_class=per_class)
+        return calibrate_novelty(ensemble, paths, score=score, pass_rate=pass_rate, per_class=per_class,
+                                 val_name=None if labelled else f"{_describe(images)} (unlabelled)")
     except (ValueError, OSError) as exc:  # e.g. the training images are gone: the run works without
         return {"skipped": str(exc)}
 

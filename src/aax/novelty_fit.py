@@ -125,7 +125,8 @@ def fit_run(run: str | os.PathLike, train_paths: Sequence[str | os.PathLike], tr
             val_paths: Sequence[str | os.PathLike], *, ensemble: Ensemble | None = None,
             score: str = nv.DEFAULT_SCORE, pass_rate: float = nv.DEFAULT_PASS_RATE, k: int = nv.DEFAULT_K,
             shrinkage: float | None = None, max_features: int = nv.MAX_FEATURES, seed: int = 0,
-            device: str | None = None, reuse_features: bool = True, per_class: bool = True) -> dict[str, Any]:
+            device: str | None = None, reuse_features: bool = True, per_class: bool = True,
+            val_name: str | None = None) -> dict[str, Any]:
     """Store the training features of every member and set the thresholds on the
     validation images; write the ``novelty`` block into ``RUN/aax.json`` and return it.
 
@@ -143,6 +144,8 @@ def fit_run(run: str | os.PathLike, train_paths: Sequence[str | os.PathLike], tr
             checkpoints (only the thresholds are set again).
         per_class: also set one threshold per predicted class (the protocol then uses
             the image's predicted class's); False: one threshold over all images.
+        val_name: what ``val_paths`` are, when not the labelled validation data (stored
+            as ``validation.source``; ``aax calibrate --novelty-images``).
     """
     from aax.annotate import run_fingerprint
     from aax.ensemble import Ensemble
@@ -195,7 +198,8 @@ def fit_run(run: str | os.PathLike, train_paths: Sequence[str | os.PathLike], tr
         "thresholds": thresholds,
         "validation": {"n": len(vkept),
                        "flag_rate": {n: float(flags[:, i].mean()) for i, n in enumerate(names)},
-                       "flag_rate_quorum": float((flags.sum(axis=1) >= ensemble.quorum).mean())},
+                       "flag_rate_quorum": float((flags.sum(axis=1) >= ensemble.quorum).mean()),
+                       **({"source": val_name} if val_name else {})},
         "new_images": on_new_images(thresholds, score, pass_rate),
         **({"warning": warning} if (warning := small_split_warning(thresholds, score, pass_rate)) else {}),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -232,11 +236,13 @@ def recorded_split(run: str | os.PathLike) -> tuple[list[str], list[int], list[s
 
 def calibrate_novelty(ensemble: Ensemble, val_paths: Sequence[str | os.PathLike], *,
                       score: str | None = None, pass_rate: float | None = None,
-                      k: int | None = None, per_class: bool | None = None) -> dict[str, Any]:
+                      k: int | None = None, per_class: bool | None = None,
+                      val_name: str | None = None) -> dict[str, Any]:
     """What ``aax calibrate`` does for novelty: training features from the split the
     manifest records (kept when they were made from these checkpoints), thresholds on
-    ``val_paths``; the loaded ``ensemble`` gets the new scorers. Settings left None keep
-    the run's (or the defaults).
+    ``val_paths`` (``val_name``: what they are, when not the labelled validation data);
+    the loaded ``ensemble`` gets the new scorers. Settings left None keep the run's (or
+    the defaults).
 
     Raises:
         ValueError: no stored features and no training images to take them from.
@@ -252,7 +258,8 @@ def calibrate_novelty(ensemble: Ensemble, val_paths: Sequence[str | os.PathLike]
                      pass_rate=float(pass_rate if pass_rate is not None else block.get("pass_rate", nv.DEFAULT_PASS_RATE)),
                      k=int(k if k is not None else block.get("k", nv.DEFAULT_K)),
                      shrinkage=block.get("shrinkage"),
-                     per_class=bool(per_class if per_class is not None else block.get("per_class", True)))
+                     per_class=bool(per_class if per_class is not None else block.get("per_class", True)),
+                     val_name=val_name)
     ensemble.novelty = nv.load(run, runfiles.read_json(run / runfiles.MANIFEST), list(ensemble.members),
                                ensemble.device)
     return result

@@ -150,11 +150,12 @@ def print_novelty(block: dict | None) -> None:
 
     limits = ", ".join(f"{n} {limit(t[score])} (flags {_pct(val['flag_rate'][n])})"
                        for n, t in block["thresholds"].items())
-    print(f"novelty ({score}, {block['pass_rate']:.0%} of {val['n']} validation images pass): {limits}; "
+    images = f"images of {val['source']}" if val.get("source") else "validation images"
+    print(f"novelty ({score}, {block['pass_rate']:.0%} of {val['n']} {images} pass): {limits}; "
           f"quorum flags {_pct(val['flag_rate_quorum'])}")
     new = block.get("new_images")
     if new:  # what the smallest split lets pass of new images: the figure users plan review by
-        of = f"{new['n']} validation images" + (f" predicted {new['class']}" if new.get("class") else "")
+        of = f"{new['n']} {images}" + (f" predicted {new['class']}" if new.get("class") else "")
         print(f"novelty on new in-distribution images: a threshold set on {of} lets pass "
               f"{_pct(new['expected'])} on average, at least {_pct(new['low'])} "
               f"{round(1 / new['level']) - 1} times in {round(1 / new['level'])}")
