@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -29,3 +31,28 @@ def test_quick_core_run_writes_ratios_and_agrees_with_the_reference(tmp_path):
     assert check["same_decision"] == check["images"] > 0
     assert check["max_abs_map_difference"] < 1e-4
     assert (tmp_path / "latest.json").is_file()
+
+
+def test_protocol_levers_rederives_what_evaluate_scores(ensemble, lesion_dir, tmp_path):
+    """benchmarks/protocol_levers.py re-derives decisions and masks from one annotate pass:
+    at the run's own theta and novelty flags it must score what ``aax evaluate`` scores."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import protocol_levers as levers
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from aax.evaluate import evaluate
+
+    rows = levers.collect(ensemble, str(lesion_dir))
+    got = levers.score_setting(ensemble, rows, float(ensemble.theta), levers.novel_flags(ensemble, rows, "run", None))
+    want = evaluate(ensemble, str(lesion_dir), report=False)
+    for key, expected in [("AAX", want["ensemble"]), *want["members"].items()]:
+        for metric in ("accuracy", "flag_rate", "iou_mean"):
+            assert got[key][metric] == pytest.approx(expected[metric], abs=1e-9), (key, metric)
+    # no uncertainty flags and no novelty step: nothing is flagged but no-consensus
+    free = levers.score_setting(ensemble, rows, float("inf"), levers.novel_flags(ensemble, rows, "off", None))
+    assert free["AAX"]["flag_rate"] <= got["AAX"]["flag_rate"]
+    assert all(free[n]["flag_rate"] == 0.0 for n in ensemble.members)
+    # thresholds set on a pool: every member's entry has a threshold per predicted class it saw often
+    pool = levers.pool_thresholds(ensemble, str(lesion_dir / "images"))
+    assert set(pool) == set(ensemble.members) and all("threshold" in e and "median" in e for e in pool.values())
