@@ -30,7 +30,8 @@ from aax.ensemble import Ensemble
 from aax.evaluate import (TRIVIAL_MASKS, image_regions, member_decision, member_mask, open_images,
                           trivial_mask)
 from aax.metrics import MaskScores
-from aax.novelty import class_thresholds, limits_for, threshold_at
+from aax.novelty import limits_for
+from aax.novelty_fit import thresholds_from
 from aax.records import REVIEW
 from aax.refine import pool_resized_numpy
 
@@ -50,15 +51,13 @@ def collect(ensemble: Ensemble, test: str) -> list[dict[str, Any]]:
 def pool_thresholds(ensemble: Ensemble, pool: str) -> dict[str, dict[str, Any]]:
     """Each member's novelty threshold entry set on the POOL's images (per predicted
     class, as :func:`aax.novelty_fit.fit_run` sets them from validation images)."""
-    step = ensemble.novelty.step()
-    score, rate = step["score"], float(ensemble.novelty.pass_rate)
+    score = ensemble.novelty.step()["score"]
     records = [r for r in ensemble.annotate(open_images(pool), novelty=False) if r.status == "ok"]
-    out = {}
-    for i, name in enumerate(ensemble.members):
-        values = np.array([r.members[i].novelty[score] for r in records])
-        predicted = [r.members[i].predicted for r in records]
-        out[name] = {**threshold_at(values, rate), "by_class": class_thresholds(values, predicted, rate)}
-    return out
+    names = list(ensemble.members)
+    scores = {n: {score: np.array([r.members[i].novelty[score] for r in records])} for i, n in enumerate(names)}
+    predicted = {n: [r.members[i].predicted for r in records] for i, n in enumerate(names)}
+    entries = thresholds_from(scores, float(ensemble.novelty.pass_rate), predicted)
+    return {n: entries[n][score] for n in names}
 
 
 def novel_flags(ensemble: Ensemble, rows: list[dict[str, Any]], mode: str,
