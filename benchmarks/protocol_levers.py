@@ -154,8 +154,8 @@ def main() -> None:
             best = max((res[n]["iou_mean"] or 0.0) for n in names)
             cells = [f"{100 * res[k]['accuracy']:.1f} / {100 * res[k]['flag_rate']:.1f} / "
                      f"{100 * (res[k]['iou_mean'] or 0.0):.1f}" for k in ["AAX", *names]]
-            print(f"| {mode} | {label} | " + " | ".join(cells) + f" | {100 * ((res['AAX']['iou_mean'] or 0) - best):+.1f} |",
-                  flush=True)
+            margin = 100 * ((res["AAX"]["iou_mean"] or 0.0) - best)
+            print(f"| {mode} | {label} | " + " | ".join(cells) + f" | {margin:+.1f} |", flush=True)
             table.append({"novelty": mode, "theta": label, "theta_value": value, **res})
     if args.out:
         Path(args.out).write_text(json.dumps({"run": args.run, "test": args.test, "pool": args.pool,
