@@ -214,10 +214,13 @@ def test_cli_train_writes_a_run_that_loads(tiny_lesion_dir: Path, tmp_path: Path
             "--epochs", "2", "--image-size", "32", "--batch-size", "8", "--no-progress",
             "--weights", f"efficientnet-b0={weights}", "--negative-class", "healthy"]
     calibrated: list[Path] = []
+    given: list[object] = []
     monkeypatch.setattr("aax.calibrate.calibrate_run",
-                        lambda run, **kw: calibrated.append(Path(run)) or {"theta": 0.1, "tau": 0.5})
-    assert main(argv) == 0
+                        lambda run, **kw: calibrated.append(Path(run)) or given.append(kw.get("novelty_images"))
+                        or {"theta": 0.1, "tau": 0.5})
+    assert main(argv + ["--novelty-images", str(tmp_path / "pool")]) == 0
     assert calibrated == [run]  # aax train calibrates at the end
+    assert given == [str(tmp_path / "pool")]  # with the novelty thresholds' images passed on
     out = capsys.readouterr().out
     assert "efficientnet-b0" in out and str(run) in out
 

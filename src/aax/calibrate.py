@@ -668,12 +668,14 @@ def validation_split(run: str | os.PathLike) -> Any:
 
 def calibrate_run(run_dir: str | os.PathLike, *, max_flag_rate: float = MAX_FLAG_RATE,
                   ensemble: Ensemble | None = None, device: str | None = None,
-                  batch_size: int | None = None) -> dict[str, Any]:
+                  batch_size: int | None = None, novelty_images: Any = None) -> dict[str, Any]:
     """Calibrate a RUN on the validation split recorded in its manifest (what
-    ``aax train`` calls at the end) and write the result into the RUN."""
+    ``aax train`` calls at the end) and write the result into the RUN;
+    ``novelty_images``: as :func:`calibrate`'s."""
     val = validation_split(run_dir)
     return calibrate(ensemble if ensemble is not None else run_dir, val, max_flag_rate=max_flag_rate,
-                     device=device, batch_size=batch_size, write=True, data_name=split_name(val))
+                     device=device, batch_size=batch_size, write=True, data_name=split_name(val),
+                     novelty_images=novelty_images)
 
 
 def split_name(val: Any) -> str:

@@ -62,6 +62,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="augment without left-right flips (for images whose sides differ, "
                         "such as chest X-rays)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--novelty-images", default=None, metavar="PATH",
+                   help="when calibrating at the end, set the novelty thresholds on these unlabelled "
+                        "in-distribution images (a few hundred per class, unseen by training) instead of "
+                        "the validation split, as `aax calibrate RUN --novelty-images PATH` does")
     p.add_argument("--no-calibrate", action="store_true",
                    help="skip calibrating theta/tau on the validation split afterwards "
                         "(run `aax calibrate RUN` later)")
@@ -136,11 +140,14 @@ def _after_training(run: Path, args: argparse.Namespace) -> None:
     ``aax calibrate RUN`` can be run again later.
     """
     if args.no_calibrate:
+        if args.novelty_images:
+            print(f"--novelty-images is used when calibrating: run `aax calibrate {run} --novelty-images "
+                  f"{args.novelty_images}`", file=sys.stderr)
         return
     try:
         from aax.calibrate import calibrate_run
 
-        result = calibrate_run(run, device=args.device)
+        result = calibrate_run(run, device=args.device, novelty_images=args.novelty_images)
     except Exception as exc:  # the run itself is complete and usable with theta 0.1, tau 0.5
         print(f"WARNING: calibration failed ({type(exc).__name__}: {exc}); the run keeps "
               f"theta and tau as they were; retry with `aax calibrate {run}`", file=sys.stderr)
