@@ -53,6 +53,16 @@ def test_protocol_levers_rederives_what_evaluate_scores(ensemble, lesion_dir, tm
     free = levers.score_setting(ensemble, rows, float("inf"), levers.novel_flags(ensemble, rows, "off", None))
     assert free["AAX"]["flag_rate"] <= got["AAX"]["flag_rate"]
     assert all(free[n]["flag_rate"] == 0.0 for n in ensemble.members)
-    # thresholds set on a pool: every member's entry has a threshold per predicted class it saw often
+    # thresholds set on a pool: over all its images, and per class over the images each
+    # member predicts as that class (classes predicted at least MIN_PER_CLASS times)
+    from aax.data import find_images
+    from aax.novelty import MIN_PER_CLASS
+
+    n_pool = len(find_images(lesion_dir / "images"))
     pool = levers.pool_thresholds(ensemble, str(lesion_dir / "images"))
-    assert set(pool) == set(ensemble.members) and all("threshold" in e and "median" in e for e in pool.values())
+    assert set(pool) == set(ensemble.members)
+    for entry in pool.values():
+        assert entry["n"] == n_pool and entry["by_class"]
+        assert set(entry["by_class"]) <= set(ensemble.classes)
+        assert all(e["n"] >= MIN_PER_CLASS for e in entry["by_class"].values())
+        assert sum(e["n"] for e in entry["by_class"].values()) <= n_pool
