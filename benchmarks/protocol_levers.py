@@ -7,8 +7,10 @@ The RUN annotates TEST once (maps, superpixels, MC probabilities, uncertainties 
 novelty scores kept); every row then re-derives the protocol (:func:`aax.decide.decide`)
 and the masks (the run's fusion, mask members, refinement and tau) from those numbers,
 and scores members alone as ``aax evaluate`` does (:func:`aax.evaluate.member_decision`,
-:func:`aax.evaluate.member_mask`). Rows: theta as calibrated, x2, x4 and none (no
-uncertainty flags); the novelty step with the run's thresholds, off (the paper's
+:func:`aax.evaluate.member_mask`: a member is flagged by its own ``u > theta`` or its own
+novel flag), and again flagged by theta alone (the last column: how members were scored
+until session 9, when the novelty step was charged to AAX only). Rows: theta as
+calibrated, x2, x4 and none (no uncertainty flags); the novelty step with the run's thresholds, off (the paper's
 protocol), and, with ``--pool``, with thresholds set on the POOL's images as
 ``aax calibrate --novelty-images POOL`` sets them. Trivial masks (whole image, centred
 box) are printed beside. docs/quality.md (session 8) and docs/novelty.md quote its
@@ -79,11 +81,15 @@ def novel_flags(ensemble: Ensemble, rows: list[dict[str, Any]], mode: str,
 def score_setting(ensemble: Ensemble, rows: list[dict[str, Any]], theta: float,
                   novel: list[np.ndarray | None]) -> dict[str, dict[str, Any]]:
     """Accuracy (a flag counts wrong), flag rate and mean IoU (a positive without a mask
-    scores 0) of AAX and of each member alone at ``theta``, with ``novel`` flags."""
+    scores 0) of AAX and of each member alone at ``theta``, with ``novel`` flags.
+
+    Members alone are scored as ``aax evaluate`` scores them (flagged by their own
+    ``u > theta`` or their own novel flag), and again under ``"<name> (theta only)"``
+    flagged by theta alone (how ``aax evaluate`` scored them until session 9)."""
     names, classes = list(ensemble.members), list(ensemble.classes)
     maps, negative = ensemble.maps, ensemble.negative_class
     chosen = None if maps.mask_members is None else [names.index(m) for m in maps.mask_members]
-    keys = ["AAX", *names]
+    keys = ["AAX", *names, *(f"{n} (theta only)" for n in names)]
     right = {k: 0 for k in keys}
     flagged = {k: 0 for k in keys}
     masks = {k: MaskScores() for k in keys}
@@ -103,9 +109,12 @@ def score_setting(ensemble: Ensemble, rows: list[dict[str, Any]], theta: float,
                 fused = pool_resized_numpy(fused, regions)
             preds["AAX"] = binarise(fused, tau_for(ensemble.tau, label))
         for i, name in enumerate(names):
-            answer = member_decision(r, i, theta)
-            answers[name] = None if answer == REVIEW else answer
-            preds[name] = member_mask(r, i, answer, negative, ensemble.tau, regions)
+            plain = member_decision(r, i, theta, novel=False)
+            charged = member_decision(r, i, theta, novel=False if flags is None else bool(flags[i]))
+            mask = member_mask(r, i, plain, negative, ensemble.tau, regions)
+            for key, answer in ((name, charged), (f"{name} (theta only)", plain)):
+                answers[key] = None if answer == REVIEW else answer
+                preds[key] = mask if answer == plain else None
         for k in keys:
             right[k] += answers[k] == row["label"]
             flagged[k] += answers[k] is None
@@ -145,17 +154,19 @@ def main() -> None:
     table = []
     print(f"{args.run} on {args.test}: {len(rows)} images; trivial masks "
           + ", ".join(f"{k} {100 * v:.1f} %" for k, v in trivial(rows).items() if v is not None))
-    print("| novelty | theta | AAX acc / flag / IoU (%) | " + " | ".join(names) + " | AAX - best member |")
-    print("|---|---|---|" + "---|" * len(names) + "---|")
+    print("| novelty | theta | AAX acc / flag / IoU (%) | " + " | ".join(names)
+          + " | AAX - best member | AAX - best member flagged by theta only |")
+    print("|---|---|---|" + "---|" * len(names) + "---|---|")
     for mode in modes:
         novel = novel_flags(ensemble, rows, mode, pool)
         for label, value in (("calibrated", theta), ("x2", 2 * theta), ("x4", 4 * theta), ("none", float("inf"))):
             res = score_setting(ensemble, rows, value, novel)
-            best = max((res[n]["iou_mean"] or 0.0) for n in names)
             cells = [f"{100 * res[k]['accuracy']:.1f} / {100 * res[k]['flag_rate']:.1f} / "
                      f"{100 * (res[k]['iou_mean'] or 0.0):.1f}" for k in ["AAX", *names]]
-            margin = 100 * ((res["AAX"]["iou_mean"] or 0.0) - best)
-            print(f"| {mode} | {label} | " + " | ".join(cells) + f" | {margin:+.1f} |", flush=True)
+            margins = [100 * ((res["AAX"]["iou_mean"] or 0.0) - max((res[n]["iou_mean"] or 0.0) for n in group))
+                       for group in (names, [f"{n} (theta only)" for n in names])]
+            print(f"| {mode} | {label} | " + " | ".join(cells) + f" | {margins[0]:+.1f} | {margins[1]:+.1f} |",
+                  flush=True)
             table.append({"novelty": mode, "theta": label, "theta_value": value, **res})
     if args.out:
         Path(args.out).write_text(json.dumps({"run": args.run, "test": args.test, "pool": args.pool,

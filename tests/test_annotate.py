@@ -143,6 +143,7 @@ def test_command_writes_rows_masks_overlays_and_summary(trained_run, input_dir, 
     assert not (out / "saliency").exists()
     # the refinement is part of the settings: new runs refine; --refine none is other settings
     assert summary["settings"]["maps"]["refine"] == "superpixels"
+    assert not [k for k in summary["settings"]["maps"] if k.startswith("_")]  # options only
     assert run_cli(trained_run, input_dir, "--out", out, "--theta", "0.3", "--workers", "0", "--refine", "none") == 2
     assert run_cli(trained_run, input_dir, "--out", out, "--theta", "0.3", "--workers", "0", "--refine", "none",
                    "--overwrite") == 1

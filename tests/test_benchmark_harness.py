@@ -49,6 +49,15 @@ def test_protocol_levers_rederives_what_evaluate_scores(ensemble, lesion_dir, tm
     for key, expected in [("AAX", want["ensemble"]), *want["members"].items()]:
         for metric in ("accuracy", "flag_rate", "iou_mean"):
             assert got[key][metric] == pytest.approx(expected[metric], abs=1e-9), (key, metric)
+    # members flagged by theta alone (the paper's rule) score what evaluate scores without
+    # the novelty step; charged their own novel flags, they are flagged at least as often
+    paper = evaluate(ensemble, str(lesion_dir), report=False, novelty=False)["members"]
+    for name, expected in paper.items():
+        plain = got[f"{name} (theta only)"]
+        for metric in ("accuracy", "flag_rate", "iou_mean"):
+            assert plain[metric] == pytest.approx(expected[metric], abs=1e-9), (name, metric)
+        novel = sum(bool(r["record"].members[list(ensemble.members).index(name)].novel) for r in rows)
+        assert plain["flag_rate"] <= got[name]["flag_rate"] <= plain["flag_rate"] + novel / len(rows) + 1e-9
     # no uncertainty flags and no novelty step: nothing is flagged but no-consensus
     free = levers.score_setting(ensemble, rows, float("inf"), levers.novel_flags(ensemble, rows, "off", None))
     assert free["AAX"]["flag_rate"] <= got["AAX"]["flag_rate"]

@@ -248,6 +248,20 @@ def test_member_decision_rules():
     assert member_decision(rec, 2, 0.1) == "diseased"  # u == theta is confident
 
 
+def test_a_member_alone_is_charged_its_own_novelty_flag():
+    """With the novelty step, a member alone goes to review when it finds the image novel
+    (the ensemble's checks with a quorum of one); without the step only theta flags."""
+    confident = [0.9, 0.1]
+    rec = AnnotationRecord(image="x", members=[MemberResult("m", confident, 0.0, "diseased", novel=True),
+                                               MemberResult("n", confident, 0.0, "diseased", novel=False),
+                                               MemberResult("o", confident, 0.0, "diseased")])
+    assert member_decision(rec, 0, 0.1) == REVIEW  # novel, though confident
+    assert member_decision(rec, 1, 0.1) == "diseased"
+    assert member_decision(rec, 2, 0.1) == "diseased"  # no novelty verdict: the paper's rule
+    assert member_decision(rec, 0, 0.1, novel=False) == "diseased"  # an override (benchmarks)
+    assert member_decision(rec, 1, 0.1, novel=True) == REVIEW
+
+
 def test_unknown_label_is_an_error(tmp_path):
     bad = FakeDataset([FakeSample(tmp_path / "a.png", "cat", TOP_LEFT)])
     with pytest.raises(ValueError, match="not one of the model's classes"):
@@ -261,6 +275,9 @@ def test_tables_without_masks():
               "members": {}, "ensemble": {"accuracy": 1.0, "accuracy_kept": 1.0, "flag_rate": 0.0,
                                           "precision": None, "recall": None, "f1": None}}
     text = tables_markdown(result)
+    assert "flagged when its own u > theta (no novelty step" in text
+    result["settings"]["novelty"] = {"score": "maha", "pass_rate": 0.95}
+    assert "or it finds the image novel" in tables_markdown(result)
     assert "No ground-truth masks" in text and "| **AAX (fused maps of the agreeing members)** | 100.0 | 100.0 | 0.0 | – |" in text
 
 

@@ -56,6 +56,19 @@ def test_other_settings_refused_unless_overwrite(tmp_path):
     store.close()
 
 
+def test_a_folder_whose_settings_held_private_fields_is_resumed(tmp_path):
+    """Folders written before session 9 hold MapOptions' private view list in their
+    settings; the same options without it resume them (and rewrite the row), while any
+    other difference is still refused."""
+    maps = {"map_stride": 16, "fusion": "min"}
+    AnnotationStore(tmp_path, {**SETTINGS, "maps": {**maps, "_views": [[1.0, False]]}}).close()
+    store = AnnotationStore(tmp_path, {**SETTINGS, "maps": maps})
+    assert store.settings["maps"] == maps
+    store.close()
+    with pytest.raises(SettingsMismatch, match="map_stride"):
+        AnnotationStore(tmp_path, {**SETTINGS, "maps": {**maps, "map_stride": 32}})
+
+
 def test_recover_removes_orphans_and_redoes_rows_without_masks(tmp_path):
     store = AnnotationStore(tmp_path, SETTINGS, input_root=tmp_path)
     store.add(positive(str(tmp_path / "kept.png")))

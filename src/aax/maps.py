@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -68,7 +68,6 @@ class MapOptions:
     source: str = "cam"
     mask_members: tuple[str, ...] | None = None
     refine: str = "none"
-    _views: tuple[tuple[float, bool], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("class_stride", "map_stride"):
@@ -89,13 +88,12 @@ class MapOptions:
             if not members or len(set(members)) != len(members):
                 raise ValueError(f"mask_members must name distinct members, got {list(self.mask_members)}")
             object.__setattr__(self, "mask_members", members)
-        views = tuple((s, f) for s in scales for f in ((False, True) if self.tta_flip else (False,)))
-        object.__setattr__(self, "_views", views)
 
     @property
     def views(self) -> tuple[tuple[float, bool], ...]:
-        """The ``(scale, mirrored)`` views a map is averaged over."""
-        return self._views
+        """The ``(scale, mirrored)`` views a map is averaged over. Computed, not stored,
+        so that ``dataclasses.asdict`` (``summary.json``'s settings) holds only options."""
+        return tuple((s, f) for s in self.tta_scales for f in ((False, True) if self.tta_flip else (False,)))
 
     @property
     def augmented(self) -> bool:

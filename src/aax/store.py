@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import numpy as np
 
@@ -112,6 +113,16 @@ def _write_png_atomically(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def _public(value: Any) -> Any:
+    """``value`` without the keys that start with ``_`` (private fields that older
+    versions wrote into a folder's settings), at every depth."""
+    if isinstance(value, dict):
+        return {k: _public(v) for k, v in value.items() if not str(k).startswith("_")}
+    if isinstance(value, list):
+        return [_public(v) for v in value]
+    return value
+
+
 class AnnotationStore:
     """The SQLite database and files of one annotation run.
 
@@ -181,6 +192,11 @@ class AnnotationStore:
             return
         if row[0] != wanted:
             old = json.loads(row[0])
+            if _public(old) == json.loads(wanted):
+                # a folder from before session 9, whose settings held MapOptions' private
+                # view list: the same options, so it is resumed and its row rewritten
+                self.db.execute("UPDATE meta SET value = ? WHERE key = 'settings'", (wanted,))
+                return
             diff = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}"
                              for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k))
             raise SettingsMismatch(
