@@ -190,6 +190,12 @@ def test_outputs_written(data, tmp_path):
     # the trivial masks are printed beside ours (a mask that cannot beat them says nothing)
     assert set(metrics["trivial"]) == {"whole image", "centred box"}
     assert 0 < metrics["trivial"]["whole image"]["iou_mean"] <= 1
+    # and on the images AAX gave a mask for (A only: B is flagged): the box's 16..48 square
+    # meets A's top-left quarter in 16 x 16 px
+    box = metrics["trivial"]["centred box"]
+    assert box["n_masks"] == 2 and box["n_masks_given"] == 1
+    assert box["iou_mean_given"] == pytest.approx(256 / (1024 + 1024 - 256))
+    assert metrics["trivial"]["whole image"]["iou_mean_given"] == pytest.approx(1024 / 4096)
     assert "| whole image (trivial) |" in tables and "| centred box (trivial) |" in tables
     assert not (out / "report.html").exists()
 

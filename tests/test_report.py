@@ -57,6 +57,7 @@ def test_report_content(evaluated):
     assert html.count('class="tag wrong"') == 1
     assert "<td>AAX (fused maps of the agreeing members)</td>" in html
     assert "AAX&#x27;s masks: min fusion of the agreeing members&#x27; maps." in html  # how masks were made
+    assert "A member alone is flagged when its own u &gt; theta" in html  # how members were scored
 
 
 def test_report_rows_are_capped(tmp_path):

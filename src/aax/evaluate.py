@@ -317,6 +317,9 @@ class _Scorer:
         # the masks a method did give (the images it annotated), as a user receives them
         self.given: dict[str, MaskScores] = {n: MaskScores() for n in [ENSEMBLE, *names]}
         self.trivial: dict[str, MaskScores] = {n: MaskScores() for n in TRIVIAL_MASKS}
+        # the trivial masks on the images AAX gave a mask for: do the masks a reviewer
+        # receives beat a box there? (a method that abstains scores 0 on what it flags)
+        self.trivial_given: dict[str, MaskScores] = {n: MaskScores() for n in TRIVIAL_MASKS}
         self.probs: list[np.ndarray] = []
         self.uncertainty: list[np.ndarray] = []
         self.seen: list[AnnotationRecord] = []  # the members' answers only, for the open-set table
@@ -360,7 +363,10 @@ class _Scorer:
                 if pred is not None:
                     self.given[name].add(pred, gt)
             for name, scores in self.trivial.items():
-                scores.add(trivial_mask(name, gt.shape), gt)
+                box = trivial_mask(name, gt.shape)
+                scores.add(box, gt)
+                if preds[ENSEMBLE] is not None:
+                    self.trivial_given[name].add(box, gt)
 
         row: dict[str, Any] = {
             "set": "data", "image": record.image, "status": "ok", "error": None, "label": label,
@@ -411,6 +417,14 @@ class _Scorer:
         room = k - len(wrong)
         shown_pos = pos[: max(0, room - (1 if neg else 0))]
         return wrong + shown_pos + neg[: room - len(shown_pos)]
+
+    def trivial_metrics(self, name: str) -> dict[str, Any]:
+        """A trivial mask's scores on every positive, and ("given") on the positives AAX
+        gave a mask for."""
+        m = self.trivial[name].result()
+        given = self.trivial_given[name].result()
+        m["iou_mean_given"], m["n_masks_given"] = given["iou_mean"], given["n_masks"]
+        return m
 
     def metrics(self, name: str) -> dict[str, Any]:
         m = classification_metrics(self.labels, self.predictions[name], self.positive)
@@ -541,7 +555,7 @@ def evaluate(ensemble: Ensemble, data: Any, *, unseen: Any = None, theta: float 
     result: dict[str, Any] = {
         "members": {n: scorer.metrics(n) for n in names},
         "ensemble": scorer.metrics(ENSEMBLE),
-        "trivial": {n: s.result() for n, s in scorer.trivial.items()} if scorer.has_masks else {},
+        "trivial": {n: scorer.trivial_metrics(n) for n in scorer.trivial} if scorer.has_masks else {},
         "settings": {
             "theta": theta, "tau": tau, "mc_passes": mc, "quorum": int(ensemble.quorum),
             "run": str(getattr(ensemble, "run", "")), "data": _describe(data),
@@ -614,7 +628,7 @@ def _num(v: float | None) -> str:
     return "–" if v is None else f"{v:.3f}"
 
 
-def _members_text(settings: Mapping[str, Any]) -> str:
+def members_text(settings: Mapping[str, Any]) -> str:
     """How a member alone is flagged in these tables (it depends on the novelty step)."""
     if settings.get("novelty"):
         return ("A member alone is flagged when its own u > theta or it finds the image novel "
@@ -632,7 +646,7 @@ def tables_markdown(result: dict[str, Any]) -> str:
            f"{s['n_images']} images, {s['n_errors']} input errors (listed in metrics.json), classes {', '.join(s['classes'])} "
            f"(negative: {s['negative_class']}); theta = {s['theta']:g}, tau = {tau_text(s['tau'])}, "
            f"K = {s['mc_passes']} MC passes, quorum {s['quorum']}. Flagged images count as wrong "
-           f"in accuracy; 'kept' is the accuracy on the images not flagged. {_members_text(s)}{masks_text(s)}", "",
+           f"in accuracy; 'kept' is the accuracy on the images not flagged. {members_text(s)}{masks_text(s)}", "",
            "## Classification (paper tables 1 and 3)", "",
            "| Method | Accuracy (%) | Accuracy kept (%) | Flag rate (%) | Precision (%) | Recall (%) | F1 (%) |",
            "|---|---:|---:|---:|---:|---:|---:|"]
@@ -646,7 +660,8 @@ def tables_markdown(result: dict[str, Any]) -> str:
                 f"On the {n_masks} positive images with a ground-truth mask; an image without a "
                 "predicted mask (called negative, or flagged) scores IoU 0. Mean = average of per-image "
                 "IoU; micro = summed intersection / summed union. 'Given' = mean IoU of the masks the "
-                "method did give, on the images it annotated (n of them): what a reviewer receives.", "",
+                "method did give, on the images it annotated (n of them): what a reviewer receives; for "
+                "a trivial mask, on the images AAX gave a mask for.", "",
                 "| Method | IoU mean (%) | IoU micro (%) | Pixel precision (%) | Pixel recall (%) | Pixel F1 (%) "
                 "| IoU given (%) (n) |",
                 "|---|---:|---:|---:|---:|---:|---:|"]

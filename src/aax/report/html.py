@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from html import escape
 from typing import Any
 
-from aax.evaluate import ENSEMBLE, Example, Tau, masks_text, method_label, tau_text
+from aax.evaluate import ENSEMBLE, Example, Tau, masks_text, members_text, method_label, tau_text
 from aax.records import REVIEW
 from aax.report import figures
 
@@ -72,7 +72,8 @@ def classification_table(result: Mapping[str, Any]) -> str:
 
 def mask_table(result: Mapping[str, Any]) -> str:
     """Paper tables 2 and 4 (IoU mean and micro, pixel P/R/F1), and the IoU of the masks
-    each method did give (on the images it annotated)."""
+    each method did give (on the images it annotated; a trivial mask: on the images AAX
+    gave a mask for)."""
     header = ["Method", "IoU mean %", "IoU micro %", "Pixel precision %", "Pixel recall %", "Pixel F1 %",
               "IoU of the masks given % (n)"]
     trivial = [(f"{name} (trivial)", m, False) for name, m in (result.get("trivial") or {}).items()]
@@ -214,12 +215,13 @@ def page(result: Mapping[str, Any], examples: Sequence[Example]) -> str:
 
     parts += ["<h2>Classification (paper tables 1 and 3)</h2>", classification_table(result),
               '<p class="note">A flagged image counts as wrong in accuracy; "kept" is the accuracy on the '
-              "images not flagged. A member alone is flagged when its own uncertainty is over theta.</p>"]
+              f"images not flagged. {escape(members_text(s))}</p>"]
     if s.get("has_masks"):
         parts += ["<h2>Masks (paper tables 2 and 4)</h2>", mask_table(result),
                   f'<p class="note">On the {e.get("n_masks", 0)} positive images with a ground-truth mask; '
                   "an image without a predicted mask scores IoU 0. Mean: average of per-image IoU; micro: "
-                  f"summed intersection over summed union. {escape(masks_text(s))}</p>"]
+                  "summed intersection over summed union. Given: on the images the method annotated; for a "
+                  f"trivial mask, on the images AAX gave a mask for. {escape(masks_text(s))}</p>"]
     parts += ["<h2>Examples (paper figures 2 and 3)</h2>", example_grid(examples, names, s["tau"], s["negative_class"],
                                                                    s.get("map_source", "cam"))]
 
