@@ -78,3 +78,48 @@ def test_check_tbx11k_sample_and_classes_option(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["n_samples"] == 2 and report["n_errors"] == 2
     assert all("unknown label 'diseased'" in e["reason"] for e in report["errors"])
+
+
+def test_split_writes_a_held_out_test_manifest(tmp_path, capsys):
+    """``aax data split``: class by class, every image on exactly one side, masks kept,
+    the same seed the same split, and manifests every command opens."""
+    from aax.data import open_dataset
+
+    rng = np.random.default_rng(1)
+    root = tmp_path / "data"
+    for label in ("healthy", "diseased"):
+        for i in range(8):
+            path = root / "images" / label / f"{label}{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path)
+            if label == "diseased":
+                mask = root / "masks" / label / f"{label}{i}.png"
+                mask.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(np.full((16, 16), 255, dtype=np.uint8)).save(mask)
+    out = tmp_path / "split"
+    assert main(["data", "split", str(root), "--out", str(out), "--test-fraction", "0.25", "--seed", "3"]) == 0
+    assert "test: " in capsys.readouterr().out
+    train, test = open_dataset(out / "train.csv"), open_dataset(out / "test.csv")
+    assert train.counts() == {"diseased": 6, "healthy": 6} and test.counts() == {"diseased": 2, "healthy": 2}
+    names = [s.image.resolve() for s in [*train, *test]]
+    assert len(set(names)) == 16 == len(names)
+    assert all(s.has_mask for s in test if s.label == "diseased")
+    first = (out / "test.csv").read_text()
+    assert main(["data", "split", str(root), "--out", str(tmp_path / "again"), "--seed", "3",
+                 "--test-fraction", "0.25"]) == 0
+    assert (tmp_path / "again" / "test.csv").read_text().splitlines()[1:] == first.splitlines()[1:]
+    assert main(["data", "split", str(root), "--out", str(out), "--test-fraction", "1.5"]) == 2
+    assert "the test fraction must be in (0, 1), got 1.5" in capsys.readouterr().err
+
+
+def test_split_refuses_box_ground_truth(tmp_path):
+    """Boxes (TBX11K) cannot go into a manifest: a clear error, not masks lost in silence."""
+    import pytest
+
+    from aax.data import Dataset, Sample
+    from aax.data.split import split_manifests
+
+    data = Dataset([Sample(tmp_path / "a.png", "tb", boxes=((0.0, 0.0, 4.0, 4.0),)),
+                    Sample(tmp_path / "b.png", "healthy", boxes=())])
+    with pytest.raises(ValueError, match="a.png: its ground truth is boxes"):
+        split_manifests(data, tmp_path / "out")

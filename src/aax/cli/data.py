@@ -1,4 +1,5 @@
-"""``aax data check``: what a dataset holds, and every file in it that cannot be used."""
+"""``aax data check`` (what a dataset holds, and every file in it that cannot be used),
+``aax data convert`` (manifests for public layouts) and ``aax data split`` (a held-out test part)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("--negative", default="no_defect", help="labelme: the class of images without shapes")
     convert.add_argument("--out", required=True, help="folder for manifest.csv and masks/")
     convert.set_defaults(func=run_convert)
+    split = sub.add_parser(
+        "split", help="hold out a test part: write OUT/train.csv and OUT/test.csv",
+        description="A seeded split, class by class (the validation split's rule), of any dataset "
+                    "into two CSV manifests: train on OUT/train.csv (aax train holds out its own "
+                    "validation part from it) and score on OUT/test.csv (aax evaluate), never trained "
+                    "or calibrated on. The same SOURCE, fraction and seed give the same split.")
+    split.add_argument("source", help="dataset folder or CSV manifest")
+    split.add_argument("--out", required=True, help="folder for train.csv and test.csv")
+    split.add_argument("--test-fraction", type=float, default=0.25,
+                       help="share of each class held out for testing (default 0.25)")
+    split.add_argument("--seed", type=int, default=0)
+    split.add_argument("--format", choices=FORMATS, default=None, help="layout of SOURCE (default: detected)")
+    add_label_map_argument(split)
+    split.set_defaults(func=run_split)
     parser.set_defaults(func=lambda args: _usage(parser))
 
 
@@ -93,6 +108,23 @@ def run_convert(args: argparse.Namespace) -> int:
     for error in result.errors:
         print(f"  skipped {error}", file=sys.stderr)
     return 1 if result.errors else 0
+
+
+def run_split(args: argparse.Namespace) -> int:
+    """Run ``aax data split``; 0 when written, 2 on a bad source or fraction."""
+    from aax.data.split import split_manifests
+
+    try:
+        dataset = open_dataset(args.source, args.format, label_map=args.label_map)
+        written = split_manifests(dataset, args.out, args.test_fraction, args.seed)
+    except (OSError, ValueError) as exc:
+        print(f"aax data split: {exc}", file=sys.stderr)
+        return 2
+    for part, (path, counts) in written.items():
+        print(f"{part}: {path} ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})")
+    for error in dataset.errors:
+        print(f"  left out {error.path}: {error.reason}", file=sys.stderr)
+    return 0
 
 
 def format_summary(summary: dict) -> str:
