@@ -10,11 +10,11 @@ and scores members alone as ``aax evaluate`` does (:func:`aax.evaluate.member_de
 :func:`aax.evaluate.member_mask`: a member is flagged by its own ``u > theta`` or its own
 novel flag), and again flagged by theta alone (the last column: how members were scored
 until session 9, when the novelty step was charged to AAX only). Rows: theta as
-calibrated, x2, x4 and none (no uncertainty flags); the novelty step with the run's thresholds, off (the paper's
-protocol), and, with ``--pool``, with thresholds set on the POOL's images as
-``aax calibrate --novelty-images POOL`` sets them. Trivial masks (whole image, centred
-box) are printed beside. docs/quality.md (session 8) and docs/novelty.md quote its
-figures. Keeps every map of TEST in memory: a few hundred images of a few hundred pixels.
+calibrated, x2, x4 and none (no uncertainty flags); the novelty step with the run's
+thresholds, off (the paper's protocol), and, with ``--pool``, with thresholds set on the
+POOL's images as ``aax calibrate --novelty-images POOL`` sets them. Trivial masks (whole
+image, centred box) are printed beside. docs/quality.md (sessions 8 and 9) and
+docs/novelty.md quote its figures. Keeps every map of TEST in memory: a few hundred images of a few hundred pixels.
 """
 
 from __future__ import annotations
