@@ -14,7 +14,8 @@ calibrated, x2, x4 and none (no uncertainty flags); the novelty step with the ru
 thresholds, off (the paper's protocol), and, with ``--pool``, with thresholds set on the
 POOL's images as ``aax calibrate --novelty-images POOL`` sets them. Trivial masks (whole
 image, centred box) are printed beside. docs/quality.md (sessions 8 and 9) and
-docs/novelty.md quote its figures. Keeps every map of TEST in memory: a few hundred images of a few hundred pixels.
+docs/novelty.md quote its figures. Keeps every map of TEST in memory: a few hundred
+images of a few hundred pixels.
 """
 
 from __future__ import annotations
