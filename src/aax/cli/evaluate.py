@@ -29,8 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="images per batch (default: chosen for the device and input size)")
     p.add_argument("--no-report", action="store_true", help="skip report.html")
     p.add_argument("--no-novelty", dest="novelty", action="store_false",
-                   help="skip the novelty step: the paper's protocol alone, as its tables were made "
-                        "(novelty scores are still compared with --unseen)")
+                   help="skip the novelty step, for the ensemble and for each member alone (which "
+                        "otherwise goes to review when its own novelty test calls an image novel): the "
+                        "paper's protocol alone, as its tables were made (novelty scores are still "
+                        "compared with --unseen)")
     add_label_map_argument(p)
     add_device_argument(p)
     p.set_defaults(func=run)
