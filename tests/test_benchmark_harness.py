@@ -78,3 +78,34 @@ def test_protocol_levers_rederives_what_evaluate_scores(ensemble, lesion_dir, tm
         assert set(entry["by_class"]) <= set(ensemble.classes)
         assert all(e["n"] >= MIN_PER_CLASS for e in entry["by_class"].values())
         assert sum(e["n"] for e in entry["by_class"].values()) <= n_pool
+
+
+def test_calibration_rules_scores_what_calibrate_picked(trained_run, lesion_dir):
+    """benchmarks/calibration_rules.py: its ``calibrate`` rule is what ``aax calibrate``
+    picks on the run's validation split (same options, tau and validation IoU), and no
+    rule beats the test-set oracle on the test images."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import calibration_rules as rules
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    from aax.calibrate import calibrate, validation_split
+
+    recorded = calibrate(trained_run, validation_split(trained_run), write=False, novelty=False)
+    assert recorded["iou_mean"] is not None
+    result = rules.measure(str(trained_run), str(lesion_dir), theta=recorded["theta"])
+    got = result["rules"]["calibrate"]
+    assert got["validation_iou"] == pytest.approx(100 * recorded["iou_mean"], abs=1e-9)
+    assert got["tau"] == recorded["tau"]
+    who = "all" if recorded["mask_members"] is None else "+".join(recorded["mask_members"])
+    assert got["option"].startswith(f"{recorded['fusion']} of {who},")
+    assert got["option"].endswith(f"refine {recorded['refine']}")
+    assert result["rules"]["paper"]["option"] == "min of all, refine none"
+    oracle = result["rules"]["oracle"]["test_iou"]
+    for rule, row in result["rules"].items():
+        assert row["test_iou"] <= oracle + 1e-9, rule
+        assert row["validation_iou"] <= got["validation_iou"] + 1e-9, rule  # calibrate takes the best
+        if rule.startswith("gain >"):
+            assert row["option"] in (got["option"], result["rules"]["paper"]["option"]), rule
+    assert result["n_validation_masks"] > 0 and result["n_test_masks"] > result["n_validation_masks"]
