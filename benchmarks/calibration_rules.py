@@ -33,8 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from aax.calibrate import Collected, _fusion_table, choose_masks, collect, member_sets, validation_split
-from aax.decide import FUSIONS, OTSU, mask_subset
+from aax.calibrate import (Collected, _fusion_table, choose_masks, collect, image_counts, member_sets, tau_positions,
+                           validation_split)
+from aax.decide import FUSIONS
 from aax.ensemble import Ensemble
 from aax.metrics import ThetaSweep
 from aax.refine import REFINES
@@ -45,20 +46,13 @@ SE_LEVELS = (1.0, 2.0)
 
 def per_image_iou(collected: Collected, agreeing: list, option: tuple, tau: Any,
                   classes: list[str]) -> np.ndarray:
-    """Each masked positive image's IoU (image order of ``collected.masks``) for
-    ``option = (fusion, members, refine)`` at ``tau`` (a value, ``"otsu"`` or one per class)."""
+    """Each masked positive image's IoU (0 without a mask) for ``option = (fusion,
+    members, refine)`` at ``tau``, counted as calibration counts it."""
     fusion, members, refine = option
-    out = []
-    for j, entry in sorted(collected.masks.items()):
-        t = tau.get(classes[entry.label], 0.5) if isinstance(tau, dict) else tau
-        k = len(collected.taus) if t == OTSU else int(np.argmin(np.abs(collected.taus - float(t))))
-        subset = mask_subset(agreeing[j], members)
-        if not subset:
-            out.append(0.0)
-            continue
-        tp, fp = (int(v[k]) for v in entry.counts[(fusion, subset, refine)])
-        out.append(tp / max(1, entry.gt_pixels + fp))
-    return np.array(out)
+    labels = sorted({e.label for e in collected.masks.values()})
+    index = tau_positions(collected.taus, tau, classes, labels)
+    return np.array([tp / max(1, tp + fp + fn)
+                     for tp, fp, fn in image_counts(collected, agreeing, fusion, index, members, refine)])
 
 
 def departures(option: tuple) -> int:

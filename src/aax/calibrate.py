@@ -337,26 +337,46 @@ def _fusion_table(collected: Collected, sweep: ThetaSweep, theta: float, classes
                 per_class[c] = best
         if not per_class:
             continue
-        index = {c: (len(collected.taus) if p["tau"] == OTSU else
-                     int(np.argmin(np.abs(collected.taus - p["tau"])))) for c, p in per_class.items()}
-        overall = _scores_at(collected, sweep, theta, fusion, index, members, refine)
         tau = (per_class[labels[0]]["tau"] if len(labels) == 1
                else {classes[c]: p["tau"] for c, p in per_class.items()})
+        index = tau_positions(collected.taus, tau, classes, list(per_class))
+        overall = _scores_at(collected, sweep, theta, fusion, index, members, refine)
         table.append({"fusion": fusion, "refine": refine, "tau": tau, **overall})
     return table
+
+
+def image_counts(collected: Collected, agreeing: Sequence[Sequence[int]], fusion: str,
+                 index: Mapping[int, int], members: tuple[int, ...] | None = None,
+                 refine: str = "none") -> list[tuple[int, int, int]]:
+    """Each masked positive image's TP, FP and FN (in ``collected.masks`` order) with each
+    class's tau at grid position ``index[class]`` (the last position: Otsu), given the
+    agreeing members per image (:meth:`aax.metrics.ThetaSweep.agreeing_at`); an image
+    with no agreeing members has no mask."""
+    out = []
+    for j, entry in collected.masks.items():
+        t = index[entry.label]
+        subset = mask_subset(agreeing[j], members)
+        tp, fp = (int(v[t]) for v in entry.counts[(fusion, subset, refine)]) if subset else (0, 0)
+        out.append((tp, fp, entry.gt_pixels - tp))
+    return out
+
+
+def tau_positions(taus: np.ndarray, tau: Any, classes: Sequence[str], labels: Sequence[int]) -> dict[int, int]:
+    """Class index -> position of ``tau`` (one value, ``"otsu"``, or one per class name)
+    on the grid of :func:`collect`'s counts."""
+    def position(t: Any) -> int:
+        return len(taus) if t == OTSU else int(np.argmin(np.abs(taus - float(t))))
+
+    return {c: position(tau[classes[c]] if isinstance(tau, dict) else tau) for c in labels}
 
 
 def _scores_at(collected: Collected, sweep: ThetaSweep, theta: float, fusion: str,
                index: dict[int, int], members: tuple[int, ...] | None = None,
                refine: str = "none") -> dict[str, Any]:
     """Mean/micro IoU with each class's tau at grid position ``index[class]``."""
-    agreeing = sweep.agreeing_at(theta)
     acc = MaskScores()
-    for j, entry in collected.masks.items():
-        t = index[entry.label]
-        subset = mask_subset(agreeing[j], members)
-        tp, fp = (int(v[t]) for v in entry.counts[(fusion, subset, refine)]) if subset else (0, 0)
-        acc.add_counts(tp, fp, entry.gt_pixels - tp)
+    for tp, fp, fn in image_counts(collected, sweep.agreeing_at(theta), fusion, index, members, refine):
+        acc.add_counts(tp, fp, fn)
     return acc.result()
 
 
