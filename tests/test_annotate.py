@@ -19,6 +19,7 @@ from PIL import Image
 
 from aax.cli import main
 from aax.decide import decide
+from aax.members import DEFAULT_MEMBERS
 from aax.refine import WORK_SIDE, pool_numpy, resize_labels
 
 pytestmark = pytest.mark.slow
@@ -303,13 +304,13 @@ def test_review_list_names_flagged_images_most_uncertain_first(trained_run, inpu
     first = listed["images"][0]
     assert first["reason"] == "uncertain" and (out / first["overlay"]).is_file()
     assert Path(first["path"]).is_file() and not Path(first["image"]).is_absolute()
-    assert [m["name"] for m in first["members"]] == ["resnet50", "efficientnet-b0", "densenet121"]
+    assert [m["name"] for m in first["members"]] == list(DEFAULT_MEMBERS)
     assert max(m["uncertainty"] for m in first["members"]) == first["max_uncertainty"]
     import csv
 
     rows = list(csv.DictReader(open(out / "review.csv")))
     assert [r["image"] for r in rows] == [e["image"] for e in listed["images"]]
-    assert float(rows[0]["resnet50:uncertainty"]) == pytest.approx(first["members"][0]["uncertainty"])
+    assert float(rows[0][f"{DEFAULT_MEMBERS[0]}:uncertainty"]) == pytest.approx(first["members"][0]["uncertainty"])
     # the command prints it and writes it elsewhere on request
     assert main(["review", str(out), "--to", str(tmp_path / "r"), "--limit", "2"]) == 0
     printed = capsys.readouterr().out

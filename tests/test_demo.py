@@ -7,6 +7,7 @@ import json
 import pytest
 
 from aax.demo import DemoConfig, run_demo
+from aax.members import DEFAULT_MEMBERS
 
 pytestmark = pytest.mark.slow
 
@@ -27,10 +28,9 @@ def test_demo_end_to_end_on_the_shared_run(trained_run, tmp_path, capsys):
     near = json.loads((out / "evaluation" / "near_ood.json").read_text())
     assert near["n"] == config.near_unseen and {r["score"] for r in near["rows"]} >= {"u", "knn", "rmd"}
     manifest = json.loads((out / "run" / "aax.json").read_text())
-    assert manifest["calibration"] and set(m["name"] for m in manifest["members"]) == {
-        "resnet50", "efficientnet-b0", "densenet121"}
+    assert manifest["calibration"] and set(m["name"] for m in manifest["members"]) == set(DEFAULT_MEMBERS)
     metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
-    assert set(metrics["members"]) == {"resnet50", "efficientnet-b0", "densenet121"}
+    assert set(metrics["members"]) == set(DEFAULT_MEMBERS)
     assert 0 <= metrics["ensemble"]["accuracy"] <= 1 and "unseen" in metrics
     html = (out / "evaluation" / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 3

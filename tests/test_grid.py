@@ -15,13 +15,15 @@ from aax.explain import Grid, upsample
 from aax.maps import MapOptions, member_grid
 from aax.members import MEMBERS, build_member
 
+from _members import Gain, without_relu6
+
 NAMES = sorted(MEMBERS)
 
 
 def _probe_member(name: str, stride: int) -> nn.Module:
-    """``name`` at ``stride`` with every kernel flat (1 / fan-in) and no squeeze-excitation
-    (a per-channel gain that pools the whole image): a cell's gradient on the input is
-    then spread evenly around the centre of its receptive field."""
+    """``name`` at ``stride`` with every kernel flat (1 / fan-in), no squeeze-excitation
+    (a per-channel gain that pools the whole image) and a linear gain for ReLU6: a cell's gradient
+    on the input is then spread evenly around the centre of its receptive field."""
     member = build_member(name, 2, output_stride=stride).eval()
     for module in member.modules():
         if isinstance(module, nn.Conv2d):
@@ -30,7 +32,11 @@ def _probe_member(name: str, stride: int) -> nn.Module:
                 nn.init.zeros_(module.bias)
         if hasattr(module, "has_se"):
             module.has_se = False
-    return member
+    # The Lite members' ReLU6 passes these positive activations at gain 1, so every residual
+    # branch counts fully and the effective receptive field spreads to the image's edges,
+    # which pull its centre; a small linear gain keeps it inside. The padding, and so the
+    # grid, is unchanged.
+    return without_relu6(member, Gain)
 
 
 @pytest.mark.parametrize("stride", [32, 16, 8])

@@ -53,7 +53,9 @@ def test_imagenet_checkpoint_is_read_from_the_hub_cache(name: str, tmp_path: Pat
 
 
 def test_scratch_and_explicit_weights_win_over_imagenet() -> None:
-    assert TrainConfig().member_weights("resnet50") is None and TrainConfig().member_lr("resnet50") == SCRATCH_LR
+    scratch = TrainConfig(pretrained=None)
+    assert scratch.member_weights("resnet50") is None and scratch.member_lr("resnet50") == SCRATCH_LR
+    assert TrainConfig().member_weights("resnet50") == IMAGENET_URLS["resnet50"]
     config = TrainConfig(pretrained="imagenet", weights={"resnet50": "/x.pt"})
     assert config.member_weights("resnet50") == "/x.pt"
     with pytest.raises(ValueError, match="pretrained"):

@@ -9,7 +9,7 @@ import torch
 
 from aax.data import open_dataset, read_image
 from aax.data.transforms import prepare
-from aax.members import DEFAULT_MEMBERS, build_member
+from aax.members import DEFAULT_MEMBERS, MEMBERS, build_member
 from aax.training import runfiles
 from aax.training.loop import LoopSettings, member_loss, recalibrate_bn
 from aax.training.init import zero_init_residuals
@@ -24,7 +24,7 @@ def _settings(**kw) -> LoopSettings:
     return LoopSettings(**base)
 
 
-@pytest.mark.parametrize("name", DEFAULT_MEMBERS)
+@pytest.mark.parametrize("name", sorted(MEMBERS))
 def test_batch_norm_momentum_is_pytorch_default(name: str) -> None:
     # MONAI's EfficientNetBN defaults to TF-style momentum 0.01, which leaves eval-mode
     # accuracy at chance on small data; every member must use 0.1.
@@ -33,7 +33,7 @@ def test_batch_norm_momentum_is_pytorch_default(name: str) -> None:
     assert norms and all(m.momentum == pytest.approx(0.1) for m in norms)
 
 
-@pytest.mark.parametrize("name", DEFAULT_MEMBERS)
+@pytest.mark.parametrize("name", sorted(MEMBERS))
 def test_each_member_fits_synthetic_images(name: str, tiny_lesion_dir: Path) -> None:
     """The composite loss goes down when a member trains on 32 px synthetic lesions."""
     dataset = open_dataset(tiny_lesion_dir)

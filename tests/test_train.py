@@ -14,12 +14,12 @@ import torch.nn.functional as F
 
 from aax.cli import main
 from aax.ensemble import Ensemble, RunError
-from aax.members import build_member
-from aax.train import TrainConfig, default_negative_class, resolve_negative_class, train
+from aax.members import DEFAULT_MEMBERS, build_member
+from aax.train import FINETUNE_LR, TrainConfig, default_negative_class, resolve_negative_class, train
 from aax.training import runfiles
 from aax.training.loop import lr_factor, member_loss
 
-FAST = dict(members=("efficientnet-b0",), image_size=32, batch_size=8, progress=False)
+FAST = dict(members=("efficientnet-b0",), image_size=32, batch_size=8, progress=False, pretrained=None)
 
 
 def _rows(run: Path) -> list[dict[str, str]]:
@@ -101,9 +101,12 @@ def test_bad_settings_are_refused(bad: dict) -> None:
 
 
 def test_default_lr_depends_on_pretrained_weights() -> None:
-    config = TrainConfig(weights={"resnet50": "x.pth"})
-    assert config.member_lr("resnet50") == pytest.approx(1e-4)
-    assert config.member_lr("densenet121") == pytest.approx(1e-3)
+    from aax.train import SCRATCH_LR
+
+    config = TrainConfig(weights={"resnet50": "x.pth"}, pretrained=None)
+    assert config.member_lr("resnet50") == pytest.approx(FINETUNE_LR)
+    assert config.member_lr("densenet121") == pytest.approx(SCRATCH_LR)
+    assert TrainConfig().member_lr("efficientnet-lite2") == pytest.approx(FINETUNE_LR)
     assert TrainConfig(lr=5e-4).member_lr("resnet50") == pytest.approx(5e-4)
 
 
@@ -212,7 +215,7 @@ def test_cli_train_writes_a_run_that_loads(tiny_lesion_dir: Path, tmp_path: Path
     run = tmp_path / "RUN"
     argv = ["train", str(tiny_lesion_dir), "--out", str(run), "--members", "efficientnet-b0",
             "--epochs", "2", "--image-size", "32", "--batch-size", "8", "--no-progress",
-            "--weights", f"efficientnet-b0={weights}", "--negative-class", "healthy"]
+            "--weights", f"efficientnet-b0={weights}", "--negative-class", "healthy", "--from-scratch"]
     calibrated: list[Path] = []
     given: list[object] = []
     monkeypatch.setattr("aax.calibrate.calibrate_run",
@@ -235,7 +238,7 @@ def test_cli_train_writes_a_run_that_loads(tiny_lesion_dir: Path, tmp_path: Path
     assert data["n_train"] + data["n_val"] == 24 and len(data["val_files"]) == data["n_val"]
     assert sorted(data["train_indices"] + data["val_indices"]) == list(range(24))
     entry = manifest["members"][0]
-    assert entry["checkpoint"] == "efficientnet-b0.pt" and entry["lr"] == pytest.approx(1e-4)
+    assert entry["checkpoint"] == "efficientnet-b0.pt" and entry["lr"] == pytest.approx(FINETUNE_LR)
     assert entry["weights"]["loaded"] > 300 and entry["weights"]["missing"] == []
     assert entry["init"] == "pretrained"
     assert isinstance(entry["converged"], bool)
@@ -267,7 +270,7 @@ def test_cli_reports_bad_arguments(tiny_lesion_dir: Path, tmp_path: Path,
                                    capsys: pytest.CaptureFixture) -> None:
     base = ["train", str(tiny_lesion_dir), "--out", str(tmp_path / "r"), "--no-progress",
             "--no-calibrate",
-            "--members", "efficientnet-b0", "--epochs", "1", "--image-size", "32"]
+            "--members", "efficientnet-b0", "--epochs", "1", "--image-size", "32", "--from-scratch"]
     assert main(base + ["--negative-class", "cats"]) == 2
     assert "cats" in capsys.readouterr().err
     assert main(base + ["--weights", "efficientnet-b0"]) == 2
@@ -278,14 +281,13 @@ def test_cli_reports_bad_arguments(tiny_lesion_dir: Path, tmp_path: Path,
 def test_shared_run_has_every_file(trained_run: Path) -> None:
     manifest = json.loads((trained_run / "aax.json").read_text())
     names = [m["name"] for m in manifest["members"]]
-    assert names == ["resnet50", "efficientnet-b0", "densenet121"]
+    assert names == ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"]
     for name in names:
         assert (trained_run / f"{name}.pt").is_file()
         assert not (trained_run / f"{name}.last.pt").exists()
     assert {r["member"] for r in _rows(trained_run)} == set(names)
     assert manifest["quorum"] == 2 and manifest["negative_class"] == "healthy"
-    assert [m["init"] for m in manifest["members"]] == [
-        "zero-init residual", "zero-init residual", "default"]
+    assert [m["init"] for m in manifest["members"]] == ["pretrained"] * 3
 
 
 def _copy_run(trained_run: Path, tmp_path: Path) -> Path:
@@ -303,24 +305,26 @@ def _copy_run(trained_run: Path, tmp_path: Path) -> Path:
 def test_mismatched_checkpoint_is_refused(trained_run: Path, tmp_path: Path, field: str,
                                           value, message: str) -> None:
     run = _copy_run(trained_run, tmp_path)
-    path = run / "densenet121.pt"
+    last = DEFAULT_MEMBERS[-1]
+    path = run / f"{last}.pt"
     payload = runfiles.load_torch(path)
     payload[field] = value
     runfiles.save_torch(path, payload)
     with pytest.raises(RunError) as err:
         Ensemble.load(run)
-    assert "densenet121.pt" in str(err.value) and message in str(err.value)
+    assert f"{last}.pt" in str(err.value) and message in str(err.value)
 
 
 @pytest.mark.slow
 def test_wrong_weights_or_missing_checkpoint_are_refused(trained_run: Path, tmp_path: Path) -> None:
     run = _copy_run(trained_run, tmp_path)
-    payload = runfiles.load_torch(run / "resnet50.pt")
-    payload["state_dict"] = runfiles.load_torch(run / "densenet121.pt")["state_dict"]
-    runfiles.save_torch(run / "resnet50.pt", payload)
-    with pytest.raises(RunError, match="resnet50.pt"):
+    first, last = DEFAULT_MEMBERS[0], DEFAULT_MEMBERS[-1]  # Lite0 and Lite2: other shapes
+    payload = runfiles.load_torch(run / f"{first}.pt")
+    payload["state_dict"] = runfiles.load_torch(run / f"{last}.pt")["state_dict"]
+    runfiles.save_torch(run / f"{first}.pt", payload)
+    with pytest.raises(RunError, match=f"{first}.pt"):
         Ensemble.load(run)
-    (run / "resnet50.pt").unlink()
+    (run / f"{first}.pt").unlink()
     with pytest.raises(RunError, match="missing"):
         Ensemble.load(run)
     with pytest.raises(RunError, match="aax.json"):
@@ -397,7 +401,7 @@ def test_balanced_class_weights() -> None:
 def test_training_is_deterministic_for_a_seed(tiny_lesion_dir: Path, tmp_path: Path) -> None:
     """Two runs with one seed, on one machine and thread count, give the same weights
     (every member, so every architecture's kernels are covered)."""
-    config = dict(FAST, members=("resnet50", "efficientnet-b0", "densenet121"), epochs=1,
+    config = dict(FAST, members=("resnet50", "efficientnet-b0", "densenet121", "efficientnet-lite0"), epochs=1,
                   patience=1, seed=3)
     first = train(tiny_lesion_dir, tmp_path / "a", TrainConfig(**config))
     second = train(tiny_lesion_dir, tmp_path / "b", TrainConfig(**config))

@@ -211,7 +211,7 @@ def trivial_warning(iou_mean: float | None, trivial: Mapping[str, Mapping[str, A
         return None
     return (f"the masks do not beat a trivial {name} on the validation masks (mean IoU {iou_mean:.3f} vs "
             f"{scored[name]:.3f}): use them as rough locations, not outlines, and review them; "
-            "docs/quality.md says what helps (--pretrained imagenet, a larger --image-size, more images)")
+            "docs/quality.md says what helps (pretrained members, a larger --image-size, more images)")
 
 
 def choose_theta(curve: Sequence[dict[str, Any]], max_flag_rate: float) -> tuple[dict[str, Any], bool]:

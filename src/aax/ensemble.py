@@ -60,6 +60,8 @@ def _load_member(run: Path, entry: dict[str, Any], manifest: dict[str, Any],
                               f"says {expected!r}")
     dropout = float(ckpt.get("dropout", entry.get("dropout", 0.2)))
     member = build_member(name, len(manifest["classes"]), dropout, _train_stride(manifest))
+    norm = manifest["normalisation"]
+    member.set_input_normalisation((norm["mean"], norm["std"]))
     try:
         member.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as exc:

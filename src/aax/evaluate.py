@@ -50,7 +50,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from aax.ensemble import Ensemble
 
 ENSEMBLE = "AAX"  # the ensemble's name in tables
-MEMBER_TITLES = {"resnet50": "ResNet-50", "efficientnet-b0": "EfficientNet-B0", "densenet121": "DenseNet-121"}
+MEMBER_TITLES = {"resnet50": "ResNet-50", "efficientnet-b0": "EfficientNet-B0", "densenet121": "DenseNet-121",
+                 "efficientnet-lite0": "EfficientNet-Lite0", "efficientnet-lite1": "EfficientNet-Lite1",
+                 "efficientnet-lite2": "EfficientNet-Lite2"}
 
 
 TRIVIAL_MASKS = ("whole image", "centred box")

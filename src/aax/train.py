@@ -12,9 +12,11 @@ best epoch. It writes (atomically, see ``docs/architecture.md``):
 - ``RUN/<member>.last.pt`` while a member trains, so ``resume=True`` continues an
   interrupted run from its last finished epoch (removed once the member is done).
 
-Default learning rate: the paper's 1e-4 is for fine-tuning ImageNet weights. From
-scratch (no ``weights``) the default is :data:`SCRATCH_LR` with a one-epoch warm-up and a
-cosine decay over ``epochs``; see ``docs/training.md`` for the measurements.
+By default every member starts from its ImageNet weights (the EfficientNet-Lite members'
+ship with the package) and fine-tunes with :data:`FINETUNE_LR` for at most
+:data:`FINETUNE_EPOCHS`; from scratch (``pretrained=None``, no ``weights``) the defaults are
+:data:`SCRATCH_LR` and :data:`SCRATCH_EPOCHS`. Both use a one-epoch warm-up and a cosine
+decay over the epochs; see ``docs/training.md`` for the measurements.
 """
 
 from __future__ import annotations
@@ -46,13 +48,22 @@ log = logging.getLogger("aax.train")
 
 SCRATCH_LR = 1e-3
 """Default Adam learning rate without pretrained weights (warm-up + cosine)."""
-FINETUNE_LR = 1e-4
-"""Default Adam learning rate for a member given ImageNet ``weights`` (the paper's)."""
+FINETUNE_LR = 3e-4
+"""Default Adam learning rate for a member that starts from pretrained weights."""
+SCRATCH_EPOCHS = 50
+"""Default maximum epochs from scratch (the paper's)."""
+FINETUNE_EPOCHS = 15
+"""Default maximum epochs when fine-tuning pretrained weights."""
+DEFAULT_IMAGE_SIZE = 224
+"""Default input side: the native size of EfficientNet-Lite0's ImageNet weights."""
 NEGATIVE_NAMES: tuple[str, ...] = ("healthy", "no_fire", "health", "normal", "negative")
 """Class names taken as the negative class when none is given, in this order."""
 CHANCE_MARGIN = 0.1
 """A member whose best validation accuracy is within this of the majority-class rate
 (capped at half the distance to 1) is reported as not converged."""
+
+# Settings a run written before they existed had implicitly (see _check_resumable).
+LEGACY_DEFAULTS: dict[str, Any] = {"pretrained": None}
 
 # Decision settings written into every manifest (paper 3.3 / 4.1); calibration may
 # replace theta and tau later.
@@ -64,13 +75,15 @@ class TrainConfig:
     """Settings of one training run (all of them land in the manifest's ``training``).
 
     Attributes:
-        members: member names (see :data:`aax.members.MEMBERS`).
-        epochs: maximum epochs per member.
+        members: member names (see :data:`aax.members.MEMBERS`); by default the three
+            EfficientNet-Lite members.
+        epochs: maximum epochs per member; ``None``: :data:`FINETUNE_EPOCHS` for a
+            member that starts from pretrained weights, :data:`SCRATCH_EPOCHS` otherwise.
         patience: stop after this many epochs without validation-loss improvement
             (0 disables early stopping).
         batch_size: images per step.
         lr: Adam learning rate for every member; ``None``: :data:`FINETUNE_LR` for a
-            member with ``weights``, :data:`SCRATCH_LR` otherwise.
+            member that starts from pretrained weights, :data:`SCRATCH_LR` otherwise.
         image_size: model input side in pixels.
         val_split: fraction of each class held out for validation.
         dropout: dropout probability of the MC head.
@@ -100,17 +113,18 @@ class TrainConfig:
             a training step is 1.1-1.4x faster (:func:`aax.device.default_channels_last`).
         output_stride: the members' output stride while training (32, 16 or 8; see
             :meth:`aax.members.Member.set_output_stride`); annotation may use another.
-        pretrained: ``"imagenet"``: every member without ``weights`` starts from its
-            standard ImageNet checkpoint (:data:`aax.members.weights.IMAGENET_URLS`,
-            fetched once into torch hub's cache); ``None``: from scratch.
+        pretrained: ``"imagenet"`` (the default): every member without ``weights``
+            starts from its ImageNet checkpoint (:func:`aax.members.weights.imagenet_source`:
+            installed with the package for the EfficientNet-Lite members, fetched once into
+            torch hub's cache for the paper's trio); ``None``: from scratch.
     """
 
     members: tuple[str, ...] = DEFAULT_MEMBERS
-    epochs: int = 50
+    epochs: int | None = None
     patience: int = 5
     batch_size: int = 16
     lr: float | None = None
-    image_size: int = 128
+    image_size: int = DEFAULT_IMAGE_SIZE
     val_split: float = 0.2
     dropout: float = 0.2
     lambda_var: float = 0.1
@@ -132,7 +146,7 @@ class TrainConfig:
     progress: bool = True
     channels_last: bool | None = None
     output_stride: int = 32
-    pretrained: str | None = None
+    pretrained: str | None = "imagenet"
 
     # Fields that do not change what is trained: free to differ on --resume.
     RUNTIME_FIELDS = ("device", "resume", "progress", "channels_last")
@@ -144,7 +158,7 @@ class TrainConfig:
             raise ValueError(f"unknown members {unknown}; choose from {sorted(MEMBERS)}")
         if len(set(self.members)) != len(self.members):
             raise ValueError(f"members listed twice: {list(self.members)}")
-        if self.epochs < 1 or self.batch_size < 2 or self.image_size < 32:
+        if (self.epochs is not None and self.epochs < 1) or self.batch_size < 2 or self.image_size < 32:
             raise ValueError("need epochs >= 1, batch_size >= 2 and image_size >= 32")
         if not 0.0 < self.val_split < 1.0:
             raise ValueError(f"val_split must be in (0, 1), got {self.val_split}")
@@ -177,16 +191,26 @@ class TrainConfig:
         if name in self.weights:
             return self.weights[name]
         if self.pretrained == "imagenet":
-            from aax.members.weights import IMAGENET_URLS
+            from aax.members.weights import imagenet_source
 
-            return IMAGENET_URLS[name]
+            return imagenet_source(name)
         return None
 
     def member_lr(self, name: str) -> float:
         """The learning rate member ``name`` trains with."""
         if self.lr is not None:
             return float(self.lr)
-        return FINETUNE_LR if self.member_weights(name) is not None else SCRATCH_LR
+        return FINETUNE_LR if self._starts_pretrained(name) else SCRATCH_LR
+
+    def member_epochs(self, name: str) -> int:
+        """The maximum number of epochs member ``name`` trains for."""
+        if self.epochs is not None:
+            return int(self.epochs)
+        return FINETUNE_EPOCHS if self._starts_pretrained(name) else SCRATCH_EPOCHS
+
+    def _starts_pretrained(self, name: str) -> bool:
+        # decided without locating the file, so settings can be read where it is absent
+        return name in self.weights or self.pretrained == "imagenet"
 
 
 def default_maps(train_stride: int) -> Any:
@@ -274,8 +298,9 @@ def _check_resumable(out: Path, config: TrainConfig) -> dict[str, Any] | None:
     manifest = runfiles.read_json(manifest_path)
     stored = manifest.get("training", {})
     wanted = config.settings()
-    defaults = TrainConfig().settings()
-    # a setting added after the run was made is absent from it: the run had its default
+    # a setting added after the run was made is absent from it: the run had the default
+    # of its day (from-scratch runs predate ImageNet weights by default)
+    defaults = {**TrainConfig().settings(), **LEGACY_DEFAULTS}
     diffs = [f"{k}: run has {stored.get(k, defaults.get(k))!r}, asked {v!r}" for k, v in wanted.items()
              if _jsonish(stored.get(k, defaults.get(k))) != _jsonish(v)]
     if diffs:
@@ -466,6 +491,7 @@ def _train_one(name: str, config: TrainConfig, classes: Sequence[str], train_set
     seed = _member_seed(config.seed, name)
     torch.manual_seed(seed)
     member = build_member(name, len(classes), config.dropout, config.output_stride)
+    member.set_input_normalisation((normalisation["mean"], normalisation["std"]))
     weights_report = None
     init = "default"
     source = config.member_weights(name)
@@ -480,7 +506,7 @@ def _train_one(name: str, config: TrainConfig, classes: Sequence[str], train_set
         init = "zero-init residual"
     lr = config.member_lr(name)
     settings = LoopSettings(
-        epochs=config.epochs, patience=config.patience, batch_size=config.batch_size, lr=lr,
+        epochs=config.member_epochs(name), patience=config.patience, batch_size=config.batch_size, lr=lr,
         lambda_var=config.lambda_var, var_passes=config.var_passes,
         warmup_epochs=config.warmup_epochs, min_lr_factor=config.min_lr_factor,
         mean=tuple(normalisation["mean"]), std=tuple(normalisation["std"]), device=device,

