@@ -16,7 +16,7 @@ variance term in a training epoch. Prints images/s and the ratios, and writes th
 the machine's description to ``OUT/<name>.json`` and ``OUT/latest.json``.
 
     python benchmarks/bench_annotate.py --out benchmarks/results            # full (make bench)
-    python benchmarks/bench_annotate.py --out /tmp/bench --quick            # smoke run
+    python benchmarks/bench_annotate.py --out OUT --quick            # smoke run
 """
 
 from __future__ import annotations

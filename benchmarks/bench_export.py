@@ -11,7 +11,7 @@ SIZE x SIZE pixels, with no model involved, then times:
   (the masks' brush RLE decoded again), and the same import a second time (unchanged);
 - ``aax review-stats``.
 
-    python benchmarks/bench_export.py --out /tmp/bench-export [--n 1000] [--size 512]
+    python benchmarks/bench_export.py --out OUT [--n 1000] [--size 512]
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ and a per-image IoU on both sets (0 where the ensemble gives no mask). Rules:
   "one-standard-error rule" of model selection;
 * ``oracle``: the best option on TEST itself (with validation's tau), a bound.
 
-docs/quality.md (session 10) quotes its figures. Keeps only pixel counts: cheap in memory.
+docs/quality.md quotes its figures. Keeps only pixel counts: cheap in memory.
 """
 
 from __future__ import annotations

@@ -9,11 +9,11 @@ and the masks (the run's fusion, mask members, refinement and tau) from those nu
 and scores members alone as ``aax evaluate`` does (:func:`aax.evaluate.member_decision`,
 :func:`aax.evaluate.member_mask`: a member is flagged by its own ``u > theta`` or its own
 novel flag), and again flagged by theta alone (the last column: how members were scored
-until session 9, when the novelty step was charged to AAX only). Rows: theta as
+when the novelty step was charged to AAX only). Rows: theta as
 calibrated, x2, x4 and none (no uncertainty flags); the novelty step with the run's
 thresholds, off (the paper's protocol), and, with ``--pool``, with thresholds set on the
 POOL's images as ``aax calibrate --novelty-images POOL`` sets them. Trivial masks (whole
-image, centred box) are printed beside. docs/quality.md (sessions 8 and 9) and
+image, centred box) are printed beside. docs/quality.md and
 docs/novelty.md quote its figures. Keeps every map of TEST in memory: a few hundred
 images of a few hundred pixels.
 """
@@ -86,7 +86,7 @@ def score_setting(ensemble: Ensemble, rows: list[dict[str, Any]], theta: float,
 
     Members alone are scored as ``aax evaluate`` scores them (flagged by their own
     ``u > theta`` or their own novel flag), and again under ``"<name> (theta only)"``
-    flagged by theta alone (how ``aax evaluate`` scored them until session 9)."""
+    flagged by theta alone (how ``aax evaluate`` once scored them)."""
     names, classes = list(ensemble.members), list(ensemble.classes)
     maps, negative = ensemble.maps, ensemble.negative_class
     chosen = None if maps.mask_members is None else [names.index(m) for m in maps.mask_members]

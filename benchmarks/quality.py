@@ -23,7 +23,7 @@ image's side. Prints one markdown table per data set and writes everything to
 ``OUT/quality.json`` (and ``OUT/quality.md``).
 
     python benchmarks/quality.py --lesion --busi /work/data/busi_aax/manifest.csv \\
-        --bsdata /work/data/bsdata_aax/manifest.csv --out /tmp/quality
+        --bsdata /work/data/bsdata_aax/manifest.csv --out OUT
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ def test_other_settings_refused_unless_overwrite(tmp_path):
 
 
 def test_a_folder_whose_settings_held_private_fields_is_resumed(tmp_path):
-    """Folders written before session 9 hold MapOptions' private view list in their
+    """Older folders hold MapOptions' private view list in their
     settings; the same options without it resume them (and rewrite the row), while any
     other difference is still refused."""
     maps = {"map_stride": 16, "fusion": "min"}

@@ -193,7 +193,7 @@ class AnnotationStore:
         if row[0] != wanted:
             old = json.loads(row[0])
             if _public(old) == json.loads(wanted):
-                # a folder from before session 9, whose settings held MapOptions' private
+                # an older folder, whose settings held MapOptions' private
                 # view list: the same options, so it is resumed and its row rewritten
                 self.db.execute("UPDATE meta SET value = ? WHERE key = 'settings'", (wanted,))
                 return
