@@ -6,7 +6,7 @@ STAMP := $(VENV)/.aax-installed
 # The CPU wheel is local here; on a user's machine the same pin fetches the normal build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install interop test demo bench clean
+.PHONY: install interop test demo bench docs clean
 
 install: $(STAMP)
 
@@ -50,5 +50,10 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_annotate.py --out benchmarks/results
 
+# The documentation site, API reference included, into site/ (git-ignored); --strict
+# fails on a broken link, a missing page or a docstring the reference cannot render.
+docs: $(STAMP)
+	$(BIN)/python -m mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) $(LS_VENV) $(DM_VENV) demo-run .pytest_cache
+	rm -rf $(VENV) $(LS_VENV) $(DM_VENV) demo-run site .pytest_cache

@@ -67,7 +67,7 @@ def trained_run(lesion_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     their ImageNet weights) trained on ``lesion_dir``.
 
     For development only: with ``AAX_TEST_RUN_CACHE=DIR`` the run is kept in DIR, keyed by
-    a digest of the training code and settings, and reused by later sessions (CI never
+    a digest of the training code and settings, and reused by later test runs (CI never
     sets it, so it always trains)."""
     import shutil
 

@@ -424,7 +424,8 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
         mc_passes: K for the pass (default: the run's); recorded with the result.
         device: where to load the members when given a RUN folder (a loaded ensemble
             keeps its own).
-        batch_size, workers: passed to annotate.
+        batch_size: passed to annotate.
+        workers: passed to annotate.
         write: write theta, tau and the ``calibration`` entry into ``RUN/aax.json`` and
             the risk-coverage curve into ``RUN/calibration/``.
         data_name: how the entry names the data (default: its path or source).

@@ -509,11 +509,14 @@ def evaluate(ensemble: Ensemble, data: Any, *, unseen: Any = None, theta: float 
         data: a dataset (``aax.data`` Dataset) or a path :func:`aax.data.open_dataset` reads.
         unseen: optional images of a kind never trained on (a dataset, a folder, or a
             list of paths); adds the open-set check (flag rates, uncertainty AUROC).
-        theta, tau: override the run's thresholds (tau: one value, or one per class).
+        theta: overrides the run's theta.
+        tau: overrides the run's tau (one value, or one per class).
         out: folder for ``metrics.json``, ``tables.md``, ``per_image.csv`` and (with
             ``report``) ``report.html``; nothing is written when None.
-        mc_passes, batch_size, workers: passed to :meth:`Ensemble.annotate` (the
-            device is the ensemble's, chosen when it was loaded).
+        mc_passes: passed to :meth:`Ensemble.annotate` (the device is the
+            ensemble's, chosen when it was loaded).
+        batch_size: passed to :meth:`Ensemble.annotate`.
+        workers: passed to :meth:`Ensemble.annotate`.
         report: write ``report.html`` into ``out``.
         max_examples: rows of the report's example grid.
         label_map: renames the labels of ``data`` as it is read (``{"tb": "diseased"}``);

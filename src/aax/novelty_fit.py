@@ -132,13 +132,14 @@ def fit_run(run: str | os.PathLike, train_paths: Sequence[str | os.PathLike], tr
 
     Args:
         run: the RUN folder.
-        train_paths, train_labels: the training images and their class indices.
+        train_paths: the training images.
+        train_labels: their class indices.
         val_paths: in-distribution validation images (the thresholds' only source).
         ensemble: the loaded ensemble (loaded from ``run`` when None).
         score: the score the protocol thresholds.
         pass_rate: share of validation images each threshold lets pass.
-        k: the KNN neighbour; shrinkage: Mahalanobis covariance shrinkage (None:
-            Ledoit-Wolf).
+        k: the KNN neighbour.
+        shrinkage: Mahalanobis covariance shrinkage (None: Ledoit-Wolf).
         max_features: training features kept per member (stratified, seeded beyond it).
         reuse_features: keep ``RUN/novelty.npz`` when it was made from these very
             checkpoints (only the thresholds are set again).

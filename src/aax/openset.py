@@ -126,15 +126,18 @@ def side_by_side(seen: Mapping[str, np.ndarray], unseen: Mapping[str, np.ndarray
     """One row per score and member, and one per score for the ensemble rule.
 
     Args:
-        seen, unseen: :func:`member_scores` of the two sets.
+        seen: :func:`member_scores` of the seen set.
+        unseen: :func:`member_scores` of the unseen set.
         names: member names (the columns of the score arrays).
         thresholds: member -> score -> ``{"threshold", "median", "by_class"}`` (the
             run's novelty thresholds; a score without them gets no flag rates).
         theta: the threshold of ``u``.
         quorum: members needed to flag.
-        predicted_seen, predicted_unseen: :func:`member_predicted` of the two sets; with
-            them an image meets its member's predicted class's threshold (when that class
-            has one), as in the protocol; without, every image the member's threshold.
+        predicted_seen: :func:`member_predicted` of the seen set; with it (and
+            ``predicted_unseen``) an image meets its member's predicted class's threshold
+            (when that class has one), as in the protocol; without, every image the
+            member's threshold.
+        predicted_unseen: :func:`member_predicted` of the unseen set.
     """
     def image_limits(entry: Mapping[str, Any], predicted: np.ndarray | None, i: int, n: int) -> tuple[Any, Any]:
         if predicted is None or predicted.shape[0] != n:

@@ -133,7 +133,7 @@ class Backend:
     """AAX's ensemble behind the ML backend protocol (no HTTP here; see :func:`serve`).
 
     Args:
-        ensemble: a loaded :class:`aax.ensemble.Ensemble`.
+        ensemble (aax.ensemble.Ensemble): a loaded ensemble.
         source: where images may come from.
         max_batch: tasks per forward pass of the members.
     """
