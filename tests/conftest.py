@@ -78,7 +78,7 @@ def trained_run(lesion_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     cached = Path(cache_root) / _training_digest() if cache_root else None
     if cached is not None and (cached / "aax.json").is_file():
         shutil.copytree(cached, out, ignore=shutil.ignore_patterns("lesion_dir.txt"))
-        # the cached run names the data folder of the session that trained it
+        # the cached run names the data folder of the test run that trained it
         manifest = (out / "aax.json").read_text()
         old = (cached / "lesion_dir.txt").read_text().strip()
         (out / "aax.json").write_text(manifest.replace(old, str(lesion_dir)))

@@ -184,7 +184,7 @@ def test_calibrate_run_on_a_trained_run(request, tmp_path):
     from aax.ensemble import Ensemble
 
     run = tmp_path / "run"
-    shutil.copytree(session_fixture(request, "trained_run"), run)  # the session's run stays as it is
+    shutil.copytree(session_fixture(request, "trained_run"), run)  # the shared fixture's run stays as it is
     before = json.loads((run / "aax.json").read_text())
     result = calibrate_run(run, max_flag_rate=0.3)
     assert result["n"] == before["data"]["n_val"]

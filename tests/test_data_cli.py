@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,12 @@ from PIL import Image
 
 from aax.cli import main
 
-SAMPLE = Path("/work/shared/data/tbx11k-sample")
+# The real TBX11K sample: $AAX_TBX11K_SAMPLE, else shared/data/tbx11k-sample in the
+# repository or beside it.
+_REPO = Path(__file__).resolve().parent.parent
+SAMPLE = next((p for p in (Path(os.environ.get("AAX_TBX11K_SAMPLE", _REPO / "shared" / "data" / "tbx11k-sample")),
+                           _REPO.parent / "shared" / "data" / "tbx11k-sample") if p.is_dir()),
+              _REPO / "shared" / "data" / "tbx11k-sample")
 
 
 def _dataset(root: Path) -> Path:

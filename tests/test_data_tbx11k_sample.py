@@ -1,7 +1,8 @@
-"""The real TBX11K sample in /work/shared/data/tbx11k-sample must load, with box masks."""
+"""The real TBX11K sample (see ``SAMPLE``) must load, with box masks."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -10,7 +11,12 @@ import pytest
 
 from aax.data import open_dataset
 
-SAMPLE = Path("/work/shared/data/tbx11k-sample")
+# The real TBX11K sample: $AAX_TBX11K_SAMPLE, else shared/data/tbx11k-sample in the
+# repository or beside it.
+_REPO = Path(__file__).resolve().parent.parent
+SAMPLE = next((p for p in (Path(os.environ.get("AAX_TBX11K_SAMPLE", _REPO / "shared" / "data" / "tbx11k-sample")),
+                           _REPO.parent / "shared" / "data" / "tbx11k-sample") if p.is_dir()),
+              _REPO / "shared" / "data" / "tbx11k-sample")
 
 pytestmark = pytest.mark.skipif(not SAMPLE.is_dir(), reason="TBX11K sample not present")
 
