@@ -69,7 +69,7 @@ class Grid:
     centred, which the padding of its strided layers decides (:meth:`Member.grid_origin`):
     ResNet-50's lie at ``stride * j``, EfficientNet-B0's at ``stride * j + stride - 1``,
     half a cell either side of the centred grid. Maps resized without their grid are
-    shifted by that much (docs/quality.md measures what it costs).
+    shifted by that much (docs/method.md gives what it cost on the demo).
     """
 
     stride: float

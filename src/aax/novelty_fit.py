@@ -84,7 +84,7 @@ def small_split_warning(thresholds: dict[str, dict[str, dict]], score: str, pass
     for ``pass_rate``: the empirical quantile of ``n < pass_rate / (1 - pass_rate)``
     scores is their largest, which lets only about ``n / (n + 1)`` of new in-distribution
     images pass (fire, 11 validation images per class: 10.5 % of 200 new fire frames
-    flagged, docs/quality.md)."""
+    flagged, docs/novelty.md)."""
     if pass_rate >= 1.0:
         return None
     need = math.ceil(pass_rate / (1.0 - pass_rate) - 1e-9)

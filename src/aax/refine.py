@@ -8,7 +8,7 @@ image into regions of similar intensity, split where the image has edges. Each p
 fused score becomes the mean score of its region, so ``score > tau`` keeps or drops whole
 regions, and the mask's outline follows the image's edges where the map is undecided.
 
-Unlike a dense CRF (tried, docs/quality.md: it spreads a mask over every region of similar
+Unlike a dense CRF (measured, CHANGELOG.md: it spreads a mask over every region of similar
 intensity in the image), pooling never moves score between regions: a region far from
 the map's support stays at its (low) mean.
 
