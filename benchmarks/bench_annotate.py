@@ -295,6 +295,15 @@ def bench_size(size: int, args: argparse.Namespace, members: dict[str, torch.nn.
         last["e2e_summary"] = annotate_to_folder(ens, folder, out, batch_size=B, progress=False,
                                                  workers=args.workers, amp=args.amp)
 
+    new_ens = dataclasses.replace(ens, maps=new_settings.maps)
+
+    def end_to_end_new_maps() -> None:
+        # what `aax annotate` does with a new run's map settings (finer maps, superpixels)
+        shutil.rmtree(last.pop("e2e_new_out", work / "none"), ignore_errors=True)
+        last["e2e_new_out"] = out = work / f"e2e_new_{size}_{time.monotonic_ns()}"
+        annotate_to_folder(new_ens, folder, out, batch_size=B, progress=False, workers=args.workers,
+                           amp=args.amp)
+
     fns: dict[str, Callable[[], Any]] = {}
     if "core" in args.parts:
         fns.update(floor=floor, aax=aax_core)
@@ -306,14 +315,16 @@ def bench_size(size: int, args: argparse.Namespace, members: dict[str, torch.nn.
         folder = fx.link_folder(paths, work / f"images_{size}", args.e2e_images)
         fns.setdefault("floor", floor)
         fns["end_to_end"] = end_to_end
+        if args.new_maps:
+            fns["end_to_end_new_maps"] = end_to_end_new_maps
     times = interleaved(fns, args.repeats, args.warmup, device)
     n = len(paths)
     result: dict[str, Any] = {"size": size, "images": n, "batch_size": B, "source_size": args.source_size,
                               "mc_passes": args.mc_passes, "amp": amp_on,
                               "channels_last": args.channels_last}
-    for key in ("floor", "aax", "aax_new_maps", "end_to_end"):
+    for key in ("floor", "aax", "aax_new_maps", "end_to_end", "end_to_end_new_maps"):
         if key in times:
-            result[key] = rate(args.e2e_images if key == "end_to_end" else n, times[key])
+            result[key] = rate(args.e2e_images if key.startswith("end_to_end") else n, times[key])
     if "aax_new_maps" in result:
         result["aax_new_maps"]["maps"] = new_settings.maps.to_dict()
     if "end_to_end" in times:
@@ -345,6 +356,8 @@ def bench_size(size: int, args: argparse.Namespace, members: dict[str, torch.nn.
         "aax_new_maps_over_floor": ratio(result.get("aax_new_maps", {}).get("images_per_s"), floor_r),
         "aax_over_reference": ratio(aax_r, result.get("reference", {}).get("images_per_s")),
         "end_to_end_over_floor": ratio(result.get("end_to_end", {}).get("images_per_s"), floor_r),
+        "end_to_end_new_maps_over_floor": ratio(result.get("end_to_end_new_maps", {}).get("images_per_s"),
+                                                floor_r),
     }
 
     def per_cpu(key: str) -> float | None:
@@ -419,7 +432,8 @@ def image_seeds(paths: list[Path]) -> list[int] | None:
 def print_size(r: dict[str, Any]) -> None:
     rows = [("floor", "floor (members' forward)"), ("aax", "AAX core (annotate_batch)"),
             ("aax_new_maps", "AAX core, new runs' map settings"),
-            ("reference", "reference (K fwd + fwd/bwd)"), ("end_to_end", "end to end (annotate_to_folder)")]
+            ("reference", "reference (K fwd + fwd/bwd)"), ("end_to_end", "end to end (annotate_to_folder)"),
+            ("end_to_end_new_maps", "end to end, new runs' map settings")]
     for key, label in rows:
         if key in r:
             v = r[key]

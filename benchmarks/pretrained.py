@@ -18,8 +18,9 @@ Configurations:
 - ``pretrained-no-bn``: the same without re-estimating batch norm after each epoch,
 - ``scratch``: the same three members from scratch (``--pretrained none``),
 - ``paper-scratch``: ResNet-50, EfficientNet-B0 and DenseNet-121 from scratch,
-- ``mix``: EfficientNet-Lite0 and -Lite2 (pretrained) with ResNet-50 (from scratch where
-  its ImageNet weights cannot be downloaded).
+- ``mix``: EfficientNet-Lite0 and -Lite2 (pretrained) with the paper's EfficientNet-B0
+  (pretrained where torch hub can download its weights, from scratch otherwise),
+- ``mix-resnet``: the same with ResNet-50 in place of EfficientNet-B0.
 
     python benchmarks/pretrained.py --train SPLIT/train.csv --test SPLIT/test.csv \\
         --out OUT --configs pretrained scratch --negative-class normal \\
@@ -53,7 +54,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "pretrained-no-bn": {"recalibrate_bn": False},
     "scratch": {"pretrained": None},
     "paper-scratch": {"pretrained": None, "members": PAPER_MEMBERS},
-    "mix": {"members": ("efficientnet-lite0", "efficientnet-lite2", "resnet50")},
+    "mix": {"members": ("efficientnet-lite0", "efficientnet-lite2", "efficientnet-b0")},
+    "mix-resnet": {"members": ("efficientnet-lite0", "efficientnet-lite2", "resnet50")},
 }
 
 
@@ -94,8 +96,18 @@ def train_config(name: str, args: argparse.Namespace) -> TrainConfig:
     if settings.get("pretrained", "imagenet") is not None:
         given = dict(item.split("=", 1) for item in args.weights)
         settings["weights"] = {k: v for k, v in given.items() if k in settings["members"]}
-        settings["pretrained"] = "imagenet" if _downloadable(settings["members"], settings["weights"]) else None
+        if not _downloadable(settings["members"], settings["weights"]):
+            # Members whose weights are installed start from them; the others from scratch.
+            settings["weights"].update(_installed(settings["members"], settings["weights"]))
+            settings["pretrained"] = None
     return TrainConfig(**settings)
+
+
+def _installed(members: tuple[str, ...], weights: dict[str, str]) -> dict[str, str]:
+    """Member -> its installed ImageNet checkpoint, for members without given weights."""
+    from aax.members.weights import IMAGENET_PACKAGES, imagenet_source
+
+    return {m: imagenet_source(m) for m in members if m in IMAGENET_PACKAGES and m not in weights}
 
 
 def _downloadable(members: tuple[str, ...], weights: dict[str, str]) -> bool:

@@ -3,9 +3,9 @@
 
 For each data set given (a CSV manifest, as ``aax data convert`` writes for BUSI and
 BSData, or ``--lesion`` / ``--fire`` for ``aax synth``), a seeded, stratified subsample
-is split into train+validation and a held-out test part. The ensemble is trained at
-output stride 32 and at 16 (small, from-scratch runs: see the printed settings), and for
-each lever:
+is split into train+validation and a held-out test part. The ensemble (``aax train``'s
+members) is trained at output stride 32 and at 16, from ImageNet weights and from
+scratch (``--init``; short runs: see the printed settings), and for each lever:
 
 - the map settings are set (:class:`aax.maps.MapOptions`; the "patch maps" levers use
   the patch-feature novelty maps of :mod:`aax.patch_maps`, with a bank fitted from the
@@ -22,8 +22,9 @@ Trivial masks are scored beside them: the whole image, and a centred box of half
 image's side. Prints one markdown table per data set and writes everything to
 ``OUT/quality.json`` (and ``OUT/quality.md``).
 
-    python benchmarks/quality.py --lesion --busi /work/data/busi_aax/manifest.csv \\
-        --bsdata /work/data/bsdata_aax/manifest.csv --out OUT
+    python benchmarks/quality.py --lesion --busi BUSI/manifest.csv \\
+        --bsdata BSDATA/manifest.csv --out OUT
+    python benchmarks/quality.py --given busi RUN busi_split/test.csv --out OUT   # a trained RUN
 """
 
 from __future__ import annotations
@@ -75,6 +76,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="with --lesion-run: a RUN trained at output stride 16 on the same data, for the "
                         "'trained 16' rows (aax train --output-stride 16)")
     p.add_argument("--lesion-test", type=Path, default=None, help="the lesion test images (with --lesion-run)")
+    p.add_argument("--init", nargs="+", choices=["imagenet", "scratch"], default=["imagenet", "scratch"],
+                   help="how the members trained here start: ImageNet weights (aax train's default), "
+                        "from scratch (--pretrained none), or both side by side")
+    p.add_argument("--given", nargs=3, action="append", default=[], metavar=("NAME", "RUN", "TEST"),
+                   help="a trained stride-32 RUN (e.g. aax train's defaults) and its held-out TEST data: "
+                        "the levers on that run, no training here (repeatable)")
     p.add_argument("--busi", type=Path, default=None, help="BUSI manifest (aax data convert busi)")
     p.add_argument("--bsdata", type=Path, default=None, help="BSData manifest (aax data convert labelme)")
     p.add_argument("--out", type=Path, required=True, help="results folder (runs are kept there and reused)")
@@ -181,7 +188,8 @@ def run_lever(ensemble: Ensemble, val: Any, test: Any, options: MapOptions, args
 
 
 def run_dataset(name: str, source: Any, image_size: int, args: argparse.Namespace,
-                runs: dict[int, Path] | None = None, test: Any = None) -> dict[str, Any]:
+                runs: dict[int, Path] | None = None, test: Any = None,
+                pretrained: str | None = "imagenet") -> dict[str, Any]:
     """Every lever on one data set; ``runs`` (stride -> RUN) and ``test`` given: no
     training, and only the levers of those runs."""
     out = args.out / name
@@ -205,7 +213,7 @@ def run_dataset(name: str, source: Any, image_size: int, args: argparse.Namespac
             t0 = time.perf_counter()
             train(trainval, run, TrainConfig(epochs=args.epochs, patience=args.epochs, image_size=image_size,
                                              output_stride=stride, seed=args.seed, progress=False,
-                                             resume=run.exists()))
+                                             pretrained=pretrained, resume=run.exists()))
             print(f"trained stride {stride} in {time.perf_counter() - t0:.0f} s", flush=True)
         runs[stride] = run
     negative = None
@@ -249,7 +257,8 @@ def run_dataset(name: str, source: Any, image_size: int, args: argparse.Namespac
     manifest = json.loads((runs[32 if 32 in runs else stride] / "aax.json").read_text())
     n_trainval = len(trainval) or manifest["data"]["n_train"] + manifest["data"]["n_val"]
     return {"settings": {"image_size": image_size, "n_trainval": n_trainval, "n_test": len(test),
-                         "training": {k: manifest["training"].get(k) for k in ("epochs", "image_size", "lr")},
+                         "training": {k: manifest["training"].get(k)
+                                      for k in ("members", "pretrained", "epochs", "image_size", "lr")},
                          "per_class": args.per_class, "epochs": args.epochs, "seed": args.seed,
                          "mc_passes": args.mc_passes, "source": str(source), "classes": list(dataset.classes)},
             "best_on_validation": best, "levers": results, "trivial": trivial_rows(test, negative)}
@@ -299,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     sets: list[tuple[str, Any, int]] = []
     if args.lesion_run:
         sets.append(("lesion", args.lesion_run, 0))
+    given = {name: (Path(run), Path(test)) for name, run, test in args.given}
+    sets += [(name, test, 0) for name, (_, test) in given.items()]
     generated = [kind for kind, wanted in (("lesion", args.lesion and not args.lesion_run), ("fire", args.fire))
                  if wanted]
     for kind in generated:  # aax synth's data, made once in OUT and trained on here
@@ -322,14 +333,22 @@ def main(argv: list[str] | None = None) -> int:
             run = Path(source)
             size = json.loads((run / "aax.json").read_text())["image_size"]
             runs = {32: run, **({16: args.lesion_run16} if args.lesion_run16 else {})}
-            everything[name] = run_dataset(name, args.lesion_test, size, args, runs=runs,
-                                           test=open_dataset(args.lesion_test))
-        else:
-            everything[name] = run_dataset(name, source, size, args)
-        path.write_text(json.dumps(everything, indent=2) + "\n")
-        md = "\n".join(table(n, r) for n, r in everything.items())
-        (args.out / "quality.md").write_text(md)
-        print(table(name, everything[name]), flush=True)
+            done = {name: run_dataset(name, args.lesion_test, size, args, runs=runs,
+                                      test=open_dataset(args.lesion_test))}
+        elif name in given:
+            run, test = given[name]
+            size = json.loads((run / "aax.json").read_text())["image_size"]
+            done = {name: run_dataset(name, test, size, args, runs={32: run}, test=open_dataset(test))}
+        else:  # aax train's members from ImageNet weights, and from scratch
+            done = {}
+            for init in args.init:
+                key = name if init == "imagenet" else f"{name}-scratch"
+                done[key] = run_dataset(key, source, size, args, pretrained=None if init == "scratch" else "imagenet")
+        for key, result in done.items():
+            everything[key] = result
+            path.write_text(json.dumps(everything, indent=2) + "\n")
+            (args.out / "quality.md").write_text("\n".join(table(n, r) for n, r in everything.items()))
+            print(table(key, result), flush=True)
     return 0
 
 

@@ -92,6 +92,19 @@ def test_regions_are_kept_only_when_asked_masks_alike(ensemble, input_dir):
             assert np.array_equal(a.mask, b.mask) and np.array_equal(a.mask, c.mask)
 
 
+def test_superpixels_cut_in_loader_workers_give_the_same_masks(ensemble, input_dir):
+    files = image_files(input_dir)  # the broken files too: a worker reports them alike
+    here = list(ensemble.annotate(files, batch_size=4, keep_saliency=True, keep_regions=True, workers=0))
+    there = list(ensemble.annotate(files, batch_size=4, keep_saliency=True, keep_regions=True, workers=1))
+    assert [r.status for r in here] == [r.status for r in there]
+    assert any(r.mask is not None for r in here)
+    for a, b in zip(here, there):
+        if a.status == "ok":
+            assert np.array_equal(a.regions, b.regions)
+            assert (a.mask is None) == (b.mask is None)
+            assert a.mask is None or np.array_equal(a.mask, b.mask)
+
+
 def test_annotate_streams(ensemble, input_dir):
     stream = ensemble.annotate(image_files(input_dir), batch_size=2, workers=0)
     first = next(stream)  # a generator: results come before the whole set is done

@@ -6,7 +6,8 @@ Per batch and member, the backbone runs once. From its feature map ``A``:
 The protocol (:mod:`aax.decide`) then turns the members' answers into a decision and,
 for positive decisions, the mask ``min_i S_i > tau`` at the image's own size.
 
-Decoding and resizing run in DataLoader workers so that they overlap with compute.
+Decoding and resizing run in DataLoader workers so that they overlap with compute, and
+so does the superpixel cut of runs that refine their masks (:mod:`aax.refine`).
 """
 
 from __future__ import annotations
@@ -109,8 +110,9 @@ class _Decoded(TorchDataset):
     """Reads and prepares images in DataLoader workers; a bad file becomes an error entry."""
 
     def __init__(self, items: Sequence[InputItem], size: int, mean: Sequence[float],
-                 std: Sequence[float], preview: bool) -> None:
+                 std: Sequence[float], preview: bool, regions: bool = False) -> None:
         self.items, self.size, self.mean, self.std, self.preview = items, size, mean, std, preview
+        self.regions = regions
 
     def __len__(self) -> int:
         return len(self.items)
@@ -124,6 +126,8 @@ class _Decoded(TorchDataset):
         except Exception as exc:  # noqa: BLE001 - any failure is this file's, not the run's
             return {"index": i, "error": getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"}
         out = {"index": i, "x": prepare(image, self.size, self.mean, self.std), "size": image.shape[:2]}
+        if self.regions:  # cut from the prepared input, exactly as annotate_batch would
+            out["regions"] = input_superpixels(out["x"][None], self.mean, self.std)[0]
         if self.preview:
             out["preview"] = _thumbnail(image)
         return out
@@ -147,6 +151,7 @@ def _collate(batch: list[dict]) -> dict:
         "index": [b["index"] for b in ok],
         "size": [tuple(int(v) for v in b["size"]) for b in ok],
         "preview": [b.get("preview") for b in ok],
+        "regions": [b["regions"] for b in ok] if ok and all("regions" in b for b in ok) else None,
         "errors": [(b["index"], b["error"]) for b in batch if "error" in b],
     }
 
@@ -206,7 +211,8 @@ def default_batch_size(device: torch.device, image_size: int) -> int:
 def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[int, int]],
                    settings: AnnotateSettings, keep_saliency: bool = False,
                    amp: bool = False, seeds: Sequence[int] | None = None,
-                   keep_regions: bool | None = None) -> list[AnnotationRecord]:
+                   keep_regions: bool | None = None,
+                   regions: Sequence[np.ndarray] | None = None) -> list[AnnotationRecord]:
     """Annotate one prepared batch ``x`` ``[B, 3, S, S]`` (no I/O).
 
     Args:
@@ -222,6 +228,9 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
             (``record.regions``, :mod:`aax.refine`); None: when the run refines its masks
             (evaluation pools the members' maps over them). Calibration asks for them to
             weigh the refinement.
+        regions: each image's superpixel labels, cut where it was decoded
+            (:func:`aax.refine.input_superpixels` of its row of ``x``); None: cut here,
+            for the images that need them.
         amp: run the backbones under autocast (CUDA), the head and maps in float32.
         seeds: one MC Dropout seed per image (see :func:`image_seed`), for results that
             do not depend on batching; None draws from torch's global generator.
@@ -274,7 +283,10 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
     keep_regions = keep_saliency and (refine if keep_regions is None else keep_regions)
     # regions where masks are refined, and for every image when kept with the maps
     cut = list(range(len(sizes))) if keep_regions else [b for b in wanted if refine and decisions[b].agreeing]
-    regions = dict(zip(cut, input_superpixels(x[cut], *ensemble.normalisation))) if cut else {}
+    if regions is not None:
+        regions = {b: regions[b] for b in cut}
+    else:
+        regions = dict(zip(cut, input_superpixels(x[cut], *ensemble.normalisation))) if cut else {}
     masks, maps = _maps_and_masks(raw, grids, sizes, wanted, decisions, taus, keep_saliency,
                                   settings.maps.fusion, settings.quorum, mask_members,
                                   regions if refine else None)
@@ -379,8 +391,11 @@ def annotate(ensemble: Ensemble, images: Iterable[Any], *, theta: float | None =
     if not items:
         return
     mean, std = ensemble.normalisation
-    source = _Decoded(items, ensemble.image_size, mean, std, keep_preview)
     workers = default_workers(ensemble.device) if workers is None else workers
+    # In workers the cut overlaps with the models, so every image is cut there; in this
+    # process it would only add work, so only the images that get a mask are cut, later.
+    refine = settings.maps.refine == "superpixels" or bool(keep_saliency and keep_regions)
+    source = _Decoded(items, ensemble.image_size, mean, std, keep_preview, regions=refine and workers > 0)
     batch_size = batch_size or default_batch_size(ensemble.device, ensemble.image_size)
     loader = DataLoader(source, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
                         pin_memory=ensemble.device.type == "cuda",
@@ -393,7 +408,7 @@ def annotate(ensemble: Ensemble, images: Iterable[Any], *, theta: float | None =
         if batch["x"] is not None:
             seeds = [image_seed(items[i].path) for i in batch["index"]]
             results = annotate_batch(ensemble, batch["x"], batch["size"], settings, keep_saliency, amp, seeds,
-                                     keep_regions)
+                                     keep_regions, batch["regions"])
             for index, record, preview in zip(batch["index"], results, batch["preview"]):
                 record.preview = preview
                 done[index] = record
