@@ -168,7 +168,7 @@ def build_members(names: Sequence[str], seed: int = 0, bias: float | None = 6.0,
                   dropout: float = 0.2) -> dict[str, torch.nn.Module]:
     """Untrained members in eval mode. With ``bias``, each head's logits favour the
     positive class (``diseased``) by about ``2 * bias``: confident, agreeing members."""
-    from aax.members import build_member
+    from aax.models.members import build_member
 
     members = {}
     for i, name in enumerate(names):
@@ -187,7 +187,7 @@ def write_run(run: Path, members: dict[str, torch.nn.Module], image_size: int, *
     """A minimal RUN folder that ``Ensemble.load`` and ``aax annotate`` accept: one
     checkpoint per member (the payload ``aax train`` writes) and ``aax.json``."""
     from aax import __version__
-    from aax.training import runfiles
+    from aax.models import runfiles
 
     run.mkdir(parents=True, exist_ok=True)
     norm = {"mean": list(NORMALISATION[0]), "std": list(NORMALISATION[1])}
@@ -217,7 +217,7 @@ class FeatureReplay:
     def __init__(self, member: Any, features: torch.Tensor) -> None:
         self.head = member.head
         self.name = getattr(member, "name", "")
-        self.grid_origin = member.grid_origin  # where its maps' cells lie (aax.explain.Grid)
+        self.grid_origin = member.grid_origin  # where its maps' cells lie (aax.models.explain.Grid)
         self._features = features
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -226,9 +226,9 @@ class FeatureReplay:
 
 def make_ensemble(members: dict[str, torch.nn.Module], run: Path, manifest: dict[str, Any],
                   device: torch.device, channels_last: bool = False) -> Any:
-    """An :class:`aax.ensemble.Ensemble` built directly from ``members`` (on ``device``),
+    """An :class:`aax.models.ensemble.Ensemble` built directly from ``members`` (on ``device``),
     pointing at ``run`` (whose checkpoints hold the same weights)."""
-    from aax.ensemble import Ensemble
+    from aax.models.ensemble import Ensemble
 
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     moved = {n: m.to(device).to(memory_format=fmt).eval() for n, m in members.items()}

@@ -14,7 +14,7 @@ Per member:
   ResNet-50's and EfficientNet-B0's cells half a cell off (docs/method.md), and the check
   below is of the maps, not of that.
 
-The decision protocol and the mask are then the same as AAX's (``aax.decide``): they
+The decision protocol and the mask are then the same as AAX's (``aax.annotation.decide``): they
 cost next to nothing and make the outputs comparable.
 """
 
@@ -96,7 +96,7 @@ def reference_batch(ensemble: Any, x: torch.Tensor, sizes: Sequence[tuple[int, i
                     tau: float, quorum: int, amp: bool = False) -> list[dict[str, Any]]:
     """Decision, per-member probabilities / uncertainty / map and mask for one batch,
     the usual way. ``hooks``: one :class:`ActivationsAndGradients` per member name."""
-    from aax.decide import decide, intersect, map_class
+    from aax.annotation.decide import decide, intersect, map_class
 
     device = ensemble.device
     x = x.to(device)

@@ -27,7 +27,7 @@ def _loss_function() -> tuple[Callable[..., Any], str]:
 
         return member_loss, "aax.training.loop.member_loss"
     except ImportError:  # pragma: no cover - the loop's objective, reproduced
-        from aax.uncertainty import mc_probabilities, variance_penalty
+        from aax.models.uncertainty import mc_probabilities, variance_penalty
 
         def member_loss(member, images, labels, *, lambda_var, passes, class_weights=None):
             pooled = member.head.pool(member.features(images))
@@ -43,7 +43,7 @@ def _loss_function() -> tuple[Callable[..., Any], str]:
 def training_defaults() -> dict[str, Any]:
     """``lambda_var``, ``T``, batch size and lr of ``aax train`` (TrainConfig)."""
     try:
-        from aax.train import SCRATCH_LR, TrainConfig
+        from aax.training.train import SCRATCH_LR, TrainConfig
 
         c = TrainConfig()
         return {"lambda_var": c.lambda_var, "var_passes": c.var_passes,

@@ -4,11 +4,11 @@
 On the same images and the same (untrained, same-cost) members, at each input size:
 
 - floor: a plain eval-mode forward pass of the members, ``member(x)``, nothing else;
-- AAX core: ``aax.annotate.annotate_batch`` on pre-decoded tensors (K MC passes,
+- AAX core: ``aax.annotation.annotate.annotate_batch`` on pre-decoded tensors (K MC passes,
   XGrad-CAM, protocol, masks at the original image size), no disk I/O;
 - reference: what the usual tools do (K full stochastic forward passes per member, plus
   one hooked forward + backward per member for XGrad-CAM; ``benchmarks/_reference.py``);
-- end to end: ``aax.annotate.annotate_to_folder`` on a folder of PNGs (decoding,
+- end to end: ``aax.annotation.annotate.annotate_to_folder`` on a folder of PNGs (decoding,
   database and mask files included);
 
 plus the peak memory of ``aax annotate`` on many vs few images, and the cost of the
@@ -110,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="decoding workers for end to end / memory; aax's choice if not given")
     p.add_argument("--new-maps", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the AAX core with the map settings new runs get "
-                        "(aax.train.default_maps: finer map stride, fusion), beside stride 32")
+                        "(aax.training.train.default_maps: finer map stride, fusion), beside stride 32")
     p.add_argument("--heads", choices=("positive", "untouched"), default="positive",
                    help="positive: bias the untrained heads so that members agree with confidence "
                         "and every image gets a mask (the costliest path); untouched: as initialised")
@@ -193,10 +193,10 @@ def ratio(a: float | None, b: float | None) -> float | None:
 # -- one input size -----------------------------------------------------------------------
 def bench_size(size: int, args: argparse.Namespace, members: dict[str, torch.nn.Module],
                paths: list[Path], work: Path, device: torch.device) -> dict[str, Any]:
-    from aax.annotate import AnnotateSettings, annotate_batch, annotate_to_folder, default_batch_size
-    from aax.decide import map_class
-    from aax.explain import XGradCAM
-    from aax.uncertainty import mc_probabilities, summarize
+    from aax.annotation.annotate import AnnotateSettings, annotate_batch, annotate_to_folder, default_batch_size
+    from aax.annotation.decide import map_class
+    from aax.models.explain import XGradCAM
+    from aax.models.uncertainty import mc_probabilities, summarize
 
     run = work / f"run_{size}"
     manifest = fx.write_run(run, members, size, theta=args.theta, tau=args.tau,
@@ -227,7 +227,7 @@ def bench_size(size: int, args: argparse.Namespace, members: dict[str, torch.nn.
                     m(xb)
 
     last: dict[str, Any] = {}
-    from aax.train import default_maps
+    from aax.training.train import default_maps
 
     new_settings = dataclasses.replace(settings, maps=default_maps(32))
 
@@ -238,7 +238,7 @@ def bench_size(size: int, args: argparse.Namespace, members: dict[str, torch.nn.
     def aax_core() -> None:
         records = []
         for xb, sz, seeds in batches:
-            # as aax.annotate.annotate calls it (with per-image MC seeds where it takes them)
+            # as aax.annotation.annotate.annotate calls it (with per-image MC seeds where it takes them)
             extra = {"seeds": seeds} if seeds else {}
             records += annotate_batch(ens, xb, sz, settings, amp=args.amp, **extra)
         last["records"] = records
@@ -380,7 +380,7 @@ def bench_reference(ens: Any, x_all: torch.Tensor, sizes_all: list[tuple[int, in
     batches of ``B`` (the batch size of the other figures: on a CPU a smaller batch is
     faster per image, so a smaller one here would flatter the reference); check on the
     first batch that its maps are AAX's."""
-    from aax.annotate import annotate_batch
+    from aax.annotation.annotate import annotate_batch
 
     n = min(len(x_all), B * max(1, math.ceil(args.reference_images / B)))
     batches = [(x_all[i:i + B], sizes_all[i:i + B]) for i in range(0, n, B)]
@@ -414,9 +414,9 @@ def bench_reference(ens: Any, x_all: torch.Tensor, sizes_all: list[tuple[int, in
 
 
 def image_seeds(paths: list[Path]) -> list[int] | None:
-    """Per-image MC Dropout seeds as ``aax.annotate.annotate`` passes them, when this
+    """Per-image MC Dropout seeds as ``aax.annotation.annotate.annotate`` passes them, when this
     version of ``annotate_batch`` takes them (None otherwise)."""
-    annotate_module = importlib.import_module("aax.annotate")
+    annotate_module = importlib.import_module("aax.annotation.annotate")
 
     if "seeds" not in inspect.signature(annotate_module.annotate_batch).parameters:
         return None
@@ -540,8 +540,8 @@ def bench_training(args: argparse.Namespace, names: list[str], work: Path,
 # -- main -----------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from aax.device import default_channels_last, resolve_device
-    from aax.members import DEFAULT_MEMBERS
+    from aax.models.device import default_channels_last, resolve_device
+    from aax.models.members import DEFAULT_MEMBERS
 
     device = resolve_device(args.device)
     if args.channels_last is None:

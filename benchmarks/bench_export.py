@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from aax.cli import main
-from aax.records import AnnotationRecord, MemberResult
-from aax.store import AnnotationStore
+from aax.annotation.records import AnnotationRecord, MemberResult
+from aax.annotation.store import AnnotationStore
 
 MEMBERS = ["resnet50", "efficientnet-b0", "densenet121"]
 

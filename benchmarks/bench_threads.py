@@ -41,7 +41,7 @@ if policy in ("all", "spin"):
     torch.set_num_threads(runtime.usable_cpus())
 else:
     runtime.set_threads(None, adapt=policy == "default")
-from aax.members import build_member
+from aax.models.members import build_member
 torch.manual_seed(0)
 model = build_member("resnet50", 2).train().to(memory_format=torch.channels_last)
 opt = torch.optim.Adam(model.parameters(), 1e-4)

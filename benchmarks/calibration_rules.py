@@ -3,15 +3,15 @@ picks the mask options on a run's validation split; the pick is scored on a test
 
     python benchmarks/calibration_rules.py RUN TEST [RUN TEST ...] [--out rules.json]
 
-For each RUN, :func:`aax.calibrate.collect` counts every mask the ensemble could form
-(every fusion of :data:`aax.decide.FUSIONS`, mask-member set and refinement) once on the
+For each RUN, :func:`aax.evaluation.calibration.collect.collect` counts every mask the ensemble could form
+(every fusion of :data:`aax.models.mask_settings.FUSIONS`, mask-member set and refinement) once on the
 RUN's validation split and once on TEST, at the RUN's theta. Each option then gets its
-tau (one per positive class) as calibration sets it (:func:`aax.calibrate._fusion_table`),
+tau (one per positive class) as calibration sets it (:func:`aax.evaluation.calibration.masks._fusion_table`),
 and a per-image IoU on both sets (0 where the ensemble gives no mask). Rules:
 
 * ``paper``: the intersection of all agreeing members' maps, no refinement (tau still
   calibrated);
-* ``calibrate``: what ``aax calibrate`` picks (:func:`aax.calibrate.choose_masks`: the
+* ``calibrate``: what ``aax calibrate`` picks (:func:`aax.evaluation.calibration.masks.choose_masks`: the
   best validation mean IoU, ties to the paper's);
 * ``gain > k SE``: calibrate's pick only when its validation gain over ``paper``
   exceeds k standard errors of the paired per-image differences, else ``paper``;
@@ -33,12 +33,13 @@ from typing import Any
 
 import numpy as np
 
-from aax.calibrate import (Collected, _fusion_table, choose_masks, collect, image_counts, member_sets, tau_positions,
-                           validation_split)
-from aax.decide import FUSIONS
-from aax.ensemble import Ensemble
-from aax.metrics import ThetaSweep
-from aax.refine import REFINES
+from aax.evaluation.calibration.collect import Collected, collect
+from aax.evaluation.calibration.files import validation_split
+from aax.evaluation.calibration.masks import _fusion_table, choose_masks, image_counts, member_sets, tau_positions
+from aax.models.mask_settings import FUSIONS
+from aax.models.ensemble import Ensemble
+from aax.evaluation.metrics import ThetaSweep
+from aax.models.refine import REFINES
 
 PAPER = ("min", None, "none")
 SE_LEVELS = (1.0, 2.0)

@@ -1,6 +1,6 @@
 """The figure of docs/method.md: members' maps resized as a plain resize does (each cell
 centred on its block) and registered on the image (each cell on its receptive field's
-centre, ``aax.explain.Grid``), over the ground truth.
+centre, ``aax.models.explain.Grid``), over the ground truth.
 
     python benchmarks/figure_registration.py demo-run/run demo-run/data/test docs/figures/registration.png
 """
@@ -15,20 +15,20 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-import aax.maps
-from aax.annotate import annotate
-from aax.ensemble import Ensemble
+import aax.models.maps
+from aax.annotation.annotate import annotate
+from aax.models.ensemble import Ensemble
 
 
 @contextlib.contextmanager
 def unregistered() -> Iterator[None]:
     """Maps resized without their grids (the resize every CAM library does)."""
-    before = aax.maps.member_grid
-    aax.maps.member_grid = lambda *args, **kwargs: None
+    before = aax.models.maps.member_grid
+    aax.models.maps.member_grid = lambda *args, **kwargs: None
     try:
         yield
     finally:
-        aax.maps.member_grid = before
+        aax.models.maps.member_grid = before
 
 
 def main() -> int:

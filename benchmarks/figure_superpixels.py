@@ -1,5 +1,5 @@
 """The superpixel figure of docs/method.md: for a few held-out positives of each run, the
-fused map, its mask as thresholded, the image's regions (``aax.refine``) and the mask
+fused map, its mask as thresholded, the image's regions (``aax.models.refine``) and the mask
 of the map averaged over them, at the same fusion and tau, with each mask's IoU.
 
     python benchmarks/figure_superpixels.py docs/figures/superpixels.png \\
@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from aax.data import open_dataset
-from aax.decide import fuse, mask_subset, tau_for
-from aax.ensemble import Ensemble
-from aax.metrics import iou
-from aax.refine import pool_resized_numpy, resize_labels
+from aax.annotation.decide import fuse, mask_subset
+from aax.models.mask_settings import tau_for
+from aax.models.ensemble import Ensemble
+from aax.evaluation.metrics import iou
+from aax.models.refine import pool_resized_numpy, resize_labels
 
 
 def rows(run: Path, test: Path, n: int) -> list[dict]:

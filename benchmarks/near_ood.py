@@ -12,7 +12,7 @@ class it never saw (malignant). For the seen test images and the unseen ones:
 - for each member and each step of its backbone (``Member.stages``: the stem up to
   stride 8, then each later stage), the pooled feature of the frozen ImageNet backbone
   and of the run's fine-tuned one, each with a class-conditional, shrunk Mahalanobis
-  score fit on the run's training images (:class:`aax.novelty.MahalanobisScore`);
+  score fit on the run's training images (:class:`aax.models.novelty.MahalanobisScore`);
 - the time of the extra pass a frozen backbone costs, up to each step, against the
   whole member.
 
@@ -32,15 +32,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from aax.annotate import decoded_batches
+from aax.annotation.annotate import decoded_batches
 from aax.data import find_images, open_dataset
-from aax.ensemble import Ensemble
-from aax.members import build_member
-from aax.members.weights import IMAGENET_PACKAGES, imagenet_source, load_weights
-from aax.metrics import auroc
-from aax.novelty import MahalanobisScore
-from aax.novelty_fit import recorded_split
-from aax.openset import member_scores, side_by_side
+from aax.models.ensemble import Ensemble
+from aax.models.members import build_member
+from aax.models.members.weights import IMAGENET_PACKAGES, imagenet_source, load_weights
+from aax.evaluation.metrics import auroc
+from aax.models.novelty import MahalanobisScore
+from aax.models.novelty_fit import recorded_split
+from aax.evaluation.openset import member_scores, side_by_side
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

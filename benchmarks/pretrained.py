@@ -40,13 +40,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from aax.calibrate import calibrate_run
+from aax.evaluation.calibrate import calibrate_run
 from aax.data import find_images, open_dataset
-from aax.ensemble import Ensemble
-from aax.evaluate import evaluate
-from aax.members import DEFAULT_MEMBERS, PAPER_MEMBERS
-from aax.openset import compare
-from aax.train import TrainConfig, train
+from aax.models.ensemble import Ensemble
+from aax.evaluation.evaluate import evaluate
+from aax.models.members import DEFAULT_MEMBERS, PAPER_MEMBERS
+from aax.evaluation.openset import compare
+from aax.training.train import TrainConfig, train
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "pretrained": {},
@@ -105,14 +105,14 @@ def train_config(name: str, args: argparse.Namespace) -> TrainConfig:
 
 def _installed(members: tuple[str, ...], weights: dict[str, str]) -> dict[str, str]:
     """Member -> its installed ImageNet checkpoint, for members without given weights."""
-    from aax.members.weights import IMAGENET_PACKAGES, imagenet_source
+    from aax.models.members.weights import IMAGENET_PACKAGES, imagenet_source
 
     return {m: imagenet_source(m) for m in members if m in IMAGENET_PACKAGES and m not in weights}
 
 
 def _downloadable(members: tuple[str, ...], weights: dict[str, str]) -> bool:
     """Whether every member without given weights has an ImageNet checkpoint here."""
-    from aax.members.weights import IMAGENET_PACKAGES
+    from aax.models.members.weights import IMAGENET_PACKAGES
 
     return all(m in weights or m in IMAGENET_PACKAGES for m in members)
 

@@ -4,10 +4,10 @@ labelled test set, as theta and the novelty step vary, from one annotate pass.
     python benchmarks/protocol_levers.py RUN TEST [--pool POOL] [--out levers.json]
 
 The RUN annotates TEST once (maps, superpixels, MC probabilities, uncertainties and
-novelty scores kept); every row then re-derives the protocol (:func:`aax.decide.decide`)
+novelty scores kept); every row then re-derives the protocol (:func:`aax.annotation.decide.decide`)
 and the masks (the run's fusion, mask members, refinement and tau) from those numbers,
-and scores members alone as ``aax evaluate`` does (:func:`aax.evaluate.member_decision`,
-:func:`aax.evaluate.member_mask`: a member is flagged by its own ``u > theta`` or its own
+and scores members alone as ``aax evaluate`` does (:func:`aax.evaluation.scoring.member_decision`,
+:func:`aax.evaluation.scoring.member_mask`: a member is flagged by its own ``u > theta`` or its own
 novel flag), and again flagged by theta alone (the last column: how members were scored
 when the novelty step was charged to AAX only). Rows: theta as
 calibrated, x2, x4 and none (no uncertainty flags); the novelty step with the run's
@@ -28,15 +28,17 @@ from typing import Any
 import numpy as np
 
 from aax.data import open_dataset
-from aax.decide import binarise, decide, fuse, mask_subset, tau_for
-from aax.ensemble import Ensemble
-from aax.evaluate import (TRIVIAL_MASKS, image_regions, member_decision, member_mask, open_images,
-                          trivial_mask)
-from aax.metrics import MaskScores
-from aax.novelty import limits_for
-from aax.novelty_fit import thresholds_from
-from aax.records import REVIEW
-from aax.refine import pool_resized_numpy
+from aax.annotation.decide import binarise, decide, fuse, mask_subset
+from aax.models.mask_settings import tau_for
+from aax.models.ensemble import Ensemble
+from aax.evaluation.inputs import open_images
+from aax.evaluation.scoring import image_regions, member_decision, member_mask
+from aax.evaluation.trivial import TRIVIAL_MASKS, trivial_mask
+from aax.evaluation.metrics import MaskScores
+from aax.models.novelty import limits_for
+from aax.models.novelty_fit import thresholds_from
+from aax.annotation.records import REVIEW
+from aax.models.refine import pool_resized_numpy
 
 
 def collect(ensemble: Ensemble, test: str) -> list[dict[str, Any]]:
@@ -53,7 +55,7 @@ def collect(ensemble: Ensemble, test: str) -> list[dict[str, Any]]:
 
 def pool_thresholds(ensemble: Ensemble, pool: str) -> dict[str, dict[str, Any]]:
     """Each member's novelty threshold entry set on the POOL's images (per predicted
-    class, as :func:`aax.novelty_fit.fit_run` sets them from validation images)."""
+    class, as :func:`aax.models.novelty_fit.fit_run` sets them from validation images)."""
     score = ensemble.novelty.step()["score"]
     records = [r for r in ensemble.annotate(open_images(pool), novelty=False) if r.status == "ok"]
     names = list(ensemble.members)

@@ -7,13 +7,13 @@ is split into train+validation and a held-out test part. The ensemble (``aax tra
 members) is trained at output stride 32 and at 16, from ImageNet weights and from
 scratch (``--init``; short runs: see the printed settings), and for each lever:
 
-- the map settings are set (:class:`aax.maps.MapOptions`; the "patch maps" levers use
-  the patch-feature novelty maps of :mod:`aax.patch_maps`, with a bank fitted from the
+- the map settings are set (:class:`aax.models.maps.MapOptions`; the "patch maps" levers use
+  the patch-feature novelty maps of :mod:`aax.models.patch_maps`, with a bank fitted from the
   run's negative training images when the run has none),
 - theta, tau, the fusion, the mask members and the refinement (superpixels or none)
-  are calibrated on the run's validation split (:func:`aax.calibrate.calibrate`,
+  are calibrated on the run's validation split (:func:`aax.evaluation.calibrate.calibrate`,
   nothing written to the RUN),
-- the test part is evaluated (:func:`aax.evaluate.evaluate`): each member alone vs AAX,
+- the test part is evaluated (:func:`aax.evaluation.evaluate.evaluate`): each member alone vs AAX,
   accuracy, flag rate, mean IoU,
 - the annotation cost is timed: ``annotate_batch`` on one batch of test images, the
   best of ``--repeats``, relative to stride 32 without augmentation.
@@ -41,16 +41,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from aax.annotate import AnnotateSettings, annotate_batch
-from aax.calibrate import calibrate, validation_split
+from aax.annotation.annotate import AnnotateSettings, annotate_batch
+from aax.evaluation.calibrate import calibrate
+from aax.evaluation.calibration.files import validation_split
 from aax.data import open_dataset, read_image, stratified_split
 from aax.data.transforms import prepare
-from aax.ensemble import Ensemble
-from aax.evaluate import evaluate
-from aax.maps import MapOptions
-from aax.patch_maps import fit_run as fit_patches
-from aax.metrics import MaskScores
-from aax.train import TrainConfig, train
+from aax.models.ensemble import Ensemble
+from aax.evaluation.evaluate import evaluate
+from aax.models.maps import MapOptions
+from aax.models.patch_maps import fit_run as fit_patches
+from aax.evaluation.metrics import MaskScores
+from aax.training.train import TrainConfig, train
 
 # name, trained stride, map options (fusion is calibrated)
 LEVERS: list[tuple[str, int, dict[str, Any]]] = [
@@ -219,7 +220,7 @@ def run_dataset(name: str, source: Any, image_size: int, args: argparse.Namespac
     negative = None
     for stride in {lv[1] for lv in wanted if lv[2].get("source") == "patch"}:
         ensemble = Ensemble.load(runs[stride], device="cpu")
-        if ensemble.patches is None:  # the negative training images' patches (aax.patch_maps)
+        if ensemble.patches is None:  # the negative training images' patches (aax.models.patch_maps)
             # the training split only (its indices are into trainval): validation stays unseen
             split = ensemble.manifest["data"].get("train_indices") or []
             negatives = [str(trainval[int(i)].image) for i in split if len(trainval) > int(i)

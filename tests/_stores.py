@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from aax.records import AnnotationRecord, MemberResult
-from aax.store import AnnotationStore
+from aax.annotation.records import AnnotationRecord, MemberResult
+from aax.annotation.store import AnnotationStore
 
 H, W = 32, 40
 CLASSES = ["diseased", "healthy"]

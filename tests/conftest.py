@@ -71,7 +71,7 @@ def trained_run(lesion_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     sets it, so it always trains)."""
     import shutil
 
-    from aax.train import TrainConfig, train
+    from aax.training.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("runs") / "lesion-run"
     cache_root = os.environ.get("AAX_TEST_RUN_CACHE")
@@ -94,7 +94,7 @@ def trained_run(lesion_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 @pytest.fixture(scope="session")
 def ensemble(trained_run: Path):
     """The trained ensemble, loaded on the CPU."""
-    from aax.ensemble import Ensemble
+    from aax.models.ensemble import Ensemble
 
     return Ensemble.load(trained_run, device="cpu")
 

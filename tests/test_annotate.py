@@ -18,9 +18,9 @@ import pytest
 from PIL import Image
 
 from aax.cli import main
-from aax.decide import decide
-from aax.members import DEFAULT_MEMBERS
-from aax.refine import WORK_SIDE, pool_numpy, resize_labels
+from aax.annotation.decide import decide
+from aax.models.members import DEFAULT_MEMBERS
+from aax.models.refine import WORK_SIDE, pool_numpy, resize_labels
 
 pytestmark = pytest.mark.slow
 
@@ -255,7 +255,7 @@ def test_checkpoint_digests_are_cached_by_size_and_mtime(tmp_path):
     import json
     import os
 
-    from aax.training.runfiles import DIGEST_CACHE, checkpoint_digest
+    from aax.models.runfiles import DIGEST_CACHE, checkpoint_digest
 
     ckpt = tmp_path / "m.pt"
     ckpt.write_bytes(b"weights v1")
@@ -336,7 +336,7 @@ def test_review_list_names_flagged_images_most_uncertain_first(trained_run, inpu
 def test_ctrl_c_says_how_many_are_stored_and_how_to_resume(trained_run, input_dir, tmp_path, monkeypatch, capsys):
     import importlib
 
-    annotate_module = importlib.import_module("aax.annotate")
+    annotate_module = importlib.import_module("aax.annotation.annotate")
     real = annotate_module.annotate
 
     def interrupted(*args, **kwargs):

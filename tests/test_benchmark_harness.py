@@ -41,7 +41,7 @@ def test_protocol_levers_rederives_what_evaluate_scores(ensemble, lesion_dir, tm
         import protocol_levers as levers
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    from aax.evaluate import evaluate
+    from aax.evaluation.evaluate import evaluate
 
     rows = levers.collect(ensemble, str(lesion_dir))
     got = levers.score_setting(ensemble, rows, float(ensemble.theta), levers.novel_flags(ensemble, rows, "run", None))
@@ -68,7 +68,7 @@ def test_protocol_levers_rederives_what_evaluate_scores(ensemble, lesion_dir, tm
     # thresholds set on a pool: over all its images, and per class over the images each
     # member predicts as that class (classes predicted at least MIN_PER_CLASS times)
     from aax.data import find_images
-    from aax.novelty import MIN_PER_CLASS
+    from aax.models.novelty import MIN_PER_CLASS
 
     n_pool = len(find_images(lesion_dir / "images"))
     pool = levers.pool_thresholds(ensemble, str(lesion_dir / "images"))
@@ -90,7 +90,8 @@ def test_calibration_rules_scores_what_calibrate_picked(trained_run, lesion_dir)
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
 
-    from aax.calibrate import calibrate, validation_split
+    from aax.evaluation.calibrate import calibrate
+    from aax.evaluation.calibration.files import validation_split
 
     recorded = calibrate(trained_run, validation_split(trained_run), write=False, novelty=False)
     assert recorded["iou_mean"] is not None

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aax import brush
+from aax.interop import brush
 
 CHECK = Path(__file__).parent / "interop" / "ls_brush_check.py"
 

@@ -9,13 +9,11 @@ import numpy as np
 import pytest
 from test_evaluate import D, H, NAMES, S, FakeEnsemble, fake_data
 
-from aax.calibrate import (
-    calibrate,
-    choose_tau,
-    choose_theta,
-    validation_split,
-)
-from aax.evaluate import evaluate
+from aax.evaluation.calibrate import calibrate
+from aax.evaluation.calibration.files import validation_split
+from aax.evaluation.calibration.masks import choose_tau
+from aax.evaluation.calibration.theta import choose_theta
+from aax.evaluation.evaluate import evaluate
 
 GT = np.zeros((S, S), bool)
 GT[16:48, 16:48] = True  # 1024 px
@@ -124,7 +122,7 @@ def test_flag_budget_that_cannot_be_met(run, tmp_path):
 
 
 def test_settle_theta():
-    from aax.calibrate import settle_theta
+    from aax.evaluation.calibration.theta import settle_theta
 
     unc = np.array([[0.1, 0.2], [0.2, 0.4]])
     assert settle_theta(0.1, unc) == pytest.approx(0.15)
@@ -180,8 +178,8 @@ def test_calibrate_run_on_a_trained_run(request, tmp_path):
 
     from test_evaluate import session_fixture
 
-    from aax.calibrate import calibrate_run
-    from aax.ensemble import Ensemble
+    from aax.evaluation.calibrate import calibrate_run
+    from aax.models.ensemble import Ensemble
 
     run = tmp_path / "run"
     shutil.copytree(session_fixture(request, "trained_run"), run)  # the shared fixture's run stays as it is
@@ -289,8 +287,9 @@ def test_otsu_when_no_masks_and_as_a_candidate(run, tmp_path):
 def test_each_positive_class_gets_its_own_tau_by_hand():
     """Two positive classes whose masks want different thresholds: each class takes its
     own best tau, and the overall mean IoU is the mean over both classes' images."""
-    from aax.calibrate import Collected, _ImageMasks, choose_masks
-    from aax.metrics import ThetaSweep
+    from aax.evaluation.calibration.collect import Collected, _ImageMasks
+    from aax.evaluation.calibration.masks import choose_masks
+    from aax.evaluation.metrics import ThetaSweep
 
     classes = ["benign", "malignant", "normal"]  # "normal" (2) is the negative class
     taus = np.array([0.2, 0.5, 0.8])

@@ -51,7 +51,7 @@ def test_known_errors_are_one_line(tmp_path, capsys):
 
 
 def test_debug_variable_shows_the_traceback(tmp_path, monkeypatch):
-    from aax.training.runfiles import RunError
+    from aax.models.runfiles import RunError
 
     monkeypatch.setenv("AAX_DEBUG", "1")
     with pytest.raises(RunError):

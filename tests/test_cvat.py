@@ -14,9 +14,9 @@ import pytest
 from _stores import MODEL_MASKS, ROWS, box, make_store, short
 
 from aax.cli import main
-from aax.cvat import export_cvat, mask_to_rle, rle_to_mask
-from aax.review_import import import_file
-from aax.reviews import ReviewImportError, load_mask
+from aax.interop.cvat import export_cvat, mask_to_rle, rle_to_mask
+from aax.interop.review_import import import_file
+from aax.interop.reviews import ReviewImportError, load_mask
 
 CHECK = Path(__file__).parent / "interop" / "datumaro_check.py"
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from aax.decide import Decision, decide, intersect, map_class, predicted_classes, tau_for
+from aax.annotation.decide import Decision, decide, intersect, map_class, predicted_classes
+from aax.models.mask_settings import tau_for
 
 H, D = [0.9, 0.1], [0.2, 0.8]  # healthy (index 0, negative) / diseased (index 1)
 TIE = [0.5, 0.5]
@@ -115,7 +116,7 @@ def test_map_class_skips_negative():
 # --- fusion and thresholds ---------------------------------------------------------------
 
 def test_fuse_by_hand() -> None:
-    from aax.decide import fuse
+    from aax.annotation.decide import fuse
 
     maps = np.array([[[0.9, 0.2, 0.6]], [[0.8, 0.7, 0.1]], [[0.3, 0.9, 0.7]]])
     np.testing.assert_allclose(fuse(maps, "min"), [[0.3, 0.2, 0.1]])
@@ -131,7 +132,7 @@ def test_fuse_by_hand() -> None:
 
 
 def test_intersect_is_the_min_fusion() -> None:
-    from aax.decide import fuse
+    from aax.annotation.decide import fuse
 
     rng = np.random.default_rng(0)
     maps = rng.random((3, 5, 5))
@@ -139,7 +140,7 @@ def test_intersect_is_the_min_fusion() -> None:
 
 
 def test_otsu_by_hand() -> None:
-    from aax.decide import otsu_threshold
+    from aax.annotation.decide import otsu_threshold
 
     # two clusters: the threshold falls between them
     t = otsu_threshold(np.array([0.1] * 5 + [0.9] * 5))
@@ -154,7 +155,8 @@ def test_otsu_by_hand() -> None:
 
 
 def test_binarise_and_tau_parsing() -> None:
-    from aax.decide import OTSU, binarise, parse_tau
+    from aax.annotation.decide import binarise
+    from aax.models.mask_settings import OTSU, parse_tau
 
     score = np.array([[0.0, 0.0, 0.0], [0.4, 1.0, 1.0]])
     assert binarise(score, 0.3).tolist() == [[False] * 3, [True] * 3]
@@ -165,7 +167,7 @@ def test_binarise_and_tau_parsing() -> None:
 
 
 def test_mask_subset_narrows_the_agreeing_members_by_hand():
-    from aax.decide import mask_subset
+    from aax.annotation.decide import mask_subset
 
     assert mask_subset((0, 1, 2), None) == (0, 1, 2)
     assert mask_subset((0, 1, 2), [0, 2]) == (0, 2)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from aax.demo import DemoConfig, run_demo
-from aax.members import DEFAULT_MEMBERS
+from aax.models.members import DEFAULT_MEMBERS
 
 pytestmark = pytest.mark.slow
 

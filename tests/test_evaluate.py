@@ -15,9 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aax.decide import decide, intersect, predicted_classes
-from aax.evaluate import evaluate, member_decision, open_images, tables_markdown
-from aax.records import REVIEW, AnnotationRecord, MemberResult
+from aax.annotation.decide import decide, intersect, predicted_classes
+from aax.evaluation.evaluate import evaluate
+from aax.evaluation.inputs import open_images
+from aax.evaluation.scoring import member_decision
+from aax.evaluation.tables import tables_markdown
+from aax.annotation.records import REVIEW, AnnotationRecord, MemberResult
 
 S = 64  # image side
 CLASSES = ["diseased", "healthy"]
@@ -288,8 +291,8 @@ def test_tables_without_masks():
 
 
 def test_member_mask_per_class_tau():
-    from aax.decide import tau_for
-    from aax.evaluate import member_mask
+    from aax.models.mask_settings import tau_for
+    from aax.evaluation.scoring import member_mask
 
     sal = np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4)
     rec = AnnotationRecord(image="x", members=[MemberResult("m", [0.1, 0.9], 0.0, "diseased")],
@@ -344,7 +347,7 @@ def small_split(source, per_class=6):
 @pytest.mark.slow
 def test_evaluate_real_ensemble(request, tmp_path):
     from aax.data.synth import generate
-    from aax.decide import decide as protocol
+    from aax.annotation.decide import decide as protocol
 
     ensemble = session_fixture(request, "ensemble")
     lesion_dir = session_fixture(request, "lesion_dir")
@@ -395,7 +398,7 @@ def test_evaluate_command(request, tmp_path):
 
 
 def test_trivial_masks_are_what_they_say():
-    from aax.evaluate import TRIVIAL_MASKS, trivial_mask
+    from aax.evaluation.trivial import TRIVIAL_MASKS, trivial_mask
 
     assert trivial_mask("whole image", (6, 8)).all()
     box = trivial_mask("centred box", (8, 12))
@@ -413,7 +416,7 @@ def test_no_novelty_evaluates_the_papers_protocol(data, tmp_path):
 
 
 def test_masks_text_names_the_mask_members():
-    from aax.evaluate import masks_text
+    from aax.evaluation.tables import masks_text
 
     text = masks_text({"fusion": "mean", "mask_members": ["resnet50", "densenet121"]})
     assert text == ("AAX's masks: mean fusion of the agreeing members' maps among resnet50, densenet121 "

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aax.explain import GradCAM, XGradCAM, head_gradient, xgrad_cam
-from aax.members import MEMBERS, build_member
+from aax.models.explain import GradCAM, XGradCAM, head_gradient, xgrad_cam
+from aax.models.members import MEMBERS, build_member
 
 from _members import settle_batch_norm
 
@@ -44,7 +44,7 @@ def reference_xgrad_cam(model: torch.nn.Module, target_layer: torch.nn.Module,
 
 @pytest.fixture(scope="module")
 def random_members():
-    from aax.members.weights import IMAGENET_PACKAGES, imagenet_source, load_weights
+    from aax.models.members.weights import IMAGENET_PACKAGES, imagenet_source, load_weights
 
     members = {}
     for name in NAMES:
@@ -112,7 +112,7 @@ def test_cam_is_zero_for_inactive_features():
 @pytest.mark.parametrize("src, dst", [((4, 4), (512, 512)), ((7, 5), (100, 130)), ((8, 8), (8, 8)),
                                       ((9, 6), (4, 3)), ((1, 3), (5, 7))])
 def test_upsample_is_bilinear_interpolation(src, dst):
-    from aax.explain import upsample
+    from aax.models.explain import upsample
 
     maps = torch.rand(3, *src)
     expected = torch.nn.functional.interpolate(maps[:, None], size=dst, mode="bilinear",

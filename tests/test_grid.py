@@ -1,5 +1,5 @@
 """Maps registered on the image: each member's cell centres (Member.grid_origin) and
-resizing a map on its grid (aax.explain.Grid, upsample)."""
+resizing a map on its grid (aax.models.explain.Grid, upsample)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from aax.annotate import _maps_and_masks
-from aax.decide import Decision
-from aax.explain import Grid, upsample
-from aax.maps import MapOptions, member_grid
-from aax.members import MEMBERS, build_member
+from aax.annotation.annotate import _maps_and_masks
+from aax.annotation.decide import Decision
+from aax.models.explain import Grid, upsample
+from aax.models.maps import MapOptions, member_grid
+from aax.models.members import MEMBERS, build_member
 
 from _members import Gain, without_relu6
 

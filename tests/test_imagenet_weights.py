@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from aax.members import build_member
-from aax.members.weights import IMAGENET_URLS, load_weights
-from aax.train import FINETUNE_LR, SCRATCH_LR, TrainConfig
+from aax.models.members import build_member
+from aax.models.members.weights import IMAGENET_URLS, load_weights
+from aax.training.train import FINETUNE_LR, SCRATCH_LR, TrainConfig
 
 
 def _source_format(name: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aax import brush
+from aax.interop import brush
 from aax.cli import main
-from aax.reviews import load_mask
+from aax.interop.reviews import load_mask
 
 TOKEN = "aax0test0token0aax0test0token0aax0test00"
 START_TIMEOUT = 600  # s: a first start migrates a fresh database (about 70 s on 2 idle cores)
@@ -112,7 +112,7 @@ def label_studio(label_studio_python: Path, tmp_path_factory: pytest.TempPathFac
 def project(label_studio: LabelStudio, ensemble, lesion_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """AAX's annotations of 8 lesion images (under Label Studio's local-files root),
     exported as tasks and imported into a new project whose config is AAX's."""
-    from aax.annotate import annotate_to_folder
+    from aax.annotation.annotate import annotate_to_folder
 
     images = label_studio.files / "lesion"
     for cls in ("diseased", "healthy"):

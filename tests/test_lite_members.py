@@ -11,10 +11,10 @@ import torch
 from skimage import data as natural_images
 
 from aax.data.transforms import IMAGENET_MEAN, IMAGENET_STD, prepare
-from aax.members import DEFAULT_MEMBERS, build_member
-from aax.members.backbones import LITE_NORMALISATION, lite_block_strings
-from aax.members.weights import IMAGENET_PACKAGES, WeightsError, imagenet_source, load_weights, read_state_dict
-from aax.train import FINETUNE_EPOCHS, FINETUNE_LR, SCRATCH_EPOCHS, SCRATCH_LR, TrainConfig
+from aax.models.members import DEFAULT_MEMBERS, build_member
+from aax.models.members.backbones import LITE_NORMALISATION, lite_block_strings
+from aax.models.members.weights import IMAGENET_PACKAGES, WeightsError, imagenet_source, load_weights, read_state_dict
+from aax.training.train import FINETUNE_EPOCHS, FINETUNE_LR, SCRATCH_EPOCHS, SCRATCH_LR, TrainConfig
 
 LITES = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
 

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from aax.decide import fuse
-from aax.explain import XGradCAM
-from aax.maps import MapOptions, fuse_maps, member_maps, output_stride
-from aax.members import MEMBERS, build_member
+from aax.annotation.decide import fuse
+from aax.models.explain import XGradCAM
+from aax.models.maps import MapOptions, fuse_maps, member_maps
+from aax.models.members.backbones import output_stride
+from aax.models.members import MEMBERS, build_member
 
 from _members import without_relu6
 
@@ -146,7 +147,7 @@ def test_device_fusion_matches_the_numpy_reference(fusion: str, m: int) -> None:
 
 
 def test_annotate_with_a_finer_map_keeps_the_class_decision(ensemble, lesion_dir) -> None:
-    from aax.annotate import AnnotateSettings, annotate_batch
+    from aax.annotation.annotate import AnnotateSettings, annotate_batch
     from aax.data import find_images, read_image
     from aax.data.transforms import prepare
 
@@ -186,7 +187,7 @@ def test_a_second_pass_can_start_where_the_strides_part(name: str) -> None:
 
 
 def test_map_pass_from_the_shared_steps_equals_a_full_pass() -> None:
-    from aax.maps import class_features
+    from aax.models.maps import class_features
 
     member = _member("densenet121")
     x = torch.randn(2, 3, 64, 64)
@@ -202,9 +203,9 @@ def test_map_pass_from_the_shared_steps_equals_a_full_pass() -> None:
 
 
 def test_mask_members_narrow_the_maps_a_mask_fuses() -> None:
-    from aax.annotate import _maps_and_masks
-    from aax.decide import Decision
-    from aax.explain import Grid
+    from aax.annotation.annotate import _maps_and_masks
+    from aax.annotation.decide import Decision
+    from aax.models.explain import Grid
 
     raw = torch.zeros(1, 3, 4, 4)
     raw[0, :2, 1, 1] = 1.0  # members 0 and 1 point at (1, 1), member 2 at (3, 3)
@@ -226,7 +227,7 @@ def test_mask_members_narrow_the_maps_a_mask_fuses() -> None:
 def test_mask_members_round_trip_and_are_checked() -> None:
     from types import SimpleNamespace
 
-    from aax.annotate import AnnotateSettings
+    from aax.annotation.annotate import AnnotateSettings
 
     options = MapOptions(mask_members=["resnet50", "densenet121"])
     assert options.mask_members == ("resnet50", "densenet121")

@@ -9,8 +9,8 @@ import torch
 
 from aax.data import open_dataset, read_image
 from aax.data.transforms import prepare
-from aax.members import DEFAULT_MEMBERS, MEMBERS, build_member
-from aax.training import runfiles
+from aax.models.members import DEFAULT_MEMBERS, MEMBERS, build_member
+from aax.models import runfiles
 from aax.training.loop import LoopSettings, member_loss, recalibrate_bn
 from aax.training.init import zero_init_residuals
 from aax.training.tensors import decode_samples
@@ -145,7 +145,7 @@ def test_training_loss_goes_down_for_every_member(trained_run: Path) -> None:
 
 @pytest.mark.slow
 def test_loading_twice_gives_identical_outputs(trained_run: Path, ensemble) -> None:
-    from aax.ensemble import Ensemble
+    from aax.models.ensemble import Ensemble
 
     again = Ensemble.load(trained_run, device="cpu")
     x = torch.randn(3, 3, ensemble.image_size, ensemble.image_size)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from aax.decide import decide
-from aax.metrics import (
+from aax.annotation.decide import decide
+from aax.evaluation.metrics import (
     NO_LABEL,
     MaskScores,
     ThetaSweep,

@@ -1,4 +1,4 @@
-"""Novelty scores against hand-computed cases (aax.novelty)."""
+"""Novelty scores against hand-computed cases (aax.models.novelty)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from aax import novelty as nv
+from aax.models import novelty as nv
 
 
 def test_knn_kth_distance_by_hand():
@@ -159,7 +159,7 @@ def test_novelty_step_carries_thresholds_per_class_only_when_set():
 
 
 def test_small_validation_split_warning():
-    from aax.novelty_fit import small_split_warning
+    from aax.models.novelty_fit import small_split_warning
 
     entry = lambda n, **by: {"knn": {"threshold": 1.0, "median": 0.5, "n": n,
                                      "by_class": {c: {"threshold": 1.0, "median": 0.5, "n": k} for c, k in by.items()}}}

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aax import novelty as nv
-from aax.annotate import AnnotateSettings, annotate_batch
+from aax.models import novelty as nv
+from aax.annotation.annotate import AnnotateSettings, annotate_batch
 from aax.data import find_images
 from aax.data.transforms import prepare
 
@@ -89,8 +89,8 @@ def test_records_carry_scores_and_the_novel_step(ensemble, lesion_dir):
 
 
 def test_novelty_setting_is_in_the_store_fingerprint(ensemble, lesion_dir, tmp_path):
-    from aax.annotate import annotate_to_folder
-    from aax.store import AnnotationStore, SettingsMismatch
+    from aax.annotation.annotate import annotate_to_folder
+    from aax.annotation.store import AnnotationStore, SettingsMismatch
 
     src = tmp_path / "in"
     src.mkdir()
@@ -106,8 +106,8 @@ def test_novelty_setting_is_in_the_store_fingerprint(ensemble, lesion_dir, tmp_p
 
 
 def test_old_run_without_novelty_loads_annotates_and_calibrate_adds_it(trained_run, lesion_dir, tmp_path):
-    from aax.calibrate import calibrate_run
-    from aax.ensemble import Ensemble
+    from aax.evaluation.calibrate import calibrate_run
+    from aax.models.ensemble import Ensemble
 
     old = tmp_path / "old-run"
     shutil.copytree(trained_run, old)
@@ -132,8 +132,9 @@ def test_old_run_without_novelty_loads_annotates_and_calibrate_adds_it(trained_r
 
 
 def test_fit_sets_a_threshold_per_predicted_class(trained_run, monkeypatch, tmp_path):
-    from aax.ensemble import Ensemble
-    from aax.novelty_fit import fit_run, recorded_split
+    from aax.models.ensemble import Ensemble
+    from aax.models.novelty_fit import fit_run
+    from aax.models.runfiles import recorded_split
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
@@ -166,8 +167,8 @@ def test_fit_sets_a_threshold_per_predicted_class(trained_run, monkeypatch, tmp_
 
 
 def test_calibrate_keeps_features_of_the_same_checkpoints(trained_run, tmp_path):
-    from aax.calibrate import calibrate_run
-    from aax.ensemble import Ensemble
+    from aax.evaluation.calibrate import calibrate_run
+    from aax.models.ensemble import Ensemble
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
@@ -179,7 +180,7 @@ def test_calibrate_keeps_features_of_the_same_checkpoints(trained_run, tmp_path)
 
 def test_evaluate_side_by_side_on_never_seen_fire(ensemble, lesion_dir, tmp_path):
     from aax.data.synth import generate
-    from aax.evaluate import evaluate
+    from aax.evaluation.evaluate import evaluate
 
     unseen = generate("fire", tmp_path / "fire", n_per_class=4, size=64, seed=7)
     result = evaluate(ensemble, lesion_dir, unseen=unseen / "images", out=tmp_path / "ev")
@@ -200,9 +201,10 @@ def test_evaluate_side_by_side_on_never_seen_fire(ensemble, lesion_dir, tmp_path
 
 
 def test_calibrate_sets_novelty_thresholds_on_unlabelled_images(trained_run, tmp_path):
-    from aax.calibrate import calibrate, validation_split
+    from aax.evaluation.calibrate import calibrate
+    from aax.evaluation.calibration.files import validation_split
     from aax.data import synth
-    from aax.ensemble import Ensemble
+    from aax.models.ensemble import Ensemble
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)

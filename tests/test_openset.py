@@ -1,13 +1,13 @@
-"""The side-by-side open-set table (aax.openset) on hand-made scores."""
+"""The side-by-side open-set table (aax.evaluation.openset) on hand-made scores."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from aax.openset import (fpr_at_tpr, member_columns, member_predicted, member_predicted_from_rows, member_scores,
+from aax.evaluation.openset import (fpr_at_tpr, member_columns, member_predicted, member_predicted_from_rows, member_scores,
                          member_scores_from_rows, side_by_side, table_markdown)
-from aax.records import AnnotationRecord, MemberResult
+from aax.annotation.records import AnnotationRecord, MemberResult
 
 
 def test_fpr_at_95_tpr_by_hand():

@@ -1,4 +1,4 @@
-"""Patch-feature novelty maps (aax.patch_maps): distances by hand, the bank stored with
+"""Patch-feature novelty maps (aax.models.patch_maps): distances by hand, the bank stored with
 the run, and the map source end to end."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from aax.maps import MapOptions
-from aax.patch_maps import FILE, PATCH_STAGES, distance_maps, fit_banks, fit_run, load_banks, patch_features
+from aax.models.maps import MapOptions
+from aax.models.patch_maps import FILE, PATCH_STAGES, distance_maps, fit_banks, fit_run, load_banks, patch_features
 
 
 def test_distances_by_hand():
@@ -59,8 +59,8 @@ def test_a_foreign_patch_is_where_the_map_peaks(ensemble):
 
 @pytest.mark.slow
 def test_bank_is_stored_with_the_run_and_drives_the_masks(trained_run, lesion_dir, tmp_path):
-    from aax.annotate import annotate
-    from aax.ensemble import Ensemble
+    from aax.annotation.annotate import annotate
+    from aax.models.ensemble import Ensemble
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
@@ -100,8 +100,8 @@ def test_bank_is_stored_with_the_run_and_drives_the_masks(trained_run, lesion_di
             assert p.mask is not None and p.mask.shape == tuple(p.size)
 
     # an annotation folder made with one bank is not completed with another's masks
-    from aax.annotate import annotate_to_folder
-    from aax.store import SettingsMismatch
+    from aax.annotation.annotate import annotate_to_folder
+    from aax.annotation.store import SettingsMismatch
 
     src = tmp_path / "src"
     src.mkdir()
@@ -122,9 +122,10 @@ def test_bank_is_stored_with_the_run_and_drives_the_masks(trained_run, lesion_di
 
 @pytest.mark.slow
 def test_calibrate_makes_the_bank_and_keeps_the_better_source(trained_run, lesion_dir, tmp_path, capsys):
-    from aax.calibrate import calibrate, validation_split
+    from aax.evaluation.calibrate import calibrate
+    from aax.evaluation.calibration.files import validation_split
     from aax.cli import main
-    from aax.ensemble import Ensemble
+    from aax.models.ensemble import Ensemble
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
@@ -149,8 +150,8 @@ def test_calibrate_makes_the_bank_and_keeps_the_better_source(trained_run, lesio
 
 
 def test_the_report_names_the_map_source():
-    from aax.evaluate import Example
-    from aax.report.html import example_grid
+    from aax.evaluation.report.example import Example
+    from aax.evaluation.report.html import example_grid
 
     m = np.zeros((8, 8), np.float32)
     ex = Example(image="a.png", label="diseased", decision="diseased", reason="consensus", correct=True,

@@ -1,4 +1,4 @@
-"""Superpixel refinement (aax.refine): regions, pooling, and its use in masks."""
+"""Superpixel refinement (aax.models.refine): regions, pooling, and its use in masks."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from aax.annotate import _maps_and_masks
-from aax.decide import Decision
-from aax.explain import Grid
-from aax.maps import MapOptions
-from aax.refine import (REFINES, WORK_SIDE, input_superpixels, pool_numpy, pool_resized, pool_resized_numpy,
+from aax.annotation.annotate import _maps_and_masks
+from aax.annotation.decide import Decision
+from aax.models.explain import Grid
+from aax.models.maps import MapOptions
+from aax.models.refine import (REFINES, WORK_SIDE, input_superpixels, pool_numpy, pool_resized, pool_resized_numpy,
                         resize_labels, superpixels)
 
 
@@ -146,7 +146,8 @@ def test_evaluate_refines_the_members_masks_as_the_runs():
     from test_calibrate import REGIONS, SQUARES
     from test_evaluate import NAMES, FakeEnsemble, fake_data
 
-    from aax.evaluate import evaluate, masks_text
+    from aax.evaluation.evaluate import evaluate
+    from aax.evaluation.tables import masks_text
 
     regions = dict.fromkeys(("p1.png", "p2.png"), REGIONS)
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,14 +165,14 @@ def test_evaluate_refines_the_members_masks_as_the_runs():
 
 
 def test_report_examples_refine_the_members_masks_as_the_runs():
-    """The report's grid (aax.report.example_from_record) makes members' masks as the
+    """The report's grid (aax.evaluation.examples.example_from_record) makes members' masks as the
     evaluation does: pooled over the regions when the run refines."""
     from pathlib import Path
 
     from test_calibrate import GT, REGIONS, SQUARES
     from test_evaluate import NAMES, FakeEnsemble
 
-    from aax.report import example_from_record
+    from aax.evaluation.examples import example_from_record
 
     (record,) = FakeEnsemble(spec=SQUARES, regions={"p1.png": REGIONS}).annotate([Path("p1.png")],
                                                                                   keep_saliency=True)

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from test_evaluate import UNSEEN, FakeEnsemble, fake_data
 
-from aax.evaluate import evaluate
-from aax.report import write_report
-from aax.report.figures import mask_tile, shrink_map, shrink_mask
+from aax.evaluation.evaluate import evaluate
+from aax.evaluation.examples import write_report
+from aax.evaluation.report.figures import mask_tile, shrink_map, shrink_mask
 
 
 @pytest.fixture

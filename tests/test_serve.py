@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aax import brush
-from aax.serve import Backend, ImageSource, make_server
+from aax.interop import brush
+from aax.interop.serve import Backend, ImageSource, make_server
 
 TOKEN = "test-token-0123456789"
 
@@ -98,7 +98,7 @@ def test_health_and_setup(backend_url):
 
 
 def test_predict_matches_annotate_in_one_batch(backend_url, ensemble, images):
-    from aax.annotate import annotate
+    from aax.annotation.annotate import annotate
 
     tasks = [{"id": i, "data": {"image": str(p)}} for i, p in enumerate(images)]
     status, body = call(backend_url + "/predict", "POST", {"tasks": tasks, "label_config": None})

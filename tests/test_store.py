@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from aax.records import AnnotationRecord, MemberResult
-from aax.store import AnnotationStore, SettingsMismatch, relative_name
+from aax.annotation.records import AnnotationRecord, MemberResult
+from aax.annotation.store import AnnotationStore, SettingsMismatch, relative_name
 
 SETTINGS = {"run": "r", "theta": 0.1, "tau": 0.5, "mc_passes": 30, "quorum": 2,
             "classes": ["diseased", "healthy"], "negative_class": "healthy"}

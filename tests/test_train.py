@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from aax.cli import main
-from aax.ensemble import Ensemble, RunError
-from aax.members import DEFAULT_MEMBERS, build_member
-from aax.train import FINETUNE_LR, TrainConfig, default_negative_class, resolve_negative_class, train
-from aax.training import runfiles
+from aax.models.ensemble import Ensemble, RunError
+from aax.models.members import DEFAULT_MEMBERS, build_member
+from aax.training.train import FINETUNE_LR, TrainConfig, default_negative_class, resolve_negative_class, train
+from aax.models import runfiles
 from aax.training.loop import lr_factor, member_loss
 
 FAST = dict(members=("efficientnet-b0",), image_size=32, batch_size=8, progress=False, pretrained=None)
@@ -101,7 +101,7 @@ def test_bad_settings_are_refused(bad: dict) -> None:
 
 
 def test_default_lr_depends_on_pretrained_weights() -> None:
-    from aax.train import SCRATCH_LR
+    from aax.training.train import SCRATCH_LR
 
     config = TrainConfig(weights={"resnet50": "x.pth"}, pretrained=None)
     assert config.member_lr("resnet50") == pytest.approx(FINETUNE_LR)
@@ -218,7 +218,7 @@ def test_cli_train_writes_a_run_that_loads(tiny_lesion_dir: Path, tmp_path: Path
             "--weights", f"efficientnet-b0={weights}", "--negative-class", "healthy", "--from-scratch"]
     calibrated: list[Path] = []
     given: list[object] = []
-    monkeypatch.setattr("aax.calibrate.calibrate_run",
+    monkeypatch.setattr("aax.evaluation.calibrate.calibrate_run",
                         lambda run, **kw: calibrated.append(Path(run)) or given.append(kw.get("novelty_images"))
                         or {"theta": 0.1, "tau": 0.5})
     assert main(argv + ["--novelty-images", str(tmp_path / "pool")]) == 0
@@ -369,7 +369,7 @@ def test_a_member_near_chance_is_flagged_everywhere(tiny_lesion_dir: Path, tmp_p
                                                     capsys: pytest.CaptureFixture) -> None:
     import importlib
 
-    train_module = importlib.import_module("aax.train")
+    train_module = importlib.import_module("aax.training.train")
 
     real = train_module.train_member
 
@@ -390,7 +390,7 @@ def test_a_member_near_chance_is_flagged_everywhere(tiny_lesion_dir: Path, tmp_p
 
 
 def test_balanced_class_weights() -> None:
-    from aax.train import _class_weight_tensor
+    from aax.training.train import _class_weight_tensor
 
     w = _class_weight_tensor(torch.tensor([0, 0, 0, 1]), 2, "balanced")
     assert torch.allclose(w, torch.tensor([4 / 6, 2.0]))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aax.members.head import MCHead
-from aax.uncertainty import dropout_masks, mc_probabilities, summarize, variance_penalty
+from aax.models.members.head import MCHead
+from aax.models.uncertainty import dropout_masks, mc_probabilities, summarize, variance_penalty
 
 
 @torch.no_grad()

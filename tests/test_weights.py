@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aax.members import build_member
-from aax.members.weights import LoadReport, WeightsError, load_weights, read_state_dict
+from aax.models.members import build_member
+from aax.models.members.weights import LoadReport, WeightsError, load_weights, read_state_dict
 
 CLASSIFIER = {"resnet50": ("fc", 2048), "densenet121": ("classifier", 1024),
               "efficientnet-b0": ("_fc", 1280)}

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from aax.members import DEFAULT_MEMBERS
+from aax.models.members import DEFAULT_MEMBERS
 
 
 @dataclass
@@ -49,12 +49,13 @@ class DemoConfig:
 def run_demo(out: str | os.PathLike = "demo-run", config: DemoConfig | None = None,
              log: Callable[[str], Any] = print) -> dict:
     """Run every step of AAX into ``out``; return paths and the evaluation result."""
-    from aax.annotate import annotate_to_folder
-    from aax.calibrate import calibrate_run
+    from aax.annotation.annotate import annotate_to_folder
+    from aax.evaluation.calibrate import calibrate_run
     from aax.data import synth
-    from aax.ensemble import Ensemble
-    from aax.evaluate import evaluate, masks_text
-    from aax.train import TrainConfig, train
+    from aax.models.ensemble import Ensemble
+    from aax.evaluation.evaluate import evaluate
+    from aax.evaluation.tables import masks_text
+    from aax.training.train import TrainConfig, train
 
     config = config or DemoConfig()
     out = Path(out)
@@ -127,7 +128,7 @@ def _near_ood(ensemble: Any, result: dict, images: Path, evaluation: Path) -> st
     import json
 
     from aax.data import find_images
-    from aax.openset import compare, table_markdown
+    from aax.evaluation.openset import compare, table_markdown
 
     records = list(ensemble.annotate(find_images(images), theta=result["settings"]["theta"]))
     summary = compare(result, records, ensemble, data=str(images))

@@ -65,8 +65,8 @@ def _tau(text: str) -> float | str:
 def run(args: argparse.Namespace) -> int:
     """Run ``aax annotate``: 0 when every input was annotated, 1 when some could not be
     read (each is listed), 2 when the run could not start, 130 on Ctrl-C."""
-    from aax.annotate import annotate_to_folder
-    from aax.ensemble import Ensemble
+    from aax.annotation.annotate import annotate_to_folder
+    from aax.models.ensemble import Ensemble
 
     ensemble = Ensemble.load(args.run, device=args.device, channels_last=args.channels_last)
     changes = {k: v for k, v in (("map_stride", args.map_stride), ("fusion", args.fusion),
@@ -104,7 +104,7 @@ def _stored(out: str) -> int:
     import sqlite3
     from pathlib import Path
 
-    from aax.store import DB_NAME
+    from aax.annotation.store import DB_NAME
 
     try:
         with sqlite3.connect(Path(out) / DB_NAME) as db:

@@ -11,7 +11,7 @@ _pass_rate = _number(float, 0.0, 1.0, low_open=True)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from aax.novelty import MIN_PER_CLASS, SCORES
+    from aax.models.novelty import MIN_PER_CLASS, SCORES
 
     p = sub.add_parser("calibrate", help="choose theta and tau on validation data",
                        description="Annotate VALDATA once and choose theta (best accuracy on the images not "
@@ -67,9 +67,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from aax.calibrate import calibrate, split_name, validation_split
-    from aax.ensemble import Ensemble
-    from aax.evaluate import tau_text
+    from aax.evaluation.calibrate import calibrate
+    from aax.evaluation.calibration.files import split_name, validation_split
+    from aax.models.ensemble import Ensemble
+    from aax.evaluation.tables import tau_text
 
     try:
         ensemble = Ensemble.load(args.run, device=args.device)

@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from aax.export import export_coco, export_png
+    from aax.interop.export import export_coco, export_png
 
     if (args.image_root or args.local_files) and args.format != "label-studio":
         raise ValueError("--image-root and --local-files apply to --format label-studio only")
@@ -44,15 +44,15 @@ def run(args: argparse.Namespace) -> int:
     elif args.format == "png":
         result = export_png(args.out, args.to)
     elif args.format == "label-studio":
-        from aax.labelstudio import export_label_studio
+        from aax.interop.labelstudio import export_label_studio
 
         result = export_label_studio(args.out, args.to, image_root=args.image_root, local_files=args.local_files)
     elif args.format == "cvat":
-        from aax.cvat import export_cvat
+        from aax.interop.cvat import export_cvat
 
         result = export_cvat(args.out, args.to)
     else:
-        from aax.review_list import review_list
+        from aax.annotation.review_list import review_list
 
         result = {k: v for k, v in review_list(args.out, args.to).items() if k != "entries"}
     print(json.dumps(result))

@@ -8,7 +8,7 @@ import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from aax.review_import import FORMATS
+    from aax.interop.review_import import FORMATS
 
     p = sub.add_parser("import", help="import reviewed annotations (Label Studio JSON export, CVAT XML)")
     p.add_argument("out", help="folder written by `aax annotate`")
@@ -18,8 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from aax.review_import import import_file
-    from aax.reviews import ReviewImportError
+    from aax.interop.review_import import import_file
+    from aax.interop.reviews import ReviewImportError
 
     try:
         result = import_file(args.out, args.source, args.file)

@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from aax.review_list import review_list
+    from aax.annotation.review_list import review_list
 
     result = review_list(args.out, args.to)
     entries = result["entries"]

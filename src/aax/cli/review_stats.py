@@ -13,8 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from aax.export import _open
-    from aax.reviews import review_stats
+    from aax.interop.export import _open
+    from aax.interop.reviews import review_stats
 
     store = _open(args.out)
     try:

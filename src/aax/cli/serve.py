@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from aax.serve import serve
+    from aax.interop.serve import serve
 
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback

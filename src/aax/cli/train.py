@@ -14,7 +14,7 @@ from aax.cli._common import (add_device_argument, add_label_map_argument, dropou
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``train`` sub-command."""
-    from aax.members import DEFAULT_MEMBERS, MEMBERS
+    from aax.models.members import DEFAULT_MEMBERS, MEMBERS
 
     p = subparsers.add_parser(
         "train", help="train the ensemble members on image-level labels",
@@ -105,14 +105,14 @@ def _weights(items: list[str]) -> dict[str, str]:
 
 
 def build_config(args: argparse.Namespace) -> Any:
-    """The :class:`~aax.train.TrainConfig` for ``args``.
+    """The :class:`~aax.training.train.TrainConfig` for ``args``.
 
     With ``--resume`` and an existing manifest, the stored settings are the base and
     only options given on the command line change them (a change is then refused by
-    :func:`aax.train.train`, which names it).
+    :func:`aax.training.train.train`, which names it).
     """
-    from aax.train import TrainConfig
-    from aax.training import runfiles
+    from aax.training.train import TrainConfig
+    from aax.models import runfiles
 
     base: dict[str, Any] = {}
     manifest = Path(args.out) / runfiles.MANIFEST
@@ -152,7 +152,7 @@ def _after_training(run: Path, args: argparse.Namespace) -> None:
                   f"{args.novelty_images}`", file=sys.stderr)
         return
     try:
-        from aax.calibrate import calibrate_run
+        from aax.evaluation.calibrate import calibrate_run
 
         result = calibrate_run(run, device=args.device, novelty_images=args.novelty_images)
     except Exception as exc:  # the run itself is complete and usable with theta 0.1, tau 0.5
@@ -162,7 +162,7 @@ def _after_training(run: Path, args: argparse.Namespace) -> None:
     print(f"calibrated on the validation split: theta {result['theta']:.4g}, "
           f"tau {result['tau']}")
     if result.get("iou_mean") is not None:
-        from aax.evaluate import masks_text
+        from aax.evaluation.tables import masks_text
 
         print(masks_text(result, members_too=False), f"Validation mean IoU {100 * result['iou_mean']:.1f}%.")
     from aax.cli.calibrate import print_novelty, print_trivial
@@ -173,8 +173,8 @@ def _after_training(run: Path, args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``aax train``; returns the exit status."""
-    from aax.train import train
-    from aax.training import runfiles
+    from aax.training.train import train
+    from aax.models import runfiles
 
     try:
         config = build_config(args)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from aax.members.backbones import Member
+from aax.models.members.backbones import Member
 
 
 def zero_init_residuals(member: Member) -> list[str]:

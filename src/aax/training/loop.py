@@ -5,7 +5,7 @@ the head runs
 
 - once stochastically for the cross-entropy (plain dropout training), and
 - ``T`` more times stochastically for ``Var``: the variance over the passes of the
-  softmax output, averaged over batch and classes (:func:`aax.uncertainty.variance_penalty`).
+  softmax output, averaged over batch and classes (:func:`aax.models.uncertainty.variance_penalty`).
 
 Validation uses the same function in eval mode: the cross-entropy is then that of the
 deterministic head (dropout off, BN running statistics), which is what an eval-mode
@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from aax import runtime
-from aax.members.backbones import Member
-from aax.training.runfiles import load_torch, save_torch
+from aax.models.members.backbones import Member
+from aax.models.runfiles import load_torch, save_torch
 from aax.training.tensors import Cached
-from aax.uncertainty import mc_probabilities, variance_penalty
+from aax.models.uncertainty import mc_probabilities, variance_penalty
 
 Augmenter = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
