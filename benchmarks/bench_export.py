@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from aax.cli import main
 from aax.annotation.records import AnnotationRecord, MemberResult
 from aax.annotation.store import AnnotationStore
+from aax.cli import main
 
 MEMBERS = ["resnet50", "efficientnet-b0", "densenet121"]
 

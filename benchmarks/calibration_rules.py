@@ -36,9 +36,9 @@ import numpy as np
 from aax.evaluation.calibration.collect import Collected, collect
 from aax.evaluation.calibration.files import validation_split
 from aax.evaluation.calibration.masks import _fusion_table, choose_masks, image_counts, member_sets, tau_positions
-from aax.models.mask_settings import FUSIONS
-from aax.models.ensemble import Ensemble
 from aax.evaluation.metrics import ThetaSweep
+from aax.models.ensemble import Ensemble
+from aax.models.mask_settings import FUSIONS
 from aax.models.refine import REFINES
 
 PAPER = ("min", None, "none")

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from aax.data import open_dataset
 from aax.annotation.decide import fuse, mask_subset
-from aax.models.mask_settings import tau_for
-from aax.models.ensemble import Ensemble
+from aax.data import open_dataset
 from aax.evaluation.metrics import iou
+from aax.models.ensemble import Ensemble
+from aax.models.mask_settings import tau_for
 from aax.models.refine import pool_resized_numpy, resize_labels
 
 

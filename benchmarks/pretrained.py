@@ -40,12 +40,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from aax.evaluation.calibrate import calibrate_run
 from aax.data import find_images, open_dataset
-from aax.models.ensemble import Ensemble
+from aax.evaluation.calibrate import calibrate_run
 from aax.evaluation.evaluate import evaluate
-from aax.models.members import DEFAULT_MEMBERS, PAPER_MEMBERS
 from aax.evaluation.openset import compare
+from aax.models.ensemble import Ensemble
+from aax.models.members import DEFAULT_MEMBERS, PAPER_MEMBERS
 from aax.training.train import TrainConfig, train
 
 CONFIGS: dict[str, dict[str, Any]] = {

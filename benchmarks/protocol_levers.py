@@ -27,17 +27,17 @@ from typing import Any
 
 import numpy as np
 
-from aax.data import open_dataset
 from aax.annotation.decide import binarise, decide, fuse, mask_subset
-from aax.models.mask_settings import tau_for
-from aax.models.ensemble import Ensemble
+from aax.annotation.records import REVIEW
+from aax.data import open_dataset
 from aax.evaluation.inputs import open_images
+from aax.evaluation.metrics import MaskScores
 from aax.evaluation.scoring import image_regions, member_decision, member_mask
 from aax.evaluation.trivial import TRIVIAL_MASKS, trivial_mask
-from aax.evaluation.metrics import MaskScores
+from aax.models.ensemble import Ensemble
+from aax.models.mask_settings import tau_for
 from aax.models.novelty import limits_for
 from aax.models.novelty_fit import thresholds_from
-from aax.annotation.records import REVIEW
 from aax.models.refine import pool_resized_numpy
 
 

@@ -42,15 +42,15 @@ import numpy as np
 import torch
 
 from aax.annotation.annotate import AnnotateSettings, annotate_batch
-from aax.evaluation.calibrate import calibrate
-from aax.evaluation.calibration.files import validation_split
 from aax.data import open_dataset, read_image, stratified_split
 from aax.data.transforms import prepare
-from aax.models.ensemble import Ensemble
+from aax.evaluation.calibrate import calibrate
+from aax.evaluation.calibration.files import validation_split
 from aax.evaluation.evaluate import evaluate
+from aax.evaluation.metrics import MaskScores
+from aax.models.ensemble import Ensemble
 from aax.models.maps import MapOptions
 from aax.models.patch_maps import fit_run as fit_patches
-from aax.evaluation.metrics import MaskScores
 from aax.training.train import TrainConfig, train
 
 # name, trained stride, map options (fusion is calibrated)

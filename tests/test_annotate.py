@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from aax.cli import main
 from aax.annotation.decide import decide
+from aax.cli import main
 from aax.models.members import DEFAULT_MEMBERS
 from aax.models.refine import WORK_SIDE, pool_numpy, resize_labels
 

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 from aax.annotation.decide import decide, intersect, predicted_classes
+from aax.annotation.records import REVIEW, AnnotationRecord, MemberResult
 from aax.evaluation.evaluate import evaluate
 from aax.evaluation.inputs import open_images
 from aax.evaluation.scoring import member_decision
 from aax.evaluation.tables import tables_markdown
-from aax.annotation.records import REVIEW, AnnotationRecord, MemberResult
 
 S = 64  # image side
 CLASSES = ["diseased", "healthy"]
@@ -291,8 +291,8 @@ def test_tables_without_masks():
 
 
 def test_member_mask_per_class_tau():
-    from aax.models.mask_settings import tau_for
     from aax.evaluation.scoring import member_mask
+    from aax.models.mask_settings import tau_for
 
     sal = np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4)
     rec = AnnotationRecord(image="x", members=[MemberResult("m", [0.1, 0.9], 0.0, "diseased")],
@@ -346,8 +346,8 @@ def small_split(source, per_class=6):
 
 @pytest.mark.slow
 def test_evaluate_real_ensemble(request, tmp_path):
-    from aax.data.synth import generate
     from aax.annotation.decide import decide as protocol
+    from aax.data.synth import generate
 
     ensemble = session_fixture(request, "ensemble")
     lesion_dir = session_fixture(request, "lesion_dir")

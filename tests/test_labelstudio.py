@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from _stores import MODEL_MASKS, ROWS, box, make_store, short
 
-from aax.interop import brush
 from aax.cli import main
+from aax.interop import brush
 from aax.interop.labelstudio import config_names, confidence, export_label_studio, label_config, local_files_url
 from aax.interop.review_import import import_file
 from aax.interop.reviews import ReviewImportError, load_mask

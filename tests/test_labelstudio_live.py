@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aax.interop import brush
 from aax.cli import main
+from aax.interop import brush
 from aax.interop.reviews import load_mask
 
 TOKEN = "aax0test0token0aax0test0token0aax0test00"

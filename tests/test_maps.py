@@ -11,8 +11,8 @@ import torch
 from aax.annotation.decide import fuse
 from aax.models.explain import XGradCAM
 from aax.models.maps import MapOptions, fuse_maps, member_maps
-from aax.models.members.backbones import output_stride
 from aax.models.members import MEMBERS, build_member
+from aax.models.members.backbones import output_stride
 
 from _members import without_relu6
 

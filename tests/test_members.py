@@ -9,10 +9,10 @@ import torch
 
 from aax.data import open_dataset, read_image
 from aax.data.transforms import prepare
-from aax.models.members import DEFAULT_MEMBERS, MEMBERS, build_member
 from aax.models import runfiles
-from aax.training.loop import LoopSettings, member_loss, recalibrate_bn
+from aax.models.members import DEFAULT_MEMBERS, MEMBERS, build_member
 from aax.training.init import zero_init_residuals
+from aax.training.loop import LoopSettings, member_loss, recalibrate_bn
 from aax.training.tensors import decode_samples
 
 

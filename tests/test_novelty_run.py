@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aax.models import novelty as nv
 from aax.annotation.annotate import AnnotateSettings, annotate_batch
 from aax.data import find_images
 from aax.data.transforms import prepare
+from aax.models import novelty as nv
 
 pytestmark = pytest.mark.slow
 
@@ -201,9 +201,9 @@ def test_evaluate_side_by_side_on_never_seen_fire(ensemble, lesion_dir, tmp_path
 
 
 def test_calibrate_sets_novelty_thresholds_on_unlabelled_images(trained_run, tmp_path):
+    from aax.data import synth
     from aax.evaluation.calibrate import calibrate
     from aax.evaluation.calibration.files import validation_split
-    from aax.data import synth
     from aax.models.ensemble import Ensemble
 
     run = tmp_path / "run"

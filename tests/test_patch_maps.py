@@ -122,9 +122,9 @@ def test_bank_is_stored_with_the_run_and_drives_the_masks(trained_run, lesion_di
 
 @pytest.mark.slow
 def test_calibrate_makes_the_bank_and_keeps_the_better_source(trained_run, lesion_dir, tmp_path, capsys):
+    from aax.cli import main
     from aax.evaluation.calibrate import calibrate
     from aax.evaluation.calibration.files import validation_split
-    from aax.cli import main
     from aax.models.ensemble import Ensemble
 
     run = tmp_path / "run"

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from aax.cli import main
+from aax.models import runfiles
 from aax.models.ensemble import Ensemble, RunError
 from aax.models.members import DEFAULT_MEMBERS, build_member
-from aax.training.train import FINETUNE_LR, TrainConfig, default_negative_class, resolve_negative_class, train
-from aax.models import runfiles
 from aax.training.loop import lr_factor, member_loss
+from aax.training.train import FINETUNE_LR, TrainConfig, default_negative_class, resolve_negative_class, train
 
 FAST = dict(members=("efficientnet-b0",), image_size=32, batch_size=8, progress=False, pretrained=None)
 

@@ -50,11 +50,11 @@ def run_demo(out: str | os.PathLike = "demo-run", config: DemoConfig | None = No
              log: Callable[[str], Any] = print) -> dict:
     """Run every step of AAX into ``out``; return paths and the evaluation result."""
     from aax.annotation.annotate import annotate_to_folder
-    from aax.evaluation.calibrate import calibrate_run
     from aax.data import synth
-    from aax.models.ensemble import Ensemble
+    from aax.evaluation.calibrate import calibrate_run
     from aax.evaluation.evaluate import evaluate
     from aax.evaluation.tables import masks_text
+    from aax.models.ensemble import Ensemble
     from aax.training.train import TrainConfig, train
 
     config = config or DemoConfig()

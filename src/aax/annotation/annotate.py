@@ -29,12 +29,12 @@ from torch.utils.data import DataLoader
 
 from aax import runtime
 from aax.annotation.decide import NO_PREDICTION, decide, map_class, mask_subset, otsu_threshold, predicted_classes
-from aax.models.mask_settings import OTSU, tau_for
 from aax.annotation.records import REVIEW, AnnotationRecord, MemberResult
 from aax.data.batches import Decoded, InputItem, collate
 from aax.models import runfiles
 from aax.models.explain import Grid, normalise, upsample
 from aax.models.maps import MapOptions, class_features, fuse_maps, saliency_maps
+from aax.models.mask_settings import OTSU, tau_for
 from aax.models.novelty import per_image
 from aax.models.refine import input_superpixels, pool_resized
 from aax.models.uncertainty import mc_probabilities, summarize

@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from aax.runtime import set_threads, tune_allocator
     from aax.annotation.store import SettingsMismatch
+    from aax.runtime import set_threads, tune_allocator
 
     tune_allocator()  # reuse freed tensor memory: 15-20 % faster on CPU (aax.runtime)
     name = f"aax {args.command}"

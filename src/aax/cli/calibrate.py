@@ -69,8 +69,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from aax.evaluation.calibrate import calibrate
     from aax.evaluation.calibration.files import split_name, validation_split
-    from aax.models.ensemble import Ensemble
     from aax.evaluation.tables import tau_text
+    from aax.models.ensemble import Ensemble
 
     try:
         ensemble = Ensemble.load(args.run, device=args.device)

@@ -39,8 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from aax.models.ensemble import Ensemble
     from aax.evaluation.evaluate import evaluate
+    from aax.models.ensemble import Ensemble
 
     try:
         ensemble = Ensemble.load(args.run, device=args.device)

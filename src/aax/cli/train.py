@@ -111,8 +111,8 @@ def build_config(args: argparse.Namespace) -> Any:
     only options given on the command line change them (a change is then refused by
     :func:`aax.training.train.train`, which names it).
     """
-    from aax.training.train import TrainConfig
     from aax.models import runfiles
+    from aax.training.train import TrainConfig
 
     base: dict[str, Any] = {}
     manifest = Path(args.out) / runfiles.MANIFEST
@@ -173,8 +173,8 @@ def _after_training(run: Path, args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``aax train``; returns the exit status."""
-    from aax.training.train import train
     from aax.models import runfiles
+    from aax.training.train import train
 
     try:
         config = build_config(args)

@@ -14,7 +14,7 @@ Procedure (one annotate pass over the validation images, saliency maps kept):
    theta (the more cautious of equals). If no candidate meets the flag-rate bound
    (the "no-consensus" flags do not fall as theta grows), the one with the lowest flag
    rate is taken and ``constraint_met`` is false. The winner is then moved to the middle
-   of the interval up to the next observed uncertainty (:func:`settle_theta`): same
+   of the interval up to the next observed uncertainty (:func:`~aax.evaluation.calibration.theta.settle_theta`): same
    decisions on the validation images, but no member sits exactly on the threshold.
 2. **tau**, where the validation data has ground-truth masks: at the chosen theta, tau
    sweeps 0.05, 0.10, ..., 0.95; the best mean IoU of the ensemble's masks (as
@@ -56,7 +56,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aax.models.mask_settings import FUSIONS
 from aax.evaluation.calibration.collect import TAU_GRID, collect
 from aax.evaluation.calibration.files import split_name, validation_split, write_calibration
 from aax.evaluation.calibration.masks import choose_masks, member_sets, trivial_scores
@@ -64,6 +63,7 @@ from aax.evaluation.calibration.theta import MAX_FLAG_RATE, choose_theta, settle
 from aax.evaluation.inputs import describe, open_data, open_images, run_label_map, samples
 from aax.evaluation.metrics import ThetaSweep, risk_coverage, theta_candidates
 from aax.evaluation.trivial import trivial_warning
+from aax.models.mask_settings import FUSIONS
 from aax.models.patch_maps import SOURCES
 from aax.models.refine import REFINES
 

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from aax.models.mask_settings import parse_tau
 from aax.annotation.records import REVIEW, AnnotationRecord
+from aax.models.mask_settings import parse_tau
 from aax.evaluation.inputs import (annotate_with, dataset_errors, describe, no_labelled_images, open_data,
                                    open_images, paired, run_label_map, samples)
 from aax.evaluation.metrics import ThetaSweep, auroc, confusion_matrix, risk_coverage, theta_candidates

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from aax.annotation.records import AnnotationRecord
 from aax.evaluation.metrics import auroc
 from aax.models.novelty import SCORES, limits_for, margin, quorum_margin
-from aax.annotation.records import AnnotationRecord
 
 ENSEMBLE = "AAX"
 U = "u"  # MC Dropout's uncertainty, the paper's score

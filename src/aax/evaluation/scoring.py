@@ -19,13 +19,13 @@ from typing import Any
 import numpy as np
 
 from aax.annotation.decide import binarise
-from aax.models.mask_settings import tau_for
 from aax.annotation.records import REVIEW, AnnotationRecord
 from aax.evaluation.metrics import MaskScores, classification_metrics
 from aax.evaluation.openset import member_columns
 from aax.evaluation.report.example import Example
 from aax.evaluation.tables import ENSEMBLE, Tau
 from aax.evaluation.trivial import TRIVIAL_MASKS, trivial_mask
+from aax.models.mask_settings import tau_for
 from aax.models.refine import pool_resized_numpy
 
 

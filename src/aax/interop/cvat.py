@@ -18,8 +18,8 @@ from xml.etree import ElementTree as ET
 
 import numpy as np
 
-from aax.interop.labelstudio import PALETTE, confidence, member_fields
 from aax.annotation.records import REVIEW
+from aax.interop.labelstudio import PALETTE, confidence, member_fields
 from aax.interop.reviews import Review
 
 ANNOTATIONS_FILE = "annotations.xml"
@@ -67,8 +67,8 @@ def export_cvat(out: str | os.PathLike, to: str | os.PathLike) -> dict:
 
     Reviewed images carry the reviewed decision and mask.
     """
-    from aax.interop.export import _open
     from aax.annotation.locations import image_name
+    from aax.interop.export import _open
     from aax.interop.reviews import load_mask, reviewed_rows
 
     store = _open(out)

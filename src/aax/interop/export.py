@@ -14,8 +14,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from aax.interop.reviews import reviewed_rows
 from aax.annotation.store import AnnotationStore, open_store
+from aax.interop.reviews import reviewed_rows
 
 
 def _load_mask(path: Path) -> np.ndarray:

@@ -22,8 +22,8 @@ from xml.etree import ElementTree as ET
 
 import numpy as np
 
-from aax.interop import brush
 from aax.annotation.records import REVIEW
+from aax.interop import brush
 from aax.interop.reviews import Review
 
 IMAGE = "image"

@@ -18,8 +18,8 @@ def import_file(out: str | os.PathLike, source: str, path: str | os.PathLike) ->
     gave no review. Raises :class:`aax.interop.reviews.ReviewImportError` when the file names
     images the store does not hold, ``ValueError`` when it cannot be read.
     """
-    from aax.interop.export import _open
     from aax.annotation.locations import image_name
+    from aax.interop.export import _open
 
     if source not in FORMATS:
         raise ValueError(f"unknown review format {source!r}; one of {', '.join(FORMATS)}")

@@ -139,8 +139,8 @@ class Backend:
     """
 
     def __init__(self, ensemble, source: ImageSource, max_batch: int = 16) -> None:
-        from aax.models.runfiles import run_fingerprint
         from aax.interop.labelstudio import model_version
+        from aax.models.runfiles import run_fingerprint
 
         self.ensemble = ensemble
         self.source = source
@@ -163,8 +163,8 @@ class Backend:
 
     def predict(self, body: dict) -> dict:
         from aax.annotation.annotate import annotate
-        from aax.interop.labelstudio import config_names, predictions_for_records
         from aax.annotation.records import AnnotationRecord
+        from aax.interop.labelstudio import config_names, predictions_for_records
 
         tasks = body.get("tasks")
         if not isinstance(tasks, list) or not tasks:

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from aax.models.mask_settings import parse_tau
+from aax.models import runfiles
 from aax.models.device import default_channels_last, resolve_device
 from aax.models.maps import MapOptions
+from aax.models.mask_settings import parse_tau
 from aax.models.members import MEMBERS, Member, build_member
-from aax.models import runfiles
 from aax.models.runfiles import RunError
 
 if TYPE_CHECKING:  # pragma: no cover

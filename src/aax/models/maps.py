@@ -42,8 +42,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.nn import functional as F
 
-from aax.models.mask_settings import FUSIONS
 from aax.models.explain import Grid, XGradCAM, normalise, upsample
+from aax.models.mask_settings import FUSIONS
 from aax.models.members import OUTPUT_STRIDES, Member
 from aax.models.members.backbones import output_stride
 from aax.models.patch_maps import SOURCES, distance_maps, features_and_patches, patch_features

@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 from aax import runtime
 from aax.models.members.backbones import Member
 from aax.models.runfiles import load_torch, save_torch
-from aax.training.tensors import Cached
 from aax.models.uncertainty import mc_probabilities, variance_penalty
+from aax.training.tensors import Cached
 
 Augmenter = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 

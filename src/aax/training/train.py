@@ -36,12 +36,12 @@ import torch
 from aax import __version__
 from aax.data.augment import Augment
 from aax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from aax.models import runfiles
 from aax.models.device import default_channels_last, resolve_device
 from aax.models.members import DEFAULT_MEMBERS, MEMBERS, Member, build_member
-from aax.models import runfiles
+from aax.models.runfiles import RunError
 from aax.training.init import zero_init_residuals
 from aax.training.loop import LoopSettings, MemberOutcome, train_member
-from aax.models.runfiles import RunError
 from aax.training.tensors import Cached, decode_samples
 
 log = logging.getLogger("aax.training.train")

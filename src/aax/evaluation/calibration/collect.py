@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from aax.annotation.decide import fuse, mask_subset, otsu_threshold
-from aax.models.mask_settings import FUSIONS
 from aax.evaluation.inputs import annotate_with, no_labelled_images, open_data, paired, samples
 from aax.evaluation.metrics import ThetaSweep
 from aax.evaluation.scoring import ground_truth
 from aax.evaluation.trivial import TRIVIAL_MASKS, trivial_mask
+from aax.models.mask_settings import FUSIONS
 from aax.models.refine import pool_resized_numpy
 
 if TYPE_CHECKING:  # pragma: no cover

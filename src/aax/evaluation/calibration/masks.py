@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 
 from aax.annotation.decide import mask_subset
-from aax.models.mask_settings import FUSIONS, OTSU
 from aax.evaluation.calibration.collect import Collected
 from aax.evaluation.metrics import MaskScores, ThetaSweep
 from aax.evaluation.trivial import TRIVIAL_MASKS
+from aax.models.mask_settings import FUSIONS, OTSU
 from aax.models.refine import REFINES
 
 
@@ -165,7 +165,7 @@ def image_counts(collected: Collected, agreeing: Sequence[Sequence[int]], fusion
 
 def tau_positions(taus: np.ndarray, tau: Any, classes: Sequence[str], labels: Sequence[int]) -> dict[int, int]:
     """Class index -> position of ``tau`` (one value, ``"otsu"``, or one per class name)
-    on the grid of :func:`collect`'s counts."""
+    on the grid of :func:`~aax.evaluation.calibration.collect.collect`'s counts."""
     def position(t: Any) -> int:
         return len(taus) if t == OTSU else int(np.argmin(np.abs(taus - float(t))))
 
