@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--unseen", type=Path, required=True, help="images of a class the run never saw")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--no-probe", action="store_true",
+                   help="only the run's own scores (no stage features): e.g. for a far-OOD set")
     return p.parse_args(argv)
 
 
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"run": str(args.run), "seen": str(args.seen), "unseen": str(args.unseen),
                               "n": {"train": len(train), "seen": len(seen), "unseen": len(unseen)},
                               "run_scores": run_scores, "frozen": {}, "fine_tuned": {}}
-    for name in names:
+    for name in ([] if args.no_probe else names):
         result["fine_tuned"][name] = probe(ens, ens.members[name], train, labels_np, seen, unseen,
                                            args.batch_size)
         if name in IMAGENET_PACKAGES:

@@ -24,7 +24,7 @@ def test_quick_core_run_writes_ratios_and_agrees_with_the_reference(tmp_path):
     size = result["sizes"]["32"]
     assert size["floor"]["images_per_s"] > 0 and size["aax"]["images_per_s"] > 0
     assert set(size["ratios"]) == {"aax_over_floor", "aax_new_maps_over_floor", "aax_over_reference",
-                                   "end_to_end_over_floor"}
+                                   "end_to_end_over_floor", "end_to_end_new_maps_over_floor"}
     # AAX with the map settings new runs get, timed beside stride 32
     assert size["aax_new_maps"]["images_per_s"] > 0 and size["aax_new_maps"]["maps"]["map_stride"] == 16
     check = size["map_check"]
