@@ -222,3 +222,8 @@ def test_load_returns_none_without_features(tmp_path):
                     ["a"])
     assert found is not None and found.ready and found.k == 2
     assert found.member_thresholds() == {"a": 0.1}
+
+
+def test_the_default_score_follows_how_members_start():
+    assert nv.default_score(pretrained=True) == nv.PRETRAINED_SCORE == "knn"
+    assert nv.default_score(pretrained=False) == nv.DEFAULT_SCORE == "maha"

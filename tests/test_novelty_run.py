@@ -24,7 +24,7 @@ def test_training_stores_features_and_validation_thresholds(trained_run, ensembl
     manifest = json.loads((trained_run / "aax.json").read_text())
     block = manifest["novelty"]
     names = [m["name"] for m in manifest["members"]]
-    assert block["file"] == nv.FEATURES_FILE and block["score"] == nv.DEFAULT_SCORE and block["pass_rate"] == 0.95
+    assert block["file"] == nv.FEATURES_FILE and block["score"] == nv.PRETRAINED_SCORE and block["pass_rate"] == 0.95
     with np.load(trained_run / nv.FEATURES_FILE, allow_pickle=False) as data:
         for n in names:
             feats = data[f"{n}.features"]
@@ -54,13 +54,13 @@ def test_records_carry_scores_and_the_novel_step(ensemble, lesion_dir):
     paths = find_images(lesion_dir / "images")[:6]
     x, sizes = _batch(ensemble, paths)
     settings = AnnotateSettings.from_ensemble(ensemble)
-    assert settings.novelty["score"] == nv.DEFAULT_SCORE and set(settings.novelty["thresholds"]) == set(ensemble.members)
+    assert settings.novelty["score"] == nv.PRETRAINED_SCORE and set(settings.novelty["thresholds"]) == set(ensemble.members)
     seeds = list(range(len(paths)))
     on = annotate_batch(ensemble, x, sizes, settings, seeds=seeds)
     for r in on:
         for m in r.members:
             assert set(m.novelty) == set(nv.SCORES) and isinstance(m.novel, bool)
-            assert m.novel == (m.novelty[nv.DEFAULT_SCORE] > settings.novelty["thresholds"][m.name])
+            assert m.novel == (m.novelty[nv.PRETRAINED_SCORE] > settings.novelty["thresholds"][m.name])
             assert m.to_json()["novelty"] == m.novelty
     # thresholds below every score: every member calls every image novel -> review, "novel"
     forced = dataclasses.replace(settings, novelty={"score": "knn", "thresholds": {n: -1.0 for n in ensemble.members}})
@@ -124,7 +124,8 @@ def test_old_run_without_novelty_loads_annotates_and_calibrate_adds_it(trained_r
     assert all(m.novelty is None and "novelty" not in m.to_json() for r in records for m in r.members)
 
     result = calibrate_run(old, ensemble=ens)
-    assert result["novelty"]["score"] == nv.DEFAULT_SCORE and (old / nv.FEATURES_FILE).is_file()
+    # the score that suits the run's pretrained members, as training would have chosen
+    assert result["novelty"]["score"] == nv.PRETRAINED_SCORE and (old / nv.FEATURES_FILE).is_file()
     assert ens.novelty is not None and ens.novelty.ready
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # loads without the message now
@@ -185,12 +186,12 @@ def test_evaluate_side_by_side_on_never_seen_fire(ensemble, lesion_dir, tmp_path
     unseen = generate("fire", tmp_path / "fire", n_per_class=4, size=64, seed=7)
     result = evaluate(ensemble, lesion_dir, unseen=unseen / "images", out=tmp_path / "ev")
     nov = result["unseen"]["novelty"]
-    assert nov["available"] and nov["score"] == nv.DEFAULT_SCORE
+    assert nov["available"] and nov["score"] == nv.PRETRAINED_SCORE
     methods = {(r["score"], r["method"]) for r in nov["rows"]}
     for score in ("u", "msp", "energy", "knn", "maha", "rmd"):
         assert (score, "AAX (2 of 3)") in methods
         assert all((score, n) in methods for n in ensemble.members)
-    rule = next(r for r in nov["rows"] if r["score"] == nv.DEFAULT_SCORE and r["method"].startswith("AAX"))
+    rule = next(r for r in nov["rows"] if r["score"] == nv.PRETRAINED_SCORE and r["method"].startswith("AAX"))
     # fire scenes are far from lesion X-rays in the members' features (8 fire images, 64 px)
     assert rule["auroc"] > 0.85
     assert nov["novel_rate_unseen"] == rule["flag_unseen"]  # the protocol's step is the rule's

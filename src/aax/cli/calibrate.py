@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-novelty", dest="novelty", action="store_false",
                    help="leave the novelty features and thresholds as they are")
     p.add_argument("--novelty-score", choices=list(SCORES), default=None,
-                   help="the score the novelty step thresholds (default: the RUN's, else maha)")
+                   help="the score the novelty step thresholds (default: the RUN's; new runs get knn when their members start from ImageNet weights, maha from scratch)")
     p.add_argument("--novelty-pass-rate", type=_pass_rate, default=None,
                    help="share of in-distribution validation images each member's novelty threshold "
                         "lets pass, in (0, 1] (default: the RUN's, else 0.95)")

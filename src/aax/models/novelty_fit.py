@@ -210,6 +210,16 @@ def fit_run(run: str | os.PathLike, train_paths: Sequence[str | os.PathLike], tr
     return block
 
 
+def started_pretrained(manifest: dict) -> bool:
+    """Whether most of a RUN's members started from pretrained weights (ImageNet, or
+    given ``weights``); runs made before ``pretrained`` was recorded started from scratch."""
+    training = manifest.get("training") or {}
+    names = [m["name"] for m in manifest.get("members") or []]
+    given = set(training.get("weights") or {})
+    pretrained = [training.get("pretrained") == "imagenet" or n in given for n in names]
+    return 2 * sum(pretrained) > len(pretrained)
+
+
 def calibrate_novelty(ensemble: Ensemble, val_paths: Sequence[str | os.PathLike], *,
                       score: str | None = None, pass_rate: float | None = None,
                       k: int | None = None, per_class: bool | None = None,
@@ -224,13 +234,14 @@ def calibrate_novelty(ensemble: Ensemble, val_paths: Sequence[str | os.PathLike]
         ValueError: no stored features and no training images to take them from.
     """
     run = Path(ensemble.run)
-    block = runfiles.read_json(run / runfiles.MANIFEST).get("novelty") or {}
+    manifest = runfiles.read_json(run / runfiles.MANIFEST)
+    block = manifest.get("novelty") or {}
     try:
         train_paths, train_labels, _ = runfiles.recorded_split(run)
     except (ValueError, FileNotFoundError, KeyError):  # stored features may still serve
         train_paths, train_labels = [], []
     result = fit_run(run, train_paths, train_labels, val_paths, ensemble=ensemble,
-                     score=score or block.get("score", nv.DEFAULT_SCORE),
+                     score=score or block.get("score") or nv.default_score(started_pretrained(manifest)),
                      pass_rate=float(pass_rate if pass_rate is not None else block.get("pass_rate", nv.DEFAULT_PASS_RATE)),
                      k=int(k if k is not None else block.get("k", nv.DEFAULT_K)),
                      shrinkage=block.get("shrinkage"),
