@@ -103,6 +103,7 @@ def screenshot(html: Path, png: Path, width: int = 1400, height: int = 3000) -> 
     with tempfile.TemporaryDirectory() as profile:
         subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                        "--hide-scrollbars",  # a scrollbar is the browser's, not the page's content
                         f"--user-data-dir={profile}", f"--screenshot={png}", f"--window-size={width},{height}",
                         html.resolve().as_uri()],
                        check=True, capture_output=True)
