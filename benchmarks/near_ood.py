@@ -32,15 +32,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from aax.annotation.annotate import decoded_batches
 from aax.data import find_images, open_dataset
+from aax.data.batches import decoded_batches
 from aax.evaluation.metrics import auroc
 from aax.evaluation.openset import member_scores, side_by_side
 from aax.models.ensemble import Ensemble
 from aax.models.members import build_member
 from aax.models.members.weights import IMAGENET_PACKAGES, imagenet_source, load_weights
 from aax.models.novelty import MahalanobisScore
-from aax.models.novelty_fit import recorded_split
+from aax.models.runfiles import recorded_split
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
