@@ -426,24 +426,23 @@ def train(data: Any, out: str | os.PathLike[str], config: TrainConfig | None = N
     manifest["members"].sort(key=lambda m: order.get(m["name"], len(order)))
     manifest["status"] = "complete"
     runfiles.write_json(out / runfiles.MANIFEST, manifest)
-    pretrained = 2 * sum(config._starts_pretrained(n) for n in config.members) > len(config.members)
-    _fit_novelty(out, dataset, train_set, val_set, device, pretrained)
+    _fit_novelty(out, dataset, train_set, val_set, device, manifest)
     return out
 
 
 def _fit_novelty(out: Path, dataset: Any, train_set: Cached, val_set: Cached, device: torch.device,
-                 pretrained: bool = False) -> None:
+                 manifest: dict[str, Any]) -> None:
     """Keep the training features for the novelty scores and set their thresholds on the
     validation split (:func:`aax.models.novelty_fit.fit_run`), for the score that suits
     the members (:func:`aax.models.novelty.default_score`). A failure leaves a usable run
     without novelty (``aax calibrate RUN`` adds it later) and says so."""
     from aax.models.novelty import default_score
-    from aax.models.novelty_fit import fit_run
+    from aax.models.novelty_fit import fit_run, started_pretrained
 
     try:
         fit_run(out, [dataset[i].image for i in train_set.indices], train_set.labels.tolist(),
                 [dataset[i].image for i in val_set.indices], device=str(device),
-                score=default_score(pretrained))
+                score=default_score(started_pretrained(manifest)))
     except Exception as exc:  # noqa: BLE001 - the trained members stay usable without it
         _say(f"WARNING: novelty features not stored ({type(exc).__name__}: {exc}); "
              f"add them with `aax calibrate {out}`")
