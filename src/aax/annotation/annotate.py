@@ -32,6 +32,7 @@ from aax.annotation.decide import NO_PREDICTION, decide, map_class, mask_subset,
 from aax.annotation.records import REVIEW, AnnotationRecord, MemberResult
 from aax.data.batches import Decoded, InputItem, collate
 from aax.models import runfiles
+from aax.annotation.agreement import map_agreement
 from aax.models.explain import Grid, normalise, upsample
 from aax.models.maps import MapOptions, class_features, fuse_maps, saliency_maps
 from aax.models.mask_settings import OTSU, tau_for
@@ -194,6 +195,7 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
     cam_class = torch.tensor([map_class(p, ensemble.negative_index) for p in probs_np], device=device)
     raw, grids = saliency_maps(ensemble, x, feats, cam_class, settings.maps, autocast, shared, patches)  # [B, M, h, w]
     shared.clear()
+    agreement = map_agreement(raw)  # [B, M]; what the "disagreement" review order ranks by
 
     classes = ensemble.classes
     predicted_all = predicted_classes(probs_np.reshape(-1, probs_np.shape[-1])).reshape(probs_np.shape[:2])
@@ -233,7 +235,8 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
                                   uncertainty=float(uncert_np[b, i]),
                                   predicted=None if predicted[i] == NO_PREDICTION else classes[predicted[i]],
                                   novelty={k: float(v[b]) for k, v in scores[i].items()} if scores else None,
-                                  novel=None if novel is None else bool(novel[b, i]))
+                                  novel=None if novel is None else bool(novel[b, i]),
+                                  map_agreement=round(float(agreement[b, i]), 6))
                      for i, n in enumerate(names)],
             mask=masks.get(b),
             saliency=dict(zip(names, maps[b])) if keep_saliency else None,

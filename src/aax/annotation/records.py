@@ -23,10 +23,13 @@ class MemberResult:
     predicted: str | None  # class of the strictly highest probability; None on a tie
     novelty: dict[str, float] | None = None  # score name -> value (aax.models.novelty; higher = more novel)
     novel: bool | None = None  # over this member's novelty threshold; None: no threshold
+    map_agreement: float | None = None  # soft IoU of its map with the others' (aax.annotation.agreement)
 
     def to_json(self) -> dict:
         out = {"name": self.name, "probs": self.probs, "uncertainty": self.uncertainty,
                "predicted": self.predicted}
+        if self.map_agreement is not None:
+            out["map_agreement"] = self.map_agreement
         if self.novelty is not None:  # absent for runs without novelty data: rows stay as they were
             out["novelty"] = self.novelty
             out["novel"] = self.novel

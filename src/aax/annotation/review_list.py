@@ -3,7 +3,13 @@
 Flagged images are never annotated silently; this is where a reviewer starts. Each entry
 says why the image was flagged (``uncertain``, ``no-consensus``, ``novel``), what each
 member predicted with what probability and uncertainty, and where its overlay is (when
-``--save-saliency`` kept one). The most uncertain images come first.
+``--save-saliency`` kept one).
+
+The order is the one a team's review budget is best spent in (:data:`ORDERS`):
+``uncertainty`` (the most uncertain member first), ``disagreement`` (the images whose
+members' maps agree least first, :mod:`aax.annotation.agreement`; a reviewed mask teaches
+most there, docs/reviews.md) or ``random`` (seeded). ``include_all`` lists the images
+AAX annotated too, for teams whose budget goes beyond the flagged ones.
 """
 
 from __future__ import annotations
@@ -14,25 +20,36 @@ import os
 from pathlib import Path
 from typing import Any
 
+from aax.annotation.agreement import disagreement
 from aax.annotation.records import REVIEW
 from aax.annotation.store import REVIEW_FILES, AnnotationStore, open_store
 
 CSV_NAME, JSON_NAME = REVIEW_FILES
 
 
-def review_entries(store: AnnotationStore) -> list[dict[str, Any]]:
-    """One entry per flagged image, most uncertain first (largest member uncertainty;
-    ties by image name).
+ORDERS = ("uncertainty", "disagreement", "random")
+"""The review orders; the first is the default."""
+DEFAULT_ORDER = ORDERS[0]
+
+
+def review_entries(store: AnnotationStore, order: str = DEFAULT_ORDER, include_all: bool = False,
+                   seed: int = 0) -> list[dict[str, Any]]:
+    """One entry per flagged image (every annotated image with ``include_all``), in
+    ``order`` (see the module's description; ties by image name). Images without the
+    order's score (maps' agreement was not stored) come after the others, by uncertainty.
 
     Each entry: ``image`` (the store's key: the path relative to the input root),
     ``path`` (where the image is), ``reason``, ``max_uncertainty``, ``overlay`` (relative
     to the store's folder, or None) and ``members``: each member's ``name``,
     ``predicted``, ``probability`` of that class, ``uncertainty`` and, when the run
-    scores novelty, its novelty fields as stored.
+    scores novelty, its novelty fields as stored; ``disagreement`` is the image's map
+    disagreement (or None).
     """
+    if order not in ORDERS:
+        raise ValueError(f"unknown review order {order!r}; choose from {', '.join(ORDERS)}")
     entries = []
     for row in store.rows():
-        if row["status"] != "ok" or row["decision"] != REVIEW:
+        if row["status"] != "ok" or (row["decision"] != REVIEW and not include_all):
             continue
         members = []
         for m in row["members"]:
@@ -43,11 +60,27 @@ def review_entries(store: AnnotationStore) -> list[dict[str, Any]]:
                             "uncertainty": m.get("uncertainty"), **extra})
         uncertainties = [m["uncertainty"] for m in members if m["uncertainty"] is not None]
         entries.append({"image": row["image"], "path": str(store.resolve(row["image"])),
-                        "reason": row["reason"],
+                        "reason": row["reason"], "decision": row["decision"],
                         "max_uncertainty": max(uncertainties) if uncertainties else None,
+                        "disagreement": disagreement([m.get("map_agreement") for m in members]),
                         "overlay": row["saliency"], "label": row["label"], "members": members})
-    entries.sort(key=lambda e: (-(e["max_uncertainty"] or 0.0), e["image"]))
-    return entries
+    return sort_entries(entries, order, seed)
+
+
+def sort_entries(entries: list[dict[str, Any]], order: str = DEFAULT_ORDER, seed: int = 0) -> list[dict[str, Any]]:
+    """``entries`` in review ``order`` (a new list)."""
+    by_uncertainty = sorted(entries, key=lambda e: (-(e["max_uncertainty"] or 0.0), e["image"]))
+    if order == "uncertainty":
+        return by_uncertainty
+    if order == "random":
+        import random
+
+        shuffled = sorted(entries, key=lambda e: e["image"])
+        random.Random(seed).shuffle(shuffled)
+        return shuffled
+    scored = [e for e in by_uncertainty if e.get("disagreement") is not None]
+    rest = [e for e in by_uncertainty if e.get("disagreement") is None]
+    return sorted(scored, key=lambda e: (-e["disagreement"], e["image"])) + rest
 
 
 def _flat(entry: dict[str, Any]) -> dict[str, Any]:
@@ -60,19 +93,22 @@ def _flat(entry: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def write_review_list(store: AnnotationStore, to: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Write the review list as ``review.csv`` and ``review.json`` into ``to`` (default:
-    the store's folder). Returns ``{"n", "files": [paths], "entries"}``."""
+def write_review_list(store: AnnotationStore, to: str | os.PathLike | None = None,
+                      order: str = DEFAULT_ORDER, include_all: bool = False, seed: int = 0) -> dict[str, Any]:
+    """Write the review list (:func:`review_entries`) as ``review.csv`` and
+    ``review.json`` into ``to`` (default: the store's folder). Returns
+    ``{"n", "files": [paths], "entries"}``."""
     target = Path(to) if to is not None else store.out
     target.mkdir(parents=True, exist_ok=True)
-    entries = review_entries(store)
+    entries = review_entries(store, order, include_all, seed)
     written = _write(entries, target)
     return {"n": len(entries), "files": written, "entries": entries}
 
 
 def _write(entries: list[dict[str, Any]], target: Path) -> list[str]:
     rows = [_flat(e) for e in entries]
-    columns: list[str] = ["image", "reason", "max_uncertainty", "overlay", "path", "label"]
+    columns: list[str] = ["image", "reason", "decision", "max_uncertainty", "disagreement", "overlay", "path",
+                          "label"]
     for row in rows:
         columns += [k for k in row if k not in columns]
     csv_path, json_path = target / CSV_NAME, target / JSON_NAME
@@ -88,11 +124,12 @@ def _write(entries: list[dict[str, Any]], target: Path) -> list[str]:
     return [str(csv_path), str(json_path)]
 
 
-def review_list(out: str | os.PathLike, to: str | os.PathLike | None = None) -> dict[str, Any]:
+def review_list(out: str | os.PathLike, to: str | os.PathLike | None = None,
+                order: str = DEFAULT_ORDER, include_all: bool = False, seed: int = 0) -> dict[str, Any]:
     """The review list of the annotation folder ``out`` (see :func:`write_review_list`),
     with its entries under ``entries``."""
     store = open_store(out)
     try:
-        return write_review_list(store, to)
+        return write_review_list(store, to, order, include_all, seed)
     finally:
         store.close()

@@ -21,6 +21,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label-studio-url", default=None,
                    help="Label Studio's address, for images (default: $LABEL_STUDIO_URL); "
                         "the key is read from $LABEL_STUDIO_API_KEY")
+    p.add_argument("--store", default=None, metavar="OUT",
+                   help="keep the reviews Label Studio's webhook sends (annotations submitted, updated or "
+                        "deleted on tasks exported from OUT) in OUT's reviews, as `aax import` does; point a "
+                        "Label Studio webhook at http://HOST:PORT/webhook")
     p.add_argument("--max-batch", type=positive_int, default=16, help="tasks per forward pass (default 16)")
     add_device_argument(p)
     p.set_defaults(func=run)
@@ -38,5 +42,5 @@ def run(args: argparse.Namespace) -> int:
               "predictions (there is no authentication)", file=sys.stderr)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     serve(args.run, args.host, args.port, images=args.images, label_studio_url=args.label_studio_url,
-          device=args.device, max_batch=args.max_batch)
+          device=args.device, max_batch=args.max_batch, store=args.store)
     return 0

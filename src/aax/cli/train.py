@@ -66,6 +66,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-hflip", dest="hflip", action="store_false", default=None,
                    help="augment without left-right flips (for images whose sides differ, "
                         "such as chest X-rays)")
+    p.add_argument("--reviews", nargs="+", default=None, metavar="OUT",
+                   help="annotation folders whose reviews (aax import, aax serve --store) to learn from: "
+                        "reviewed classes replace the dataset's, reviewed images always train, reviewed "
+                        "masks teach the members where to look (docs/reviews.md)")
+    p.add_argument("--localisation-weight", type=non_negative_float, default=None,
+                   help="weight of the localisation loss on reviewed masks (default 0.1)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--novelty-images", default=None, metavar="PATH",
                    help="when calibrating at the end, set the novelty thresholds on these unlabelled "
@@ -130,6 +136,7 @@ def build_config(args: argparse.Namespace) -> Any:
         "data_format": args.data_format, "seed": args.seed, "augment": args.augment,
         "hflip": args.hflip, "label_map": args.label_map,
         "pretrained": args.pretrained, "output_stride": args.output_stride,
+        "localisation_weight": getattr(args, "localisation_weight", None),
     }
     base.update({k: v for k, v in given.items() if v is not None})
     if base.get("pretrained") == "none":
@@ -138,6 +145,15 @@ def build_config(args: argparse.Namespace) -> Any:
         base["members"] = tuple(base["members"])
     return TrainConfig(**base, device=args.device, resume=args.resume,
                        progress=not args.no_progress, channels_last=args.channels_last)
+
+
+def read_reviews_arg(args: argparse.Namespace) -> list[Any] | None:
+    """The reviews named by ``--reviews`` (None without it)."""
+    if not getattr(args, "reviews", None):
+        return None
+    from aax.training.reviewed import read_reviews
+
+    return read_reviews(args.reviews)
 
 
 def _after_training(run: Path, args: argparse.Namespace) -> None:
@@ -159,8 +175,9 @@ def _after_training(run: Path, args: argparse.Namespace) -> None:
         print(f"WARNING: calibration failed ({type(exc).__name__}: {exc}); the run keeps "
               f"theta and tau as they were; retry with `aax calibrate {run}`", file=sys.stderr)
         return
-    print(f"calibrated on the validation split: theta {result['theta']:.4g}, "
-          f"tau {result['tau']}")
+    reviewed = "reviewed images with their masks" in str(result.get("data", ""))
+    print(f"calibrated on the validation split{' and the reviewed masks' if reviewed else ''}: "
+          f"theta {result['theta']:.4g}, tau {result['tau']}")
     if result.get("iou_mean") is not None:
         from aax.evaluation.tables import masks_text
 
@@ -178,10 +195,18 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config = build_config(args)
-        out = train(args.data, args.out, config)
+        out = train(args.data, args.out, config, reviews=read_reviews_arg(args))
     except (ValueError, FileNotFoundError) as exc:  # RunError, WeightsError are ValueErrors
         print(f"aax train: error: {exc}", file=sys.stderr)
         return 2
+    report(out, args)
+    return 0
+
+
+def report(out: Path, args: argparse.Namespace) -> None:
+    """Print what was trained, then calibrate (unless ``--no-calibrate``)."""
+    from aax.models import runfiles
+
     manifest = runfiles.read_json(out / runfiles.MANIFEST)
     print(f"wrote {out} ({manifest['data']['n_train']} training, {manifest['data']['n_val']} "
           f"validation images; classes {', '.join(manifest['classes'])}; negative "
@@ -193,4 +218,3 @@ def run(args: argparse.Namespace) -> int:
     for w in manifest.get("warnings", []):
         print(f"WARNING: {w}", file=sys.stderr)
     _after_training(out, args)
-    return 0

@@ -38,8 +38,14 @@ class Augment:
     brightness: float = 0.1
     contrast: float = 0.1
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Augment ``[B, C, H, W]`` images in [0, 1]; returns a new tensor in [0, 1]."""
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None,
+                 masks: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Augment ``[B, C, H, W]`` images in [0, 1]; returns a new tensor in [0, 1].
+
+        With ``masks`` (``[B, 1, H, W]`` float), returns ``(images, masks)``: the masks
+        moved by the same flip and affine (no intensity change), so a reviewed mask stays
+        on its finding. The random numbers drawn are the same with or without masks.
+        """
         if images.dim() != 4:
             raise ValueError(f"expected [B, C, H, W], got shape {tuple(images.shape)}")
         b = images.shape[0]
@@ -69,9 +75,16 @@ class Augment:
                             align_corners=False)
         mean = out.mean(dim=(1, 2, 3), keepdim=True)
         out = (out - mean) * gain.view(b, 1, 1, 1) + mean + shift.view(b, 1, 1, 1)
-        return out.clamp_(0.0, 1.0)
+        out = out.clamp_(0.0, 1.0)
+        if masks is None:
+            return out
+        # zeros outside the image: a finding does not extend into the border padding
+        moved = F.grid_sample(masks.to(dtype), grid, mode="bilinear", padding_mode="zeros",
+                              align_corners=False)
+        return out, moved
 
 
-def identity(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def identity(images: torch.Tensor, generator: torch.Generator | None = None,
+             masks: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """No augmentation (same call signature as :class:`Augment`)."""
-    return images
+    return images if masks is None else (images, masks)

@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aax.evaluation.calibration.collect import TAU_GRID, collect
-from aax.evaluation.calibration.files import split_name, validation_split, write_calibration
+from aax.evaluation.calibration.files import calibration_split, split_name, validation_split, write_calibration
 from aax.evaluation.calibration.masks import choose_masks, member_sets, trivial_scores
 from aax.evaluation.calibration.theta import MAX_FLAG_RATE, choose_theta, settle_theta
 from aax.evaluation.inputs import describe, open_data, open_images, run_label_map, samples
@@ -87,7 +87,8 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
               novelty_pass_rate: float | None = None, novelty_per_class: bool | None = None,
               fusions: Sequence[str] = FUSIONS, tau_without_masks: float | str | None = None,
               sources: Sequence[str] | None = None, choose_members: bool = True,
-              refines: Sequence[str] = REFINES, novelty_images: Any = None) -> dict[str, Any]:
+              refines: Sequence[str] = REFINES, novelty_images: Any = None,
+              novelty_valdata: Any = None) -> dict[str, Any]:
     """Choose theta (and tau, where ground-truth masks exist) on validation data.
 
     Args:
@@ -124,6 +125,9 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
         refines: the refinements of the fused map to choose from where masks exist
             (step 5; ``("none",)`` keeps the paper's thresholded map). Without masks the
             run's refinement is kept.
+        novelty_valdata: labelled images to set the novelty thresholds on instead of
+            ``valdata`` (the validation split alone when ``valdata`` also holds reviewed
+            training images).
         novelty_images: in-distribution images to set the novelty thresholds on instead
             of ``valdata`` (a folder, a dataset whose labels are ignored, or paths; no
             labels needed, as each threshold is taken over the images a member predicts
@@ -248,7 +252,8 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
             raise ValueError("write=True needs an ensemble loaded from a RUN folder")
         write_calibration(Path(run), result)
         if novelty:
-            result["novelty"] = _novelty(ensemble, valdata if novelty_images is None else novelty_images,
+            labelled_novelty = valdata if novelty_valdata is None else novelty_valdata
+            result["novelty"] = _novelty(ensemble, labelled_novelty if novelty_images is None else novelty_images,
                                          novelty_score, novelty_pass_rate, novelty_per_class,
                                          labelled=novelty_images is None)
     return result
@@ -285,10 +290,13 @@ def _member_names(members: Sequence[int] | None, names: Sequence[str]) -> list[s
 def calibrate_run(run_dir: str | os.PathLike, *, max_flag_rate: float = MAX_FLAG_RATE,
                   ensemble: Ensemble | None = None, device: str | None = None,
                   batch_size: int | None = None, novelty_images: Any = None) -> dict[str, Any]:
-    """Calibrate a RUN on the validation split recorded in its manifest (what
-    ``aax train`` calls at the end) and write the result into the RUN;
+    """Calibrate a RUN on the validation split recorded in its manifest, with its reviewed
+    masks when it has enough (:func:`~aax.evaluation.calibration.files.calibration_split`;
+    what ``aax train`` calls at the end) and write the result into the RUN;
     ``novelty_images``: as :func:`calibrate`'s."""
-    val = validation_split(run_dir)
+    val = calibration_split(run_dir)
+    # reviewed images trained the members: novelty thresholds stay on the unseen ones
+    unseen = validation_split(run_dir) if getattr(val, "reviewed_masks", 0) else None
     return calibrate(ensemble if ensemble is not None else run_dir, val, max_flag_rate=max_flag_rate,
                      device=device, batch_size=batch_size, write=True, data_name=split_name(val),
-                     novelty_images=novelty_images)
+                     novelty_images=novelty_images, novelty_valdata=unseen)

@@ -7,6 +7,11 @@ the open-set check. The result is plain data (a dict); the markdown tables
 (:mod:`aax.evaluation.tables`) and the HTML report (:mod:`aax.evaluation.report`) are
 made from it.
 
+A RUN that learned from reviews (``aax retrain``) lists the reviewed images; evaluation
+refuses data that holds any of them (:class:`ReviewedTestImages`), since a reviewed image
+trained the members and would flatter every figure, unless told to leave them out
+(``reviewed="exclude"``, ``aax evaluate --exclude-reviewed``).
+
 Masks are compared at the image's original size. Records with ``status == "error"`` are
 left out of every metric and counted in ``settings.n_errors``.
 """
@@ -88,6 +93,41 @@ def open_set(seen_unc: np.ndarray, seen_flagged: np.ndarray, unseen_records: Seq
     return summary, rows
 
 
+class ReviewedTestImages(ValueError):
+    """The test data holds images the RUN learned from reviews."""
+
+
+def drop_reviewed(ensemble: Any, dataset: Any, mode: str = "refuse", also: Sequence[Any] = ()) -> tuple[Any, int]:
+    """``dataset`` without the images that ``ensemble``'s RUN (or any RUN in ``also``,
+    manifests or ensembles) learned from reviews, and how many were left out.
+
+    With ``mode="refuse"`` (the default) any such image raises :class:`ReviewedTestImages`,
+    which names them; ``"exclude"`` leaves them out.
+    """
+    from aax.training.reviewed import reviewed_files
+
+    if mode not in ("refuse", "exclude"):
+        raise ValueError(f"reviewed must be 'refuse' or 'exclude', got {mode!r}")
+    files: set[str] = set()
+    for source in (ensemble, *also):
+        manifest = getattr(source, "manifest", source)
+        files |= reviewed_files(manifest if isinstance(manifest, Mapping) else {})
+    if not files:
+        return dataset, 0
+    keep = [i for i, s in enumerate(dataset) if str(Path(s.image).resolve()) not in files]
+    leaked = len(dataset) - len(keep)
+    if not leaked:
+        return dataset, 0
+    if mode == "refuse":
+        shown = [str(dataset[i].image) for i in range(len(dataset)) if i not in set(keep)][:3]
+        raise ReviewedTestImages(
+            f"{leaked} of the {len(dataset)} test images were reviewed into training of "
+            f"{getattr(ensemble, 'run', 'the RUN')} (e.g. {', '.join(shown)}): their figures would "
+            "not be held-out figures. Evaluate on other images, or leave these out with "
+            "--exclude-reviewed (reviewed='exclude')")
+    return dataset.subset(keep), leaked
+
+
 def _rate(flags: np.ndarray) -> float | None:
     return float(np.mean(flags)) if len(flags) else None
 
@@ -96,7 +136,8 @@ def evaluate(ensemble: Ensemble, data: Any, *, unseen: Any = None, theta: float 
              tau: Tau | None = None, out: str | os.PathLike | None = None,
              mc_passes: int | None = None, batch_size: int | None = None, report: bool = True,
              max_examples: int = 8, workers: int | None = None,
-             label_map: Mapping[str, str] | None = None, novelty: bool = True) -> dict[str, Any]:
+             label_map: Mapping[str, str] | None = None, novelty: bool = True,
+             reviewed: str = "refuse", reviewed_runs: Sequence[Any] = ()) -> dict[str, Any]:
     """Score the ensemble and each member alone on labelled ``data``.
 
     Args:
@@ -118,6 +159,11 @@ def evaluate(ensemble: Ensemble, data: Any, *, unseen: Any = None, theta: float 
             default: the map the run was trained with.
         novelty: apply the run's novelty step (False: the paper's protocol alone, as its
             tables were made; the novelty scores are still reported with ``unseen``).
+        reviewed: ``"refuse"`` data holding images the RUN learned from reviews
+            (:class:`ReviewedTestImages`), or ``"exclude"`` them (counted in
+            ``settings.excluded_reviewed``).
+        reviewed_runs: other RUNs (folders, manifests or ensembles) whose reviewed images
+            are left out too, so that two runs compared side by side see the same images.
 
     Returns:
         The content of ``metrics.json`` (``members``, ``ensemble``, ``settings``,
@@ -130,6 +176,7 @@ def evaluate(ensemble: Ensemble, data: Any, *, unseen: Any = None, theta: float 
     names = list(ensemble.members)
     classes = list(ensemble.classes)
     dataset = open_data(data, classes, run_label_map(ensemble) if label_map is None else label_map)
+    dataset, excluded = drop_reviewed(ensemble, dataset, reviewed, [_manifest_of(r) for r in reviewed_runs])
     negative = ensemble.negative_class
     refine = getattr(getattr(ensemble, "maps", None), "refine", "none")
     scorer = Scorer(names, classes, negative, theta, tau, max_examples if (out is not None and report) else 0,
@@ -166,6 +213,7 @@ def evaluate(ensemble: Ensemble, data: Any, *, unseen: Any = None, theta: float 
             "fusion": getattr(getattr(ensemble, "maps", None), "fusion", "min"),
             "mask_members": _mask_members(ensemble),
             "refine": refine,
+            "excluded_reviewed": excluded,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         },
         "confusion": {
@@ -197,6 +245,14 @@ def evaluate(ensemble: Ensemble, data: Any, *, unseen: Any = None, theta: float 
 
             write_html(result, scorer.examples(), out)
     return result
+
+
+def _manifest_of(run: Any) -> Mapping[str, Any]:
+    if isinstance(run, (str, os.PathLike)):
+        from aax.models import runfiles
+
+        return runfiles.read_json(Path(run) / runfiles.MANIFEST)
+    return getattr(run, "manifest", run)
 
 
 def _novelty_settings(ensemble: Any) -> dict[str, Any] | None:

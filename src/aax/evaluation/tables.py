@@ -143,3 +143,25 @@ def per_image_csv(rows: Sequence[dict[str, Any]]) -> str:
     for row in rows:
         writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
     return buf.getvalue()
+
+
+COMPARED = (("accuracy", "accuracy"), ("accuracy_kept", "kept accuracy"), ("flag_rate", "flag rate"),
+            ("iou_mean", "mean IoU, all positives"), ("iou_mean_given", "mean IoU of the masks given"))
+
+
+def comparison_markdown(before: Mapping[str, Any], after: Mapping[str, Any],
+                        names: tuple[str, str] = ("before", "after")) -> str:
+    """Two evaluations of the same images side by side (``aax evaluate --against``): AAX's
+    figures for each, their difference in points, and the trivial masks' IoU once."""
+    rows = [f"| {ENSEMBLE} | {names[0]} | {names[1]} | change |", "|---|---|---|---|"]
+    for key, label in COMPARED:
+        a, b = before["ensemble"].get(key), after["ensemble"].get(key)
+        change = "" if a is None or b is None else f"{100 * (b - a):+.1f} points"
+        rows.append(f"| {label} | {_pct(a)} | {_pct(b)} | {change} |")
+    for name, m in (after.get("trivial") or {}).items():
+        rows.append(f"| trivial mask: {name}, mean IoU | {_pct(m.get('iou_mean'))} | "
+                    f"{_pct(m.get('iou_mean'))} | |")
+    n = after["settings"]["n_images"]
+    excluded = after["settings"].get("excluded_reviewed") or 0
+    note = f"\n\n{n} images" + (f"; {excluded} reviewed images left out of both" if excluded else "") + "."
+    return "\n".join(rows) + note

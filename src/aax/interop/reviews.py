@@ -157,6 +157,20 @@ def import_reviews(store: AnnotationStore, reviews: Sequence[Review], source: st
     return counts
 
 
+def remove_review(store: AnnotationStore, image: str) -> bool:
+    """Remove ``image``'s review (and its mask file); False when it had none."""
+    ensure_table(store)
+    row = store.db.execute("SELECT mask FROM reviews WHERE image = ?", (image,)).fetchone()
+    if row is None:
+        return False
+    store.db.execute("BEGIN")
+    store.db.execute("DELETE FROM reviews WHERE image = ?", (image,))
+    store.db.execute("COMMIT")
+    if row[0]:
+        (store.out / row[0]).unlink(missing_ok=True)
+    return True
+
+
 def reviews_by_image(store: AnnotationStore) -> dict[str, dict]:
     """Every review, by image."""
     ensure_table(store)

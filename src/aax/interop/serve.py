@@ -3,8 +3,11 @@
 It speaks the protocol Label Studio's ML backends speak (the one of the
 ``label-studio-ml`` package): ``GET /health``, ``POST /setup`` (answers the model
 version), ``POST /predict`` (``{"tasks": [...], "label_config": ...}`` in,
-``{"results": [one prediction per task]}`` out) and ``POST /webhook`` (training events;
-AAX retrains with ``aax train``, so they are acknowledged and ignored).
+``{"results": [one prediction per task]}`` out) and ``POST /webhook`` (Label Studio's
+webhooks: with ``store`` set, every annotation a reviewer submits or updates on a task
+AAX exported is stored in that annotation folder's reviews, as ``aax import`` would
+store it, and a deleted one is removed; ``aax retrain`` then learns from them. Without
+``store`` the events are acknowledged and ignored).
 
 Built on the standard library's ``http.server`` rather than ``label-studio-ml``: that
 package brings Flask and the Label Studio SDK (which pins numpy, pillow and OpenCV
@@ -36,6 +39,7 @@ log = logging.getLogger("aax.interop.serve")
 MAX_BODY = 64 << 20  # bytes of one request
 MAX_IMAGE = 256 << 20  # bytes of one image
 FETCH_TIMEOUT = 30.0
+REVIEW_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED")
 TRAIN_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED", "START_TRAINING")
 
 
@@ -138,7 +142,8 @@ class Backend:
         max_batch: tasks per forward pass of the members.
     """
 
-    def __init__(self, ensemble, source: ImageSource, max_batch: int = 16) -> None:
+    def __init__(self, ensemble, source: ImageSource, max_batch: int = 16,
+                 store: str | os.PathLike | None = None) -> None:
         from aax.interop.labelstudio import model_version
         from aax.models.runfiles import run_fingerprint
 
@@ -147,6 +152,8 @@ class Backend:
         self.max_batch = max(1, int(max_batch))
         self.version = model_version({"run": str(ensemble.run), "weights": run_fingerprint(ensemble.run, ensemble.manifest)})
         self._lock = threading.Lock()  # one forward pass at a time: they share the cores
+        self.store = None if store is None else Path(store)
+        self._store_lock = threading.Lock()  # the store has one writer
 
     def health(self) -> dict:
         return {"status": "UP", "model_class": "AAX", "model_version": self.version}
@@ -156,10 +163,43 @@ class Backend:
 
     def webhook(self, body: dict) -> dict:
         action = body.get("action")
+        if self.store is not None and action in REVIEW_EVENTS:
+            return self._store_review(action, body)
         if action in TRAIN_EVENTS:
             return {"status": "ignored", "action": action,
-                    "reason": "AAX does not train online; import reviews with `aax import` and retrain"}
+                    "reason": "start aax serve with --store OUT to keep reviews; retrain with aax retrain"}
         return {"status": "Unknown event", "action": action}
+
+    def _store_review(self, action: str, body: dict) -> dict:
+        """Store (or, on deletion, remove) the review in one annotation event."""
+        from aax.annotation.store import open_store
+        from aax.interop.labelstudio import review_from_task
+        from aax.interop.reviews import ReviewImportError, import_reviews, remove_review
+
+        task, annotation = body.get("task"), body.get("annotation")
+        if not isinstance(task, dict) or not isinstance(annotation, dict):
+            raise RequestError(422, f"{action} needs 'task' and 'annotation' objects")
+        image = (task.get("data") or {}).get("aax_image")
+        with self._store_lock:
+            store = open_store(self.store)
+            try:
+                if action == "ANNOTATION_DELETED":
+                    removed = bool(image) and remove_review(store, image)
+                    return {"status": "removed" if removed else "ignored", "action": action, "image": image}
+                settings = store.settings
+                review, why = review_from_task({**task, "annotations": [annotation]},
+                                               settings.get("classes", []), settings.get("negative_class"))
+                if review is None:
+                    return {"status": "ignored", "action": action, "image": image, "reason": why}
+                try:
+                    counts = import_reviews(store, [review], f"Label Studio webhook (task {task.get('id')})")
+                except ReviewImportError as exc:
+                    raise RequestError(422, str(exc)) from None
+            finally:
+                store.close()
+        log.info("review of %s stored (%s)", image, action)
+        return {"status": "stored", "action": action, "image": image, "decision": review.decision,
+                "mask": review.mask is not None, **counts}
 
     def predict(self, body: dict) -> dict:
         from aax.annotation.annotate import annotate
@@ -268,14 +308,19 @@ def make_server(backend: Backend, host: str = "127.0.0.1", port: int = 9090) -> 
 
 def serve(run: str | os.PathLike, host: str = "127.0.0.1", port: int = 9090, *,
           images: Sequence[str | os.PathLike] = (), label_studio_url: str | None = None,
-          device: str | None = None, max_batch: int = 16) -> None:
+          device: str | None = None, max_batch: int = 16, store: str | os.PathLike | None = None) -> None:
     """Load the ensemble of ``run`` and serve it until interrupted. The Label Studio
-    address defaults to ``LABEL_STUDIO_URL``; the key is read from ``LABEL_STUDIO_API_KEY``."""
+    address defaults to ``LABEL_STUDIO_URL``; the key is read from ``LABEL_STUDIO_API_KEY``.
+    ``store``: the annotation folder whose reviews the webhook keeps (see the module's description)."""
     from aax.models.ensemble import Ensemble
 
     source = ImageSource(label_studio_url or os.environ.get("LABEL_STUDIO_URL"),
                          os.environ.get("LABEL_STUDIO_API_KEY"), images)
-    backend = Backend(Ensemble.load(run, device=device), source, max_batch=max_batch)
+    if store is not None:
+        from aax.annotation.store import open_store
+
+        open_store(store).close()  # fail now, not at the first review, when OUT is not a store
+    backend = Backend(Ensemble.load(run, device=device), source, max_batch=max_batch, store=store)
     server = make_server(backend, host, port)
     log.warning("aax serve: %s on http://%s:%d (images from %s)", backend.version, host,
                 server.server_address[1],

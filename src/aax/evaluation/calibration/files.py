@@ -104,6 +104,31 @@ def validation_split(run: str | os.PathLike) -> Any:
     return dataset.subset([by_name[f] for f in d["val_files"]])
 
 
+def calibration_split(run: str | os.PathLike) -> Any:
+    """What ``aax calibrate RUN`` calibrates on: the validation split and, when the run
+    learned from at least :data:`~aax.training.reviewed.MIN_REVIEWED_MASKS` reviewed
+    masks, those reviewed images with their masks (so theta, tau and the fusion are also
+    chosen on the masks people drew, where the validation split often has none). The
+    reviewed images trained the members, so their uncertainties are lower than unseen
+    images': the docs say so next to the figures."""
+    from aax.data.layouts import Dataset, Sample
+    from aax.training.reviewed import MIN_REVIEWED_MASKS, reviewed_masks
+
+    val = validation_split(run)
+    manifest = json.loads((Path(run) / MANIFEST).read_text(encoding="utf-8"))
+    masks = reviewed_masks(manifest)
+    if len(masks) < MIN_REVIEWED_MASKS:
+        return val
+    extra = [Sample(image=Path(m["path"]), label=m["label"], mask_path=Path(m["mask"])) for m in masks]
+    merged = Dataset(list(val) + extra, classes=val.classes, source=val.source, format=val.format)
+    merged.reviewed_masks = len(extra)
+    return merged
+
+
 def split_name(val: Any) -> str:
     """How a calibration entry names the recorded validation split."""
+    reviewed = getattr(val, "reviewed_masks", 0)
+    if reviewed:
+        return (f"{getattr(val, 'source', '?')} (the RUN's validation split, {len(val) - reviewed} images, "
+                f"and {reviewed} reviewed images with their masks)")
     return f"{getattr(val, 'source', '?')} (the RUN's validation split, {len(val)} images)"

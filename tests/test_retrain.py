@@ -1,0 +1,237 @@
+"""Learning from reviews: the localisation loss, masks that move with augmentation, the
+merge of reviews into the training data, `aax retrain`, evaluation that refuses reviewed
+test images, the review orders and the Label Studio webhook that stores reviews."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from aax.annotation.agreement import disagreement, map_agreement
+from aax.cli import main
+from aax.data import open_dataset
+from aax.data.augment import Augment
+from aax.data.layouts import Dataset, Sample
+from aax.training.loop import localisation_loss
+from aax.training.reviewed import ReviewedImage, merge_reviews, reviewed_split
+
+
+class _Head(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(1, 2)
+        with torch.no_grad():  # class 0 (positive) logit = feature, class 1 (negative) = 0
+            self.fc.weight.copy_(torch.tensor([[1.0], [0.0]]))
+            self.fc.bias.zero_()
+
+
+def test_localisation_loss_is_low_where_the_cells_point_at_the_mask():
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :4, :4] = 1.0  # the top-left cell of a 2x2 grid
+    right = torch.full((1, 1, 2, 2), -6.0)
+    right[..., 0, 0] = 6.0
+    labels = torch.tensor([0])
+    good = localisation_loss(_Head(), right, labels, mask, negative_index=1)
+    bad = localisation_loss(_Head(), -right, labels, mask, negative_index=1)
+    assert good.item() < 0.01 < 1.0 < bad.item()
+
+
+def test_masks_move_with_the_image_and_the_images_do_not_change():
+    images = torch.zeros(4, 3, 32, 32)
+    images[:, :, 4:14, 18:30] = 1.0  # a bright square, off centre
+    masks = images[:, :1].clone()
+    aug = Augment(rotate=20, scale=0.2, translate=0.1, brightness=0.0, contrast=0.0)
+    alone = aug(images, torch.Generator().manual_seed(3))
+    moved, moved_masks = aug(images, torch.Generator().manual_seed(3), masks=masks)
+    assert torch.equal(alone, moved)
+    square, on_mask = moved.mean(dim=1) > 0.5, moved_masks[:, 0] > 0.5
+    iou = (square & on_mask).sum() / (square | on_mask).sum()
+    assert float(iou) > 0.95
+    assert not torch.equal(moved_masks, masks)  # it did move
+
+
+def test_map_agreement_is_one_for_equal_maps_and_low_for_disjoint_ones():
+    a = torch.zeros(2, 8, 8)
+    a[0, :4] = 1.0
+    a[1, 4:] = 1.0
+    same = torch.stack([a[0], a[0], a[0]])[None]
+    apart = torch.stack([a[0], a[1], a[1]])[None]
+    assert np.allclose(map_agreement(same), 1.0)
+    low = map_agreement(apart)[0]
+    assert low[0] < 0.01 and low[1] == pytest.approx(1 / 3)  # half of its mass is shared
+    assert disagreement([None, None]) is None
+    assert disagreement([1.0, 0.5]) == pytest.approx(0.25)
+
+
+def _dataset(tmp_path: Path) -> Dataset:
+    samples = [Sample(tmp_path / f"{c}{i}.png", c) for c in ("diseased", "healthy") for i in range(5)]
+    return Dataset(samples, source=tmp_path, format="folder")
+
+
+def test_merge_corrects_labels_adds_images_and_keeps_masks_of_positives_only(tmp_path):
+    data = _dataset(tmp_path)
+    reviews = [ReviewedImage((tmp_path / "diseased0.png").resolve(), "healthy", tmp_path / "m0.png", "OUT"),
+               ReviewedImage((tmp_path / "healthy1.png").resolve(), "healthy", None, "OUT"),
+               ReviewedImage((tmp_path / "new.png").resolve(), "diseased", tmp_path / "m1.png", "OUT")]
+    merged = merge_reviews(data, reviews, negative_class="healthy")
+    assert len(merged.dataset) == 11 and merged.dataset[10].label == "diseased"
+    assert merged.dataset[0].label == "healthy" and data[0].label == "diseased"  # the source is untouched
+    assert merged.corrected == 1 and merged.added == [10]
+    assert merged.masks == {10: tmp_path / "m1.png"}  # a negative's mask is no finding
+    train, val = reviewed_split([1, 2, 3, 5], [0, 6, 4], merged)
+    assert set(val).isdisjoint(merged.reviewed) and val == [4]
+    assert sorted(train) == [0, 1, 2, 3, 5, 6, 10]
+    with pytest.raises(ValueError, match="not among the dataset's"):
+        merge_reviews(data, [ReviewedImage(tmp_path / "x.png", "fire", None, "OUT")], "healthy")
+
+
+@pytest.fixture(scope="module")
+def reviewed_out(ensemble, lesion_dir: Path, tmp_path_factory) -> dict:
+    """An annotation folder of 24 lesion images, 12 of them reviewed from the ground truth
+    (11 diseased with their masks, one diseased image corrected to healthy)."""
+    from aax.annotation.annotate import annotate_to_folder
+    from aax.annotation.store import open_store
+    from aax.interop.reviews import Review, import_reviews
+
+    root = tmp_path_factory.mktemp("review-src")
+    picked = sorted((lesion_dir / "images" / "diseased").glob("*.png"))[:14] + \
+        sorted((lesion_dir / "images" / "healthy").glob("*.png"))[:10]
+    for p in picked:
+        (root / p.parent.name).mkdir(exist_ok=True)
+        shutil.copy(p, root / p.parent.name / p.name)
+    out = tmp_path_factory.mktemp("reviewed") / "out"
+    annotate_to_folder(ensemble, root, out, mc_passes=4)
+    data = open_dataset(lesion_dir)
+    gt = {Path(s.image).name: s for s in data if s.label == "diseased"}
+    names = sorted(p.name for p in (root / "diseased").glob("*.png"))
+    reviews = [Review(image=f"diseased/{n}", decision="diseased", mask=gt[n].mask(), tool="test")
+               for n in names[:11]]
+    reviews.append(Review(image=f"diseased/{names[11]}", decision="healthy", tool="test"))
+    store = open_store(out)
+    try:
+        import_reviews(store, reviews, "test")
+    finally:
+        store.close()
+    reviewed = {str((lesion_dir / "images" / "diseased" / n).resolve()) for n in names[:12]}
+    return {"out": out, "root": root, "reviewed_in_lesion_dir": reviewed}
+
+
+def test_retrain_learns_from_reviews_and_evaluation_refuses_them(trained_run, reviewed_out, lesion_dir,
+                                                               tmp_path, capsys):
+    run2 = tmp_path / "run2"
+    code = main(["retrain", str(trained_run), "--reviews", str(reviewed_out["out"]), "--out", str(run2),
+                 "--epochs", "1", "--no-progress", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    manifest = json.loads((run2 / "aax.json").read_text())
+    block = manifest["reviews"]
+    assert block["n"] == 12 and block["n_masks"] == 11 and block["n_masks_used"] == 11
+    # the reviewed copies are other files than the dataset's: they join the training images
+    assert block["added"] == 12 and manifest["data"]["n_train"] == 64 + 12
+    assert block["localisation_weight"] == pytest.approx(0.1)
+    history = (run2 / "history.csv").read_text().splitlines()
+    loc = [float(r.split(",")[5]) for r in history[1:]]
+    assert history[0].split(",")[5] == "train_loc" and all(v > 0 for v in loc)
+    assert "reviewed images with their masks" in manifest["calibration"]["data"]
+
+    # the reviewed copies are the test images: refused, then left out on request
+    capsys.readouterr()
+    assert main(["evaluate", str(run2), str(reviewed_out["root"]), "--out", str(tmp_path / "ev"),
+                 "--no-report", "--mc-passes", "4"]) == 2
+    assert "reviewed into training" in capsys.readouterr().err
+    assert main(["evaluate", str(run2), str(reviewed_out["root"]), "--out", str(tmp_path / "ev"),
+                 "--no-report", "--mc-passes", "4", "--against", str(trained_run)]) == 0
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    before = json.loads((tmp_path / "ev" / "against" / "metrics.json").read_text())
+    assert metrics["settings"]["excluded_reviewed"] == 12 and metrics["settings"]["n_images"] == 12
+    assert before["settings"]["n_images"] == 12  # the old run is scored on the same 12 images
+    assert "on the same images" in capsys.readouterr().out
+    assert "mean IoU" in (tmp_path / "ev" / "comparison.md").read_text()
+
+
+def test_a_reviewed_label_overrides_the_dataset_and_the_image_never_validates(trained_run, reviewed_out,
+                                                                             lesion_dir, tmp_path):
+    """Reviews of the dataset's own files: the corrected label is used and every reviewed
+    file trains, so evaluation on the dataset is refused."""
+    from aax.evaluation.evaluate import ReviewedTestImages, drop_reviewed
+    from aax.training.reviewed import read_reviews
+    from aax.training.train import TrainConfig, train
+
+    reviews = [ReviewedImage(Path(p), r.label, r.mask, r.source)
+               for p, r in zip(sorted(reviewed_out["reviewed_in_lesion_dir"]),
+                               sorted(read_reviews([reviewed_out["out"]]), key=lambda r: r.path.name))]
+    run = train(lesion_dir, tmp_path / "run", TrainConfig(members=("efficientnet-lite0",), epochs=1,
+                                                          image_size=32, progress=False), reviews=reviews)
+    manifest = json.loads((run / "aax.json").read_text())
+    assert manifest["reviews"]["added"] == 0 and manifest["reviews"]["corrected"] == 1
+    val = {str((lesion_dir / f).resolve()) for f in manifest["data"]["val_files"]}
+    assert val.isdisjoint(reviewed_out["reviewed_in_lesion_dir"])
+    with pytest.raises(ReviewedTestImages, match="12 of the 80 test images"):
+        drop_reviewed(manifest, open_dataset(lesion_dir))
+    kept, n = drop_reviewed(manifest, open_dataset(lesion_dir), "exclude")
+    assert n == 12 and len(kept) == 68
+
+
+def test_review_orders(reviewed_out, capsys):
+    from aax.annotation.review_list import review_list
+
+    every = review_list(reviewed_out["out"], include_all=True, order="disagreement")["entries"]
+    assert len(every) == 24
+    values = [e["disagreement"] for e in every]
+    assert all(0.0 <= v <= 1.0 for v in values) and values == sorted(values, reverse=True)
+    a = [e["image"] for e in review_list(reviewed_out["out"], include_all=True, order="random", seed=1)["entries"]]
+    b = [e["image"] for e in review_list(reviewed_out["out"], include_all=True, order="random", seed=2)["entries"]]
+    assert sorted(a) == sorted(b) == sorted(e["image"] for e in every) and a != b
+    assert main(["review", str(reviewed_out["out"]), "--order", "disagreement", "--all"]) == 0
+    assert "24 images to review, disagreement order" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="unknown review order"):
+        review_list(reviewed_out["out"], order="size")
+
+
+def test_webhook_stores_updates_and_removes_label_studio_reviews(ensemble, reviewed_out, tmp_path):
+    from aax.annotation.store import open_store
+    from aax.interop import brush
+    from aax.interop.labelstudio import export_label_studio
+    from aax.interop.reviews import reviews_by_image
+    from aax.interop.serve import Backend, ImageSource, RequestError
+
+    out = tmp_path / "out"
+    shutil.copytree(reviewed_out["out"], out)
+    export_label_studio(out, tmp_path / "ls")
+    task = next(t for t in json.loads((tmp_path / "ls" / "tasks.json").read_text())
+                if t["data"]["aax_image"].startswith("healthy/"))
+    image = task["data"]["aax_image"]
+    mask = np.zeros((64, 64), bool)
+    mask[10:20, 30:40] = True
+    annotation = {"id": 7, "completed_by": 1, "updated_at": "2026-12-01T10:00:00Z", "result": [
+        {"from_name": "decision", "to_name": "image", "type": "choices", "value": {"choices": ["diseased"]}},
+        {"from_name": "mask", "to_name": "image", "type": "brushlabels", "original_width": 64,
+         "original_height": 64, "value": {"format": "rle", "rle": brush.mask_to_rle(mask),
+                                          "brushlabels": ["diseased"]}}]}
+    backend = Backend(ensemble, ImageSource(), store=out)
+    answer = backend.webhook({"action": "ANNOTATION_CREATED", "task": task, "annotation": annotation})
+    assert answer["status"] == "stored" and answer["mask"] and answer["added"] == 1
+
+    def stored() -> dict:
+        store = open_store(out)
+        try:
+            return reviews_by_image(store)
+        finally:
+            store.close()
+
+    assert stored()[image]["decision"] == "diseased" and stored()[image]["mask_area"] == 100
+    annotation["result"] = annotation["result"][:1]
+    annotation["result"][0]["value"]["choices"] = ["healthy"]
+    assert backend.webhook({"action": "ANNOTATION_UPDATED", "task": task, "annotation": annotation})["updated"] == 1
+    assert stored()[image]["decision"] == "healthy" and stored()[image]["mask"] is None
+    assert backend.webhook({"action": "ANNOTATION_DELETED", "task": task, "annotation": annotation})["status"] == "removed"
+    assert image not in stored() and len(stored()) == 12
+    with pytest.raises(RequestError, match="needs 'task' and 'annotation'"):
+        backend.webhook({"action": "ANNOTATION_CREATED"})
+    # without a store the events are acknowledged and nothing is kept
+    plain = Backend(ensemble, ImageSource())
+    assert plain.webhook({"action": "ANNOTATION_CREATED", "task": task, "annotation": annotation})["status"] == "ignored"
