@@ -232,3 +232,63 @@ def test_connected_backend_predicts_a_new_task(label_studio, project, trained_ru
         assert server.poll() is None
     finally:
         _stop(server)
+
+
+def test_backend_with_a_store_keeps_reviews_as_they_are_submitted(label_studio, project, trained_run, tmp_path):
+    """`aax serve --store OUT` connected to the project: Label Studio's own webhook to the
+    backend brings each submitted annotation into OUT's reviews, and a deletion removes it."""
+    ls, out = label_studio, project["out"]
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    env = {**os.environ, "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": TOKEN,
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with open(log, "w") as f:
+        server = subprocess.Popen([sys.executable, "-m", "aax", "serve", str(trained_run), "--port", str(port),
+                                   "--device", "cpu", "--store", str(out)], env=env, stdout=f,
+                                  stderr=subprocess.STDOUT)
+
+    def review(image: str):
+        db = sqlite3.connect(out / "annotations.sqlite")
+        try:
+            return db.execute("SELECT decision, mask FROM reviews WHERE image = ?", (image,)).fetchone()
+        finally:
+            db.close()
+
+    def wait_for(check, what: str):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if check():
+                return
+            time.sleep(0.5)
+        pytest.fail(f"{what}: not seen in 60 s\n{log.read_text()[-2000:]}")
+
+    try:
+        _wait(f"http://127.0.0.1:{port}/health", server, log, 300)
+        backend = ls.api("POST", "/api/ml", {"url": f"http://127.0.0.1:{port}", "project": project["id"],
+                                              "title": "AAX with reviews"})
+        assert backend["state"] == "CO", backend
+        task = next(t for t in _project_tasks(ls, project["id"])
+                    if t["data"].get("aax_image", "").startswith("healthy/"))
+        image = task["data"]["aax_image"]
+        drawn = np.zeros((64, 64), bool)
+        drawn[8:30, 10:28] = True
+        result = [{"from_name": "decision", "to_name": "image", "type": "choices",
+                   "value": {"choices": ["diseased"]}},
+                  {"from_name": "mask", "to_name": "image", "type": "brushlabels", "original_width": 64,
+                   "original_height": 64, "image_rotation": 0,
+                   "value": {"format": "rle", "rle": brush.mask_to_rle(drawn), "brushlabels": ["diseased"]}}]
+        created = ls.api("POST", f"/api/tasks/{task['id']}/annotations", {"result": result, "was_cancelled": False})
+        wait_for(lambda: review(image) is not None, f"the review of {image}")
+        decision, mask_file = review(image)
+        assert decision == "diseased" and np.array_equal(load_mask(out / mask_file), drawn)
+        _delete(ls, f"/api/annotations/{created['id']}")  # answers 204 with no body
+        wait_for(lambda: review(image) is None, f"the removal of {image}'s review")
+        assert server.poll() is None
+    finally:
+        _stop(server)
+
+
+def _delete(ls: LabelStudio, path: str) -> None:
+    request = urllib.request.Request(ls.url + path, method="DELETE", headers={"Authorization": f"Token {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=60) as r:
+        assert r.status in (200, 204)

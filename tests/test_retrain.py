@@ -177,12 +177,15 @@ def test_a_reviewed_label_overrides_the_dataset_and_the_image_never_validates(tr
 
 
 def test_review_orders(reviewed_out, capsys):
-    from aax.annotation.review_list import review_list
+    from aax.annotation.review_list import priority, review_list
 
     every = review_list(reviewed_out["out"], include_all=True, order="disagreement")["entries"]
     assert len(every) == 24
-    values = [e["disagreement"] for e in every]
-    assert all(0.0 <= v <= 1.0 for v in values) and values == sorted(values, reverse=True)
+    assert all(0.0 <= e["disagreement"] <= 1.0 and 0.0 <= e["p_positive"] <= 1.0 for e in every)
+    values = [priority(e) for e in every]
+    assert values == sorted(values, reverse=True)
+    # a likely-negative image comes after a likely-positive one whose maps agree as well
+    assert priority({"disagreement": 0.5, "p_positive": 0.9}) > priority({"disagreement": 0.5, "p_positive": 0.1})
     a = [e["image"] for e in review_list(reviewed_out["out"], include_all=True, order="random", seed=1)["entries"]]
     b = [e["image"] for e in review_list(reviewed_out["out"], include_all=True, order="random", seed=2)["entries"]]
     assert sorted(a) == sorted(b) == sorted(e["image"] for e in every) and a != b
@@ -228,10 +231,21 @@ def test_webhook_stores_updates_and_removes_label_studio_reviews(ensemble, revie
     annotation["result"][0]["value"]["choices"] = ["healthy"]
     assert backend.webhook({"action": "ANNOTATION_UPDATED", "task": task, "annotation": annotation})["updated"] == 1
     assert stored()[image]["decision"] == "healthy" and stored()[image]["mask"] is None
-    assert backend.webhook({"action": "ANNOTATION_DELETED", "task": task, "annotation": annotation})["status"] == "removed"
+    # Label Studio names a deleted annotation by its id alone
+    assert backend.webhook({"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 8}]})["status"] == "ignored"
+    answer = backend.webhook({"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 7}]})
+    assert answer["status"] == "removed" and answer["images"] == [image]
     assert image not in stored() and len(stored()) == 12
     with pytest.raises(RequestError, match="needs 'task' and 'annotation'"):
         backend.webhook({"action": "ANNOTATION_CREATED"})
     # without a store the events are acknowledged and nothing is kept
     plain = Backend(ensemble, ImageSource())
     assert plain.webhook({"action": "ANNOTATION_CREATED", "task": task, "annotation": annotation})["status"] == "ignored"
+
+
+def test_reviews_that_cannot_be_read_stop_training_with_the_folder_named(tiny_lesion_dir, tmp_path, capsys):
+    empty = tmp_path / "not-annotated"
+    empty.mkdir()
+    assert main(["train", str(tiny_lesion_dir), "--out", str(tmp_path / "run"), "--reviews", str(empty)]) == 2
+    assert f"{empty}: no annotations.sqlite here" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "aax.json").exists()

@@ -6,9 +6,10 @@ member predicted with what probability and uncertainty, and where its overlay is
 ``--save-saliency`` kept one).
 
 The order is the one a team's review budget is best spent in (:data:`ORDERS`):
-``uncertainty`` (the most uncertain member first), ``disagreement`` (the images whose
-members' maps agree least first, :mod:`aax.annotation.agreement`; a reviewed mask teaches
-most there, docs/reviews.md) or ``random`` (seeded). ``include_all`` lists the images
+``uncertainty`` (the most uncertain member first), ``disagreement`` (the images likely
+to hold a finding whose members' maps agree least first: :func:`priority`,
+:mod:`aax.annotation.agreement`; a reviewed mask teaches most there, docs/reviews.md) or
+``random`` (seeded). ``include_all`` lists the images
 AAX annotated too, for teams whose budget goes beyond the flagged ones.
 """
 
@@ -43,10 +44,14 @@ def review_entries(store: AnnotationStore, order: str = DEFAULT_ORDER, include_a
     to the store's folder, or None) and ``members``: each member's ``name``,
     ``predicted``, ``probability`` of that class, ``uncertainty`` and, when the run
     scores novelty, its novelty fields as stored; ``disagreement`` is the image's map
-    disagreement (or None).
+    disagreement (or None) and ``p_positive`` the members' mean probability of a
+    positive class.
     """
     if order not in ORDERS:
         raise ValueError(f"unknown review order {order!r}; choose from {', '.join(ORDERS)}")
+    classes = list(store.settings.get("classes") or [])
+    negative = store.settings.get("negative_class")
+    negative_index = classes.index(negative) if negative in classes else None
     entries = []
     for row in store.rows():
         if row["status"] != "ok" or (row["decision"] != REVIEW and not include_all):
@@ -63,6 +68,7 @@ def review_entries(store: AnnotationStore, order: str = DEFAULT_ORDER, include_a
                         "reason": row["reason"], "decision": row["decision"],
                         "max_uncertainty": max(uncertainties) if uncertainties else None,
                         "disagreement": disagreement([m.get("map_agreement") for m in members]),
+                        "p_positive": _p_positive(row["members"], negative_index),
                         "overlay": row["saliency"], "label": row["label"], "members": members})
     return sort_entries(entries, order, seed)
 
@@ -80,7 +86,23 @@ def sort_entries(entries: list[dict[str, Any]], order: str = DEFAULT_ORDER, seed
         return shuffled
     scored = [e for e in by_uncertainty if e.get("disagreement") is not None]
     rest = [e for e in by_uncertainty if e.get("disagreement") is None]
-    return sorted(scored, key=lambda e: (-e["disagreement"], e["image"])) + rest
+    return sorted(scored, key=lambda e: (-priority(e), e["image"])) + rest
+
+
+def priority(entry: dict[str, Any]) -> float:
+    """The ``disagreement`` order's score: the maps' disagreement times the chance that
+    the image holds a finding. Maps of a negative image point anywhere, so they disagree
+    most; a review of one teaches no location, so it must not come first."""
+    p = entry.get("p_positive")
+    return float(entry["disagreement"]) * (1.0 if p is None else float(p))
+
+
+def _p_positive(members: list[dict[str, Any]], negative_index: int | None) -> float | None:
+    """The mean over the members of the probability of any positive class."""
+    if negative_index is None:
+        return None
+    values = [1.0 - m["probs"][negative_index] for m in members if len(m.get("probs") or []) > negative_index]
+    return float(sum(values) / len(values)) if values else None
 
 
 def _flat(entry: dict[str, Any]) -> dict[str, Any]:
@@ -107,7 +129,7 @@ def write_review_list(store: AnnotationStore, to: str | os.PathLike | None = Non
 
 def _write(entries: list[dict[str, Any]], target: Path) -> list[str]:
     rows = [_flat(e) for e in entries]
-    columns: list[str] = ["image", "reason", "decision", "max_uncertainty", "disagreement", "overlay", "path",
+    columns: list[str] = ["image", "reason", "decision", "max_uncertainty", "disagreement", "p_positive", "overlay", "path",
                           "label"]
     for row in rows:
         columns += [k for k in row if k not in columns]

@@ -1,4 +1,4 @@
-"""``aax review OUT``: the images a person must review, most uncertain first."""
+"""``aax review OUT``: the images a person must review, in the order chosen (``--order``)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="List the images of OUT (a folder made by `aax annotate`) that the "
                                    "ensemble flagged instead of annotating: why (uncertain, no-consensus, "
                                    "novel), each member's prediction, probability and uncertainty, and the "
-                                   "overlay when --save-saliency kept one; most uncertain first. Writes "
-                                   "review.csv and review.json (into OUT, or --to).")
+                                   "overlay when --save-saliency kept one; in --order (most uncertain first "
+                                   "by default). Writes review.csv and review.json (into OUT, or --to).")
     p.add_argument("out", help="folder written by `aax annotate`")
     p.add_argument("--to", default=None, help="folder for review.csv and review.json (default: OUT)")
     from aax.annotation.review_list import DEFAULT_ORDER, ORDERS

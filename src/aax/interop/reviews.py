@@ -157,18 +157,24 @@ def import_reviews(store: AnnotationStore, reviews: Sequence[Review], source: st
     return counts
 
 
-def remove_review(store: AnnotationStore, image: str) -> bool:
-    """Remove ``image``'s review (and its mask file); False when it had none."""
+def remove_annotation_reviews(store: AnnotationStore, annotation_ids: Sequence[int]) -> list[str]:
+    """Remove the Label Studio reviews that came from the annotations ``annotation_ids``
+    (their ``tool_ref`` is ``task T annotation A``) and their mask files; returns the
+    images whose review was removed."""
     ensure_table(store)
-    row = store.db.execute("SELECT mask FROM reviews WHERE image = ?", (image,)).fetchone()
-    if row is None:
-        return False
+    wanted = {f"annotation {int(i)}" for i in annotation_ids}
+    rows = [(image, mask) for image, ref, mask in store.db.execute(
+        "SELECT image, tool_ref, mask FROM reviews WHERE tool = 'label-studio'")
+        if ref and " ".join(ref.split()[-2:]) in wanted]
+    if not rows:
+        return []
     store.db.execute("BEGIN")
-    store.db.execute("DELETE FROM reviews WHERE image = ?", (image,))
+    store.db.executemany("DELETE FROM reviews WHERE image = ?", [(image,) for image, _ in rows])
     store.db.execute("COMMIT")
-    if row[0]:
-        (store.out / row[0]).unlink(missing_ok=True)
-    return True
+    for _, mask in rows:
+        if mask:
+            (store.out / mask).unlink(missing_ok=True)
+    return [image for image, _ in rows]
 
 
 def reviews_by_image(store: AnnotationStore) -> dict[str, dict]:

@@ -39,7 +39,7 @@ log = logging.getLogger("aax.interop.serve")
 MAX_BODY = 64 << 20  # bytes of one request
 MAX_IMAGE = 256 << 20  # bytes of one image
 FETCH_TIMEOUT = 30.0
-REVIEW_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED")
+REVIEW_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED")
 TRAIN_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED", "START_TRAINING")
 
 
@@ -171,11 +171,21 @@ class Backend:
         return {"status": "Unknown event", "action": action}
 
     def _store_review(self, action: str, body: dict) -> dict:
-        """Store (or, on deletion, remove) the review in one annotation event."""
+        """Store the review in one annotation event, or remove the reviews of deleted
+        annotations (Label Studio names only their ids: the review's ``tool_ref`` has it)."""
         from aax.annotation.store import open_store
         from aax.interop.labelstudio import review_from_task
-        from aax.interop.reviews import ReviewImportError, import_reviews, remove_review
+        from aax.interop.reviews import ReviewImportError, import_reviews, remove_annotation_reviews
 
+        if action == "ANNOTATIONS_DELETED":
+            ids = [a.get("id") for a in body.get("annotations") or [] if isinstance(a, dict)]
+            with self._store_lock:
+                store = open_store(self.store)
+                try:
+                    removed = remove_annotation_reviews(store, [i for i in ids if isinstance(i, int)])
+                finally:
+                    store.close()
+            return {"status": "removed" if removed else "ignored", "action": action, "images": removed}
         task, annotation = body.get("task"), body.get("annotation")
         if not isinstance(task, dict) or not isinstance(annotation, dict):
             raise RequestError(422, f"{action} needs 'task' and 'annotation' objects")
@@ -183,9 +193,6 @@ class Backend:
         with self._store_lock:
             store = open_store(self.store)
             try:
-                if action == "ANNOTATION_DELETED":
-                    removed = bool(image) and remove_review(store, image)
-                    return {"status": "removed" if removed else "ignored", "action": action, "image": image}
                 settings = store.settings
                 review, why = review_from_task({**task, "annotations": [annotation]},
                                                settings.get("classes", []), settings.get("negative_class"))

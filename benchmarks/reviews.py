@@ -1,0 +1,211 @@
+#!/usr/bin/env python
+"""What reviews buy: AAX retrained on N reviewed images, per review order, against the
+same N masks used alone, on a test split no review touched.
+
+A simulated reviewer answers with the data's ground truth:
+
+1. RUN0 is trained on TRAIN (image-level labels only) and calibrated, as ``aax train`` does.
+2. RUN0 annotates its own training images (the pool a team would have annotated and
+   flagged) into ``OUT/pool``; each review order (:data:`aax.annotation.review_list.ORDERS`)
+   ranks every image of it (``aax review --all --order ...``).
+3. For each order and budget N, the first N images are "reviewed": their true class and,
+   for positives, their true mask. A new RUN is trained on TRAIN with those reviews
+   (:func:`aax.training.train.train` with ``reviews``, what ``aax retrain`` calls) and
+   calibrated (on the reviewed masks too, from 10 of them).
+4. Every RUN is evaluated on TEST (``aax evaluate``): accuracy, kept accuracy, flag rate,
+   AAX's and each member's mean IoU over all positives (a flag or a miss scores 0) and of
+   the masks given; the trivial masks (whole image, centred box) beside them.
+5. The plain supervised baseline: a MONAI UNet trained on the same N reviewed masks alone
+   (:mod:`_segbaseline`), mean IoU over the same positives.
+
+Results go to ``OUT/reviews.json`` after every run (a rerun continues where it stopped),
+the table to ``OUT/reviews.md`` and the curves to ``OUT/reviews.png``::
+
+    python benchmarks/reviews.py --train busi_split/train.csv --test busi_split/test.csv \\
+        --out OUT --negative-class normal --class-weights balanced --size 128 --epochs 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from aax.annotation.annotate import annotate_to_folder  # noqa: E402
+from aax.annotation.review_list import ORDERS, review_list  # noqa: E402
+from aax.data import open_dataset  # noqa: E402
+from aax.evaluation.calibrate import calibrate_run  # noqa: E402
+from aax.evaluation.evaluate import evaluate  # noqa: E402
+from aax.models.ensemble import Ensemble  # noqa: E402
+from aax.training.reviewed import ReviewedImage  # noqa: E402
+from aax.training.train import TrainConfig, train  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--train", required=True, help="training data (a CSV manifest with masks, or a folder)")
+    p.add_argument("--test", required=True, help="held-out test data with masks")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--budgets", type=int, nargs="+", default=[25, 50, 100, 200],
+                   help="review budgets, run in the order given (default 25 50 100 200)")
+    p.add_argument("--orders", nargs="+", choices=ORDERS, default=list(ORDERS))
+    p.add_argument("--size", type=int, default=128, help="input side (default 128)")
+    p.add_argument("--epochs", type=int, default=8, help="maximum epochs per member (default 8)")
+    p.add_argument("--negative-class", default=None)
+    p.add_argument("--class-weights", choices=["balanced"], default=None)
+    p.add_argument("--localisation-weight", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--unet-epochs", type=int, default=60)
+    p.add_argument("--no-baseline", action="store_true", help="skip the UNet baseline")
+    return p.parse_args(argv)
+
+
+def _config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(image_size=args.size, epochs=args.epochs, negative_class=args.negative_class,
+                       class_weights=args.class_weights, localisation_weight=args.localisation_weight,
+                       seed=args.seed, progress=False)
+
+
+def _trained(data: Any, out: Path, config: TrainConfig, reviews: list[ReviewedImage] | None = None) -> Path:
+    if not (out / "aax.json").is_file() or json.loads((out / "aax.json").read_text()).get("calibration") is None:
+        t0 = time.perf_counter()
+        train(data, out, TrainConfig(**{**config.__dict__, "resume": True}), reviews=reviews)
+        calibrate_run(out)
+        print(f"  trained and calibrated {out.name} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return out
+
+
+def _scores(run: Path, test: Any) -> dict[str, Any]:
+    result = evaluate(Ensemble.load(run), test, report=False)
+    e = result["ensemble"]
+    return {"accuracy": e["accuracy"], "accuracy_kept": e["accuracy_kept"], "flag_rate": e["flag_rate"],
+            "iou_mean": e.get("iou_mean"), "iou_mean_given": e.get("iou_mean_given"),
+            "n_masks_given": e.get("n_masks_given"),
+            "members": {n: m.get("iou_mean") for n, m in result["members"].items()},
+            "trivial": {n: m.get("iou_mean") for n, m in result["trivial"].items()}}
+
+
+def _reviews(entries: list[dict], n: int, truth: dict[str, Any], negative: str) -> list[ReviewedImage]:
+    out = []
+    for e in entries[:n]:
+        sample = truth[str(Path(e["path"]).resolve())]
+        mask = Path(sample.mask_path).resolve() if sample.mask_path and sample.label != negative else None
+        out.append(ReviewedImage(Path(e["path"]).resolve(), sample.label, mask, "simulated reviewer"))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "reviews.json"
+    results = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
+    results["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    config = _config(args)
+    train_data, test = open_dataset(args.train), open_dataset(args.test)
+    negative = config.negative_class or "normal"
+
+    run0 = _trained(args.train, args.out / "run-0", config)
+    if "0" not in results["rows"]:
+        results["rows"]["0"] = {"budget": 0, "order": None, **_scores(run0, test)}
+        path.write_text(json.dumps(results, indent=2))
+    manifest = json.loads((run0 / "aax.json").read_text())
+    pool = [train_data[i] for i in manifest["data"]["train_indices"]]
+    truth = {str(Path(s.image).resolve()): s for s in pool}
+    pool_csv = args.out / "pool.csv"
+    pool_csv.write_text("image,label\n" + "".join(f"\"{Path(s.image).resolve()}\",{s.label}\n" for s in pool))
+    annotate_to_folder(Ensemble.load(run0), pool_csv, args.out / "pool", progress=False)
+
+    positives = [s for s in test if s.label != negative and s.mask_path]
+    ranked = {order: review_list(args.out / "pool", args.out / f"order-{order}", order=order, include_all=True,
+                                 seed=args.seed)["entries"] for order in args.orders}
+    for n in args.budgets:  # budgets outermost: the orders compare at a budget as soon as it is done
+        for order, entries in ranked.items():
+            key = f"{order}:{n}"
+            if key in results["rows"]:
+                continue
+            reviews = _reviews(entries, n, truth, negative)
+            t0 = time.perf_counter()
+            run = _trained(args.train, args.out / f"run-{order}-{n}", config, reviews)
+            row: dict[str, Any] = {"budget": n, "order": order, "n_masks": sum(r.mask is not None for r in reviews),
+                                   **_scores(run, test)}
+            if not args.no_baseline:
+                from _segbaseline import mean_iou, train_unet
+
+                masked = [r for r in reviews if r.mask is not None]
+                net = train_unet([r.path for r in masked], [r.mask for r in masked], args.size, args.unet_epochs,
+                                 args.seed)
+                row["unet_iou_mean"] = mean_iou(net, [s.image for s in positives], [s.mask_path for s in positives],
+                                                args.size)
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            results["rows"][key] = row
+            path.write_text(json.dumps(results, indent=2))
+            print(f"{key}: accuracy {row['accuracy']:.3f}, IoU {row['iou_mean']:.3f}"
+                  + (f", UNet {row['unet_iou_mean']:.3f}" if "unet_iou_mean" in row else ""), flush=True)
+    (args.out / "reviews.md").write_text(table(results) + "\n")
+    figure(results, args.out / "reviews.png")
+    print(table(results))
+    return 0
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f}"
+
+
+def table(results: dict[str, Any]) -> str:
+    """The markdown table of ``results`` (budget 0 first, then by order and budget)."""
+    rows = sorted(results["rows"].values(), key=lambda r: (r["order"] or "", r["budget"]))
+    base = results["rows"].get("0")
+    lines = ["| reviews | order | accuracy | kept accuracy | flagged | AAX IoU (all positives) | "
+             "IoU given (n) | UNet on the same masks |", "|---|---|---|---|---|---|---|---|"]
+    for r in ([base] if base else []) + [r for r in rows if r["budget"]]:
+        lines.append(f"| {r['budget']} | {r['order'] or '–'} | {_pct(r['accuracy'])} | {_pct(r['accuracy_kept'])} | "
+                     f"{_pct(r['flag_rate'])} | {_pct(r['iou_mean'])} | {_pct(r['iou_mean_given'])} "
+                     f"({r['n_masks_given']}) | {_pct(r.get('unet_iou_mean'))} |")
+    if base:
+        trivial = ", ".join(f"{n} {_pct(v)}" for n, v in base["trivial"].items())
+        lines.append(f"\nTrivial masks, mean IoU over the same positives: {trivial}.")
+    return "\n".join(lines)
+
+
+def figure(results: dict[str, Any], path: Path) -> None:
+    """Mean IoU and accuracy against the review budget, one line per order, with the
+    UNet baseline and the trivial masks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = results["rows"].get("0")
+    fig, (ax_iou, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    orders = sorted({r["order"] for r in results["rows"].values() if r["order"]})
+    for order in orders:
+        rows = sorted((r for r in results["rows"].values() if r["order"] == order), key=lambda r: r["budget"])
+        rows = ([base] if base else []) + rows
+        budgets = [r["budget"] for r in rows]
+        ax_iou.plot(budgets, [100 * r["iou_mean"] for r in rows], marker="o", label=f"AAX, {order} order")
+        ax_acc.plot(budgets, [100 * r["accuracy"] for r in rows], marker="o", label=f"AAX, {order} order")
+        unet = [(r["budget"], 100 * r["unet_iou_mean"]) for r in rows if r.get("unet_iou_mean") is not None]
+        if unet:
+            ax_iou.plot(*zip(*unet), linestyle="--", marker="x", label=f"UNet on the same masks ({order})")
+    if base:
+        for name, value in base["trivial"].items():
+            if value is not None:
+                ax_iou.axhline(100 * value, color="grey", linestyle=":", linewidth=1)
+                ax_iou.text(0, 100 * value, f" {name}", fontsize=8, color="grey", va="bottom")
+    ax_iou.set(xlabel="reviewed images", ylabel="mean IoU over the positive test images (%)",
+               title="Masks")
+    ax_acc.set(xlabel="reviewed images", ylabel="accuracy (%)", title="Classification")
+    ax_iou.legend(fontsize=7)
+    ax_acc.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
