@@ -344,20 +344,24 @@ class BackgroundWriter:
         self.thread.start()
 
     def _loop(self) -> None:
-        while (record := self.queue.get()) is not None:
+        while (item := self.queue.get()) is not None:
             if self.error is not None:
                 continue
+            record, overlay = item
             try:
-                overlay = self.render(record) if self.render and record.status == "ok" else None
+                if overlay is None and self.render and record.status == "ok":
+                    overlay = self.render(record)
                 self.store.add(record, overlay)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 self.error = exc
         self.store.commit()
 
-    def put(self, record: AnnotationRecord) -> None:
+    def put(self, record: AnnotationRecord, overlay: np.ndarray | None = None) -> None:
+        """Queue ``record`` for storing; ``overlay``: its overlay image, made already
+        (elsewhere, e.g. by a cluster's actors), instead of by ``render`` here."""
         if self.error is not None:
             raise self.error
-        self.queue.put(record)
+        self.queue.put((record, overlay))
 
     def close(self) -> None:
         self.queue.put(None)

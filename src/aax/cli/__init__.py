@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from aax.annotation.store import SettingsMismatch
+    from aax.scale.cluster import RayMissing
     from aax.runtime import set_threads, tune_allocator
 
     tune_allocator()  # reuse freed tensor memory: 15-20 % faster on CPU (aax.runtime)
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         return 130
-    except (OSError, ValueError, SettingsMismatch) as exc:
+    except (OSError, ValueError, SettingsMismatch, RayMissing) as exc:
         if os.environ.get("AAX_DEBUG"):
             raise
         print(f"{name}: error: {exc}", file=sys.stderr)

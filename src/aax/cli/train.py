@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from aax.cli._common import (add_device_argument, add_label_map_argument, dropout_float, non_negative_float,
+from aax.cli._common import (add_device_argument, add_label_map_argument, add_ray_arguments, dropout_float, non_negative_float,
                              non_negative_int, open_unit_float, positive_float, positive_int)
 
 
@@ -79,6 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="channels-last memory format (default: on for CPUs, off for CUDA)")
     add_label_map_argument(p)
     add_device_argument(p)
+    add_ray_arguments(p, "train each member as a Ray task")
     p.set_defaults(func=run)
 
 
@@ -176,9 +177,21 @@ def run(args: argparse.Namespace) -> int:
     from aax.models import runfiles
     from aax.training.train import train
 
+    if args.actors is not None and args.ray is None:
+        raise ValueError("--actors needs --ray")
+    if args.ray is not None:
+        from aax.scale.cluster import require_ray
+
+        require_ray()  # before the data are decoded: a missing extra is one line, at once
     try:
         config = build_config(args)
-        out = train(args.data, args.out, config)
+        if args.ray is not None:
+            from aax.scale.train import train_ray
+
+            out = train_ray(args.data, args.out, config, address=args.ray, threads=args.threads,
+                            parallel=args.actors)
+        else:
+            out = train(args.data, args.out, config)
     except (ValueError, FileNotFoundError) as exc:  # RunError, WeightsError are ValueErrors
         print(f"aax train: error: {exc}", file=sys.stderr)
         return 2
