@@ -20,9 +20,9 @@ The pipeline is Ray Data's::
 
 from __future__ import annotations
 
-import math
 import os
 import pickle
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,14 +93,20 @@ class Annotator:
         from aax.data.batches import InputItem
 
         spec = self.spec
-        items = [InputItem(Path(str(p)), str(label) or None) for p, label in zip(batch["path"], batch["label"])]
-        records = annotate(self.ensemble, items, theta=spec.theta, tau=spec.tau, mc_passes=spec.mc_passes,
-                           batch_size=spec.batch_size, keep_saliency=spec.save_saliency,
-                           keep_preview=spec.save_saliency, workers=0, amp=spec.amp, novelty=spec.novelty)
-        payload = [pickle.dumps(_shippable(record, spec), protocol=pickle.HIGHEST_PROTOCOL) for record in records]
+        index, payload = [], []
+        # one row is one model batch, cut by the driver as the single-process path cuts
+        # its input: the same images share a batch, so records match to the last bit
+        for start, paths, labels in zip(batch["start"], batch["paths"], batch["labels"]):
+            items = [InputItem(Path(str(p)), str(label) or None) for p, label in zip(paths, labels)]
+            records = annotate(self.ensemble, items, theta=spec.theta, tau=spec.tau, mc_passes=spec.mc_passes,
+                               batch_size=len(items), keep_saliency=spec.save_saliency,
+                               keep_preview=spec.save_saliency, workers=0, amp=spec.amp, novelty=spec.novelty)
+            for offset, record in enumerate(records):
+                index.append(int(start) + offset)
+                payload.append(pickle.dumps(_shippable(record, spec), protocol=pickle.HIGHEST_PROTOCOL))
         out = np.empty(len(payload), dtype=object)
         out[:] = payload
-        return {"index": np.asarray(batch["index"], dtype=np.int64), "payload": out}
+        return {"index": np.asarray(index, dtype=np.int64), "payload": out}
 
 
 def _shippable(record: AnnotationRecord, spec: ActorSpec) -> tuple[AnnotationRecord, np.ndarray | None]:
@@ -208,16 +214,17 @@ def _run_pool(todo: list, spec: ActorSpec, info: ClusterInfo, actors: int, use_g
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    rows = [{"index": i, "path": str(item.path), "label": item.label or ""} for i, item in enumerate(todo)]
-    # One block per model batch: work is shared out batch by batch, and every finished
-    # batch reaches the driver (and the store) at once.
-    blocks = max(1, math.ceil(len(rows) / spec.batch_size))
-    dataset = ray.data.from_items(rows, override_num_blocks=blocks)
+    step = spec.batch_size
+    rows = [{"start": i, "paths": [str(item.path) for item in todo[i:i + step]],
+             "labels": [item.label or "" for item in todo[i:i + step]]} for i in range(0, len(todo), step)]
+    # One row, one block, one model batch: work is shared out batch by batch, and every
+    # finished batch reaches the driver (and the store) at once.
+    dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
     resources = {"num_gpus": 1} if use_gpus else {"num_cpus": spec.threads}
-    annotated = dataset.map_batches(Annotator, fn_constructor_args=(spec,), batch_size=spec.batch_size,
+    annotated = dataset.map_batches(Annotator, fn_constructor_args=(spec,), batch_size=1,
                                     batch_format="numpy", compute=ActorPoolStrategy(size=actors),
                                     **resources)
-    bar = tqdm(total=len(rows), unit="img", desc=f"annotate ({actors} Ray actors)", disable=not progress,
+    bar = tqdm(total=len(todo), unit="img", desc=f"annotate ({actors} Ray actors)", disable=not progress,
                dynamic_ncols=True, smoothing=0.1)
     t0 = time.perf_counter()
     flagged = 0
@@ -225,6 +232,8 @@ def _run_pool(todo: list, spec: ActorSpec, info: ClusterInfo, actors: int, use_g
         for batch in annotated.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
             if not report.images:
                 report.first_record_seconds = time.perf_counter() - t0
+            if os.environ.get("AAX_RAY_TRACE"):
+                print(f"{time.perf_counter() - t0:.2f} s: {len(batch['payload'])} records", file=sys.stderr)
             for payload in batch["payload"]:
                 record, overlay = pickle.loads(payload)
                 writer.put(record, overlay)

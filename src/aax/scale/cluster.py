@@ -63,8 +63,8 @@ def connect(address: str | None = LOCAL, *, num_cpus: int | None = None,
     ray = require_ray()
     started = False
     if not ray.is_initialized():
-        # Ray's own info lines would bury the command's output; warnings still show.
-        common: dict[str, Any] = {"logging_level": logging.WARNING, "include_dashboard": False}
+        # Ray's own info lines and notices would bury the command's output; errors still show.
+        common: dict[str, Any] = {"logging_level": logging.ERROR, "include_dashboard": False}
         if address in (None, LOCAL):
             ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **common)
         else:
@@ -97,6 +97,7 @@ def _quiet_data() -> None:
     cluster, from the records the driver receives."""
     from ray.data import DataContext
 
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = False  # records in order of completion
