@@ -220,6 +220,7 @@ def _run_pool(todo: list, spec: ActorSpec, info: ClusterInfo, actors: int, use_g
     # One row, one block, one model batch: work is shared out batch by batch, and every
     # finished batch reaches the driver (and the store) at once.
     dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
+    actors = report.actors = min(actors, len(rows))  # an actor with no batch to run is only start-up
     resources = {"num_gpus": 1} if use_gpus else {"num_cpus": spec.threads}
     annotated = dataset.map_batches(Annotator, fn_constructor_args=(spec,), batch_size=1,
                                     batch_format="numpy", compute=ActorPoolStrategy(size=actors),
