@@ -75,7 +75,9 @@ def run(args: argparse.Namespace) -> int:
         from aax.scale.cluster import require_ray
 
         require_ray()  # before the models load: a missing extra is one line, at once
-    ensemble = Ensemble.load(args.run, device=args.device, channels_last=args.channels_last)
+    # with --ray the driver only reads the run's settings: the actors run the models
+    driver_device = "cpu" if args.ray is not None else args.device
+    ensemble = Ensemble.load(args.run, device=driver_device, channels_last=args.channels_last)
     changes = {k: v for k, v in (("map_stride", args.map_stride), ("fusion", args.fusion),
                                  ("source", args.map_source), ("refine", args.refine),
                                  ("tta_scales", args.tta_scales), ("tta_flip", args.tta_flip)) if v is not None}
@@ -88,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
             from aax.scale.annotate import annotate_to_folder_ray
 
             summary = annotate_to_folder_ray(ensemble, args.input, args.out, address=args.ray, actors=args.actors,
-                                             threads=args.threads, **options)
+                                             threads=args.threads, **options,
+                                             gpus=False if args.device and args.device.startswith("cpu") else None)
         else:
             summary = annotate_to_folder(ensemble, args.input, args.out, workers=args.workers, **options)
     except KeyboardInterrupt:

@@ -146,6 +146,7 @@ def annotate_to_folder_ray(ensemble: Ensemble, source: str | os.PathLike, out: s
                            num_cpus: int | None = None) -> dict:
     """:func:`aax.annotation.annotate.annotate_to_folder` with the ensemble in a pool of Ray
     actors; the same store, the same summary (plus a ``ray`` entry), the same resume.
+    The options it shares with that function mean the same here.
 
     Args:
         ensemble: the loaded ensemble on the driver (its map options are what the actors
@@ -159,7 +160,10 @@ def annotate_to_folder_ray(ensemble: Ensemble, source: str | os.PathLike, out: s
             at the same thread count.
         gpus: one GPU per actor (``num_gpus=1``); None: when the cluster has GPUs.
         num_cpus: CPUs of a local instance (default: the machine's).
-        Other options: as :func:`~aax.annotation.annotate.annotate_to_folder`.
+
+    Raises:
+        aax.scale.cluster.RayMissing: Ray is not installed (``pip install 'aax[ray]'``).
+        ValueError: GPU actors asked for on a cluster without GPUs.
     """
     from aax.annotation.annotate import default_batch_size, finish_store, plan_store
     from aax.annotation.records import AnnotationRecord
