@@ -34,6 +34,7 @@ from aax.scale.cluster import LOCAL, ClusterInfo, actor_threads, connect, defaul
 
 if TYPE_CHECKING:  # pragma: no cover
     from aax.annotation.records import AnnotationRecord
+    from aax.annotation.store import EncodedPNG
     from aax.models.ensemble import Ensemble
     from aax.models.maps import MapOptions
 
@@ -109,15 +110,21 @@ class Annotator:
         return {"index": np.asarray(index, dtype=np.int64), "payload": out}
 
 
-def _shippable(record: AnnotationRecord, spec: ActorSpec) -> tuple[AnnotationRecord, np.ndarray | None]:
-    """The record as the store needs it, and its overlay (rendered here, as the
-    single-process writer would render it)."""
+def _shippable(record: AnnotationRecord, spec: ActorSpec) -> tuple[AnnotationRecord, EncodedPNG | None]:
+    """The record as the store needs it, its mask and overlay encoded here (the overlay
+    rendered as the single-process writer renders it): PNG encoding is most of what
+    storing costs, and the one driver stores every record of the cluster. An encoded
+    mask also travels in a fraction of its array's bytes."""
+    from aax.annotation.store import EncodedPNG
+
     overlay = None
     if spec.save_saliency and record.status == "ok":
         from aax.annotation.overlay import render_record
         from aax.models.mask_settings import tau_for
 
-        overlay = render_record(record, tau_for(spec.tau, record.decision), spec.theta)
+        overlay = EncodedPNG.encode(render_record(record, tau_for(spec.tau, record.decision), spec.theta))
+    if record.mask is not None:
+        record.mask = EncodedPNG.encode(np.asarray(record.mask, dtype=bool))
     record.saliency = record.preview = record.regions = None
     return record, overlay
 
