@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--writer-records", type=int, default=2000, help="records for the store writer alone")
     p.add_argument("--configs", nargs="+", default=["single", "ray-1", "ray-2"],
                    help="single, ray-N (N actors)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds; each round runs every configuration once, so that a load that "
+                        "drifts hits them alike (figures are medians over rounds)")
     p.add_argument("--quick", action="store_true", help="tiny settings: does the harness run")
     args = p.parse_args(argv)
     if args.quick:
@@ -187,22 +190,34 @@ def main(argv: list[str] | None = None) -> int:
         results = {"machine": fx.machine_info(torch.device("cpu"), ROOT), "threads": threads,
                    "images": args.images, "source_size": args.source_size, "image_size": args.image_size,
                    "mc_passes": args.mc_passes, "configs": []}
+        import statistics
+
+        runs = []
+        for round_ in range(args.repeats):
+            for config in args.configs:
+                r = run_config(config, run, folder, work / f"out-{config}", threads, args.mc_passes)
+                r["round"] = round_
+                runs.append(r)
+                print(f"round {round_} {config:>8}: end to end {r['end_to_end_img_s']:.2f} img/s "
+                      f"({r['end_to_end_s']:.1f} s), steady {r['steady_img_s']:.2f} img/s, first record after "
+                      f"{r['first_record_s']:.1f} s", flush=True)
+        results["runs"] = runs
         for config in args.configs:
-            r = run_config(config, run, folder, work / f"out-{config}", threads, args.mc_passes)
-            results["configs"].append(r)
-            print(f"{config:>8}: end to end {r['end_to_end_img_s']:.2f} img/s ({r['end_to_end_s']:.1f} s), "
-                  f"steady {r['steady_img_s']:.2f} img/s, first record after {r['first_record_s']:.1f} s",
-                  flush=True)
-        base = next((r for r in results["configs"] if r["config"] == "single"), None)
-        if base:
-            for r in results["configs"]:
-                r["end_to_end_vs_single"] = round(r["end_to_end_img_s"] / base["end_to_end_img_s"], 3)
-                r["steady_vs_single"] = round(r["steady_img_s"] / base["steady_img_s"], 3)
-                r["overhead_end_to_end"] = round(1 - r["end_to_end_vs_single"], 3)
-                r["overhead_steady"] = round(1 - r["steady_vs_single"], 3)
-            for r in results["configs"]:
-                print(f"{r['config']:>8}: overhead vs single: steady {100 * r['overhead_steady']:+.1f} %, "
-                      f"end to end {100 * r['overhead_end_to_end']:+.1f} %")
+            mine = [r for r in runs if r["config"] == config]
+            summary = {"config": config, "actors": mine[0]["actors"], "threads_per_actor": mine[0]["threads_per_actor"],
+                       "end_to_end_img_s": statistics.median(r["end_to_end_img_s"] for r in mine),
+                       "steady_img_s": statistics.median(r["steady_img_s"] for r in mine),
+                       "first_record_s": statistics.median(r["first_record_s"] for r in mine)}
+            if "single" in args.configs:  # paired by round: both ran minutes apart at most
+                base = {r["round"]: r for r in runs if r["config"] == "single"}
+                summary["overhead_steady"] = round(statistics.median(
+                    1 - r["steady_img_s"] / base[r["round"]]["steady_img_s"] for r in mine), 3)
+                summary["overhead_end_to_end"] = round(statistics.median(
+                    1 - r["end_to_end_img_s"] / base[r["round"]]["end_to_end_img_s"] for r in mine), 3)
+                print(f"{config:>8}: median over {len(mine)} rounds: steady {summary['steady_img_s']:.2f} img/s, "
+                      f"end to end {summary['end_to_end_img_s']:.2f} img/s; overhead vs single: steady "
+                      f"{100 * summary['overhead_steady']:+.1f} %, end to end {100 * summary['overhead_end_to_end']:+.1f} %")
+            results["configs"].append(summary)
 
         from aax.annotation.annotate import annotate
         from aax.models.ensemble import Ensemble

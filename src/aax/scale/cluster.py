@@ -57,8 +57,9 @@ def connect(address: str | None = LOCAL, *, num_cpus: int | None = None,
             a cluster's address (``HOST:6379``, or ``ray://HOST:10001`` for Ray Client).
             When this process is already connected (a notebook, a test, a program that
             called ``ray.init``), that connection is used and left open.
-        num_cpus, num_gpus: what a local instance may use (default: the whole machine);
-            ignored for a cluster, whose nodes say what they have.
+        num_cpus: CPUs a local instance may use (default: the machine's); ignored for
+            a cluster, whose nodes say what they have.
+        num_gpus: GPUs a local instance may use (default: the machine's); likewise.
     """
     ray = require_ray()
     started = False

@@ -59,9 +59,11 @@ def train_ray(data: Any, out: str | os.PathLike[str], config: Any = None, *, add
               on_member: Callable[[dict[str, Any]], None] | None = None) -> Path:
     """:func:`aax.training.train.train` with one Ray task per member; the same RUN folder.
 
+    ``data``, ``out`` and ``config`` are those of :func:`~aax.training.train.train`
+    (``config.progress`` is ignored in the tasks: the driver reports each member as it
+    finishes).
+
     Args:
-        data, out, config: as :func:`~aax.training.train.train` (``config.progress`` is
-            ignored in the tasks: the driver reports each member as it finishes).
         address: ``"local"``, ``"auto"`` or a cluster's address (:func:`aax.scale.cluster.connect`).
         threads: CPU threads (and Ray CPUs) per CPU task; default: the cluster's CPUs
             shared among the members. Give the count a single-process run used to get
