@@ -170,7 +170,9 @@ def test_kill_the_driver_then_resume_stores_every_image_once(trained_run, input_
     total = len(list(many.rglob("*.png")))
     assert 0 < done_before < total, "the kill must land mid-run for this test to mean anything"
 
-    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    # resumed as the README says, with a Ray instance of its own on this machine
+    local = [c for c in cmd if c != ray_address]
+    resumed = subprocess.run(local, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 1, resumed.stderr[-2000:]  # the broken files
     assert f"resumed: {done_before} images were already done" in resumed.stderr
     db = sqlite3.connect(db_path)
