@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from aax.annotation.store import SettingsMismatch
-    from aax.scale.cluster import RayMissing
     from aax.runtime import set_threads, tune_allocator
+    from aax.scale.cluster import RayMissing
 
     tune_allocator()  # reuse freed tensor memory: 15-20 % faster on CPU (aax.runtime)
     name = f"aax {args.command}"

@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from aax.cli._common import add_device_argument, add_ray_arguments, non_negative_int, positive_float, positive_int, unit_float
+from aax.cli._common import (add_device_argument, add_ray_arguments, non_negative_int, positive_float,
+                             positive_int, unit_float)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from aax.cli._common import (add_device_argument, add_label_map_argument, add_ray_arguments, dropout_float, non_negative_float,
-                             non_negative_int, open_unit_float, positive_float, positive_int)
+from aax.cli._common import (add_device_argument, add_label_map_argument, add_ray_arguments, dropout_float,
+                             non_negative_float, non_negative_int, open_unit_float, positive_float, positive_int)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
