@@ -55,8 +55,7 @@ def _training_digest() -> str:
 
     src = Path(aax.__file__).parent
     digest = hashlib.sha256(repr((TRAINED_RUN_CONFIG, LESION_PER_CLASS)).encode())
-    for path in sorted([*src.glob("members/*.py"), *src.glob("training/*.py"), *src.glob("data/*.py"),
-                        src / "train.py", src / "calibrate.py", src / "uncertainty.py"]):
+    for path in sorted([*src.glob("models/**/*.py"), *src.glob("training/*.py"), *src.glob("data/*.py")]):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 

@@ -29,7 +29,7 @@ STAGES: dict[str, int] = {
     "aax.data": 1,
     "aax.models": 2,
     "aax.training": 3, "aax.annotation": 3,
-    "aax.evaluation": 4, "aax.interop": 4,
+    "aax.evaluation": 4, "aax.interop": 4, "aax.scale": 4,
     "aax.demo": 5, "aax.cli": 5, "aax.__main__": 5,
 }
 """Each top-level module or subpackage of aax and its place in the flow."""

@@ -405,26 +405,29 @@ def mask_quality(ensemble: Ensemble) -> dict | None:
             "beats_trivial": bool(entry.get("beats_trivial")), "warning": entry.get("mask_warning")}
 
 
-def annotate_to_folder(ensemble: Ensemble, source: str | os.PathLike, out: str | os.PathLike, *,
-                       theta: float | None = None, tau: float | None = None,
-                       mc_passes: int | None = None, batch_size: int | None = None,
-                       save_saliency: bool = False, overwrite: bool = False,
-                       workers: int | None = None, amp: bool = False,
-                       progress: bool = True, novelty: bool = True) -> dict:
-    """Annotate ``source`` into ``out`` (``annotations.sqlite``, ``masks/``, ``summary.json``,
-    and ``saliency/`` with ``save_saliency``); return the summary.
+@dataclass
+class StorePlan:
+    """An annotation folder opened for writing, and what is left to do in it.
 
-    Interrupted runs resume: images that already have a row are skipped. A folder
-    made with other settings is refused (:class:`aax.annotation.store.SettingsMismatch`) unless
-    ``overwrite``.
+    Attributes:
+        store: the open store (its settings checked, files without a row removed).
+        settings: the annotation settings the store was opened with.
+        todo: input images that have no row yet, in input order.
+        bad: files the dataset reader already found unusable (path, reason) and that
+            have no row yet; they become error rows.
+        skipped: inputs that already have a row (done by an earlier, interrupted run).
     """
-    from tqdm.auto import tqdm
 
-    from aax.annotation.overlay import render_record
-    from aax.annotation.store import AnnotationStore, BackgroundWriter
+    store: Any
+    settings: AnnotateSettings
+    todo: list[InputItem]
+    bad: list[tuple[Path, str]]
+    skipped: int
 
-    settings = AnnotateSettings.from_ensemble(ensemble, theta, tau, mc_passes, novelty)
-    items, root, bad = collect_inputs(source, exclude=out)
+
+def store_fingerprint(ensemble: Ensemble, settings: AnnotateSettings, source: str | os.PathLike) -> dict:
+    """What a store's rows depend on: the run and its weights, the input, the classes and
+    every annotation setting. A folder made with another fingerprint is refused."""
     fingerprint = {"store": STORE_FORMAT, "run": str(Path(ensemble.run).resolve()),
                    "weights": runfiles.run_fingerprint(ensemble.run, ensemble.manifest), "input": str(Path(source).resolve()),
                    "classes": list(ensemble.classes), "negative_class": ensemble.negative_class,
@@ -443,22 +446,73 @@ def annotate_to_folder(ensemble: Ensemble, source: str | os.PathLike, out: str |
 
         bank = Path(ensemble.run) / str((ensemble.manifest.get("patches") or {}).get("file", PATCH_FILE))
         fingerprint["maps"]["patch_bank"] = runfiles.checkpoint_digest(bank)[:16]
-    store = AnnotationStore(out, fingerprint, input_root=root, overwrite=overwrite)
+    return fingerprint
+
+
+def plan_store(ensemble: Ensemble, source: str | os.PathLike, out: str | os.PathLike, *,
+               theta: float | None = None, tau: float | None = None, mc_passes: int | None = None,
+               overwrite: bool = False, novelty: bool = True) -> StorePlan:
+    """Open ``out`` for annotating ``source`` and work out what is left to do.
+
+    The resume rule of every annotation path (in this process or on a cluster,
+    :mod:`aax.scale.annotate`): an image that has a row is skipped; one without is done.
+    """
+    from aax.annotation.store import AnnotationStore
+
+    settings = AnnotateSettings.from_ensemble(ensemble, theta, tau, mc_passes, novelty)
+    items, root, bad = collect_inputs(source, exclude=out)
+    store = AnnotationStore(out, store_fingerprint(ensemble, settings, source), input_root=root,
+                            overwrite=overwrite)
     done = store.done()
-    render = (lambda r: render_record(r, settings.tau_for(r.decision), settings.theta)) if save_saliency else None
-    writer = BackgroundWriter(store, render)
     inputs = len(items) + len(bad)
     todo = [item for item in items if store.key(item.path) not in done]
     bad = [(p, reason) for p, reason in bad if store.key(p) not in done]
-    skipped = inputs - len(todo) - len(bad)
-    bar = tqdm(total=len(todo) + len(bad), unit="img", desc="annotate", disable=not progress,
+    return StorePlan(store, settings, todo, bad, inputs - len(todo) - len(bad))
+
+
+def finish_store(plan: StorePlan, ensemble: Ensemble, **extra: object) -> dict:
+    """Write the review list and ``summary.json`` (with ``extra`` entries), close the
+    store and return the summary."""
+    from aax.annotation.review_list import write_review_list
+
+    review = write_review_list(plan.store)
+    summary = plan.store.write_summary(review_list=review["files"], skipped_already_done=plan.skipped,
+                                       mask_quality=mask_quality(ensemble), **extra)
+    plan.store.close()
+    return summary
+
+
+def annotate_to_folder(ensemble: Ensemble, source: str | os.PathLike, out: str | os.PathLike, *,
+                       theta: float | None = None, tau: float | None = None,
+                       mc_passes: int | None = None, batch_size: int | None = None,
+                       save_saliency: bool = False, overwrite: bool = False,
+                       workers: int | None = None, amp: bool = False,
+                       progress: bool = True, novelty: bool = True) -> dict:
+    """Annotate ``source`` into ``out`` (``annotations.sqlite``, ``masks/``, ``summary.json``,
+    and ``saliency/`` with ``save_saliency``); return the summary.
+
+    Interrupted runs resume: images that already have a row are skipped. A folder
+    made with other settings is refused (:class:`aax.annotation.store.SettingsMismatch`) unless
+    ``overwrite``.
+    """
+    from tqdm.auto import tqdm
+
+    from aax.annotation.overlay import render_record
+    from aax.annotation.store import BackgroundWriter
+
+    plan = plan_store(ensemble, source, out, theta=theta, tau=tau, mc_passes=mc_passes,
+                      overwrite=overwrite, novelty=novelty)
+    settings = plan.settings
+    render = (lambda r: render_record(r, settings.tau_for(r.decision), settings.theta)) if save_saliency else None
+    writer = BackgroundWriter(plan.store, render)
+    bar = tqdm(total=len(plan.todo) + len(plan.bad), unit="img", desc="annotate", disable=not progress,
                initial=0, dynamic_ncols=True)
     flagged = 0
     try:
-        for path, reason in bad:
+        for path, reason in plan.bad:
             writer.put(AnnotationRecord(image=str(path), status="error", error=reason))
             bar.update()
-        for record in annotate(ensemble, todo, theta=settings.theta, tau=settings.tau,
+        for record in annotate(ensemble, plan.todo, theta=settings.theta, tau=settings.tau,
                                mc_passes=settings.mc_passes, batch_size=batch_size,
                                keep_saliency=save_saliency, keep_preview=save_saliency,
                                workers=workers, amp=amp, novelty=novelty):
@@ -469,10 +523,4 @@ def annotate_to_folder(ensemble: Ensemble, source: str | os.PathLike, out: str |
     finally:
         bar.close()
         writer.close()
-    from aax.annotation.review_list import write_review_list
-
-    review = write_review_list(store)
-    summary = store.write_summary(review_list=review["files"], skipped_already_done=skipped,
-                                  mask_quality=mask_quality(ensemble))
-    store.close()
-    return summary
+    return finish_store(plan, ensemble)

@@ -17,6 +17,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -104,12 +105,40 @@ def file_stem_name(key: str) -> PurePosixPath:
     return path.with_name(path.stem) if path.suffix else path
 
 
-def _write_png_atomically(path: Path, array: np.ndarray) -> None:
+@dataclass(frozen=True)
+class EncodedPNG:
+    """An image already encoded as PNG, with the number of its set pixels (for a mask).
+
+    Encoding is most of what storing a record costs; where many workers feed one store
+    (:mod:`aax.scale.annotate`), they encode and the store only writes the bytes. The
+    bytes are those :meth:`AnnotationStore.add` would have written itself."""
+
+    data: bytes
+    count: int | None = None
+
+    @classmethod
+    def encode(cls, array: np.ndarray) -> EncodedPNG:
+        """``array`` as the store encodes it: a bool mask as a 1-bit PNG (with its area),
+        a uint8 image as it is."""
+        import io
+
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        count = int(np.count_nonzero(array)) if array.dtype == bool else None
+        return cls(buffer.getvalue(), count)
+
+
+def _write_png_atomically(path: Path, image: np.ndarray | EncodedPNG) -> None:
     from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    Image.fromarray(array).save(tmp, format="PNG")
+    if isinstance(image, EncodedPNG):
+        tmp.write_bytes(image.data)
+    else:
+        Image.fromarray(image).save(tmp, format="PNG")
     os.replace(tmp, path)
 
 
@@ -233,10 +262,11 @@ class AnnotationStore:
         return {r[0] for r in self.db.execute("SELECT image FROM annotations")}
 
     # -- writing --------------------------------------------------------------------
-    def add(self, record: AnnotationRecord, overlay: np.ndarray | None = None) -> None:
+    def add(self, record: AnnotationRecord, overlay: np.ndarray | EncodedPNG | None = None) -> None:
         """Store one record: its mask (and overlay) files first, then its row.
 
-        ``record.image`` becomes the store's key for it (see :meth:`key`)."""
+        ``record.image`` becomes the store's key for it (see :meth:`key`). The mask and
+        the overlay may come encoded already (:class:`EncodedPNG`)."""
         record.image = key = self.key(record.image)
         name = self._file_name(key)
         mask_rel = saliency_rel = None
@@ -244,7 +274,8 @@ class AnnotationStore:
             mask_rel = f"{MASK_DIR}/{name}.png"
             # 1-bit PNG: a quarter of the size of 8-bit 0/255 and 3x faster to encode;
             # viewers and OpenCV show it as 0/255, Pillow reads it as bool.
-            _write_png_atomically(self.out / mask_rel, np.asarray(record.mask, dtype=bool))
+            mask = record.mask if isinstance(record.mask, EncodedPNG) else np.asarray(record.mask, dtype=bool)
+            _write_png_atomically(self.out / mask_rel, mask)
             self._files[mask_rel] = key
         if overlay is not None:
             saliency_rel = f"{SALIENCY_DIR}/{name}.png"
@@ -259,7 +290,7 @@ class AnnotationStore:
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (record.image, record.status, record.error, record.decision, record.reason,
              json.dumps(record.agreeing), mask_rel,
-             int(np.count_nonzero(record.mask)) if record.mask is not None else None, saliency_rel,
+             _area(record.mask), saliency_rel,
              json.dumps([m.to_json() for m in record.members]), record.label,
              record.size[0] if record.size else None, record.size[1] if record.size else None,
              datetime.now(timezone.utc).isoformat(timespec="seconds")))
@@ -318,6 +349,12 @@ class AnnotationStore:
         return summary
 
 
+def _area(mask: np.ndarray | EncodedPNG | None) -> int | None:
+    if mask is None:
+        return None
+    return mask.count if isinstance(mask, EncodedPNG) else int(np.count_nonzero(mask))
+
+
 def open_store(out: str | os.PathLike) -> AnnotationStore:
     """The store of an existing annotation folder (for reading and exporting).
 
@@ -344,20 +381,24 @@ class BackgroundWriter:
         self.thread.start()
 
     def _loop(self) -> None:
-        while (record := self.queue.get()) is not None:
+        while (item := self.queue.get()) is not None:
             if self.error is not None:
                 continue
+            record, overlay = item
             try:
-                overlay = self.render(record) if self.render and record.status == "ok" else None
+                if overlay is None and self.render and record.status == "ok":
+                    overlay = self.render(record)
                 self.store.add(record, overlay)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 self.error = exc
         self.store.commit()
 
-    def put(self, record: AnnotationRecord) -> None:
+    def put(self, record: AnnotationRecord, overlay: np.ndarray | EncodedPNG | None = None) -> None:
+        """Queue ``record`` for storing; ``overlay``: its overlay image, made already
+        (elsewhere, e.g. by a cluster's actors), instead of by ``render`` here."""
         if self.error is not None:
             raise self.error
-        self.queue.put(record)
+        self.queue.put((record, overlay))
 
     def close(self) -> None:
         self.queue.put(None)

@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from aax.annotation.store import SettingsMismatch
     from aax.runtime import set_threads, tune_allocator
+    from aax.scale.cluster import RayMissing
 
     tune_allocator()  # reuse freed tensor memory: 15-20 % faster on CPU (aax.runtime)
     name = f"aax {args.command}"
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         return 130
-    except (OSError, ValueError, SettingsMismatch) as exc:
+    except (OSError, ValueError, SettingsMismatch, RayMissing) as exc:
         if os.environ.get("AAX_DEBUG"):
             raise
         print(f"{name}: error: {exc}", file=sys.stderr)

@@ -84,3 +84,15 @@ def add_label_map_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label-map", type=parse_label_map, default=None, metavar="LABEL=CLASS,...",
                         help="rename dataset labels as they are read, e.g. tb=diseased,health=healthy "
                              "(labels not named keep their name)")
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--ray [ADDRESS]`` and ``--actors N``: run on Ray (``pip install 'aax[ray]'``)."""
+    parser.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                        help=f"{what} on Ray: without ADDRESS a Ray instance started on this machine; "
+                             "with one (HOST:6379, 'auto' on a node that ran `ray start`) that cluster. "
+                             "Needs pip install 'aax[ray]'; see docs/scale.md")
+    parser.add_argument("--actors", type=positive_int, default=None, metavar="N",
+                        help="with --ray: how many run at once (default: annotate, one actor per GPU or per "
+                             "4 CPUs; train, every member). --threads sets CPU threads per actor or task "
+                             "(default: the cluster's CPUs shared evenly)")

@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from aax.cli._common import add_device_argument, non_negative_int, positive_float, positive_int, unit_float
+from aax.cli._common import (add_device_argument, add_ray_arguments, non_negative_int, positive_float,
+                             positive_int, unit_float)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last memory format (default: on for CPUs, off for CUDA)")
     add_device_argument(p)
+    add_ray_arguments(p, "annotate in a pool of actors")
     p.set_defaults(func=run)
 
 
@@ -68,17 +70,31 @@ def run(args: argparse.Namespace) -> int:
     from aax.annotation.annotate import annotate_to_folder
     from aax.models.ensemble import Ensemble
 
-    ensemble = Ensemble.load(args.run, device=args.device, channels_last=args.channels_last)
+    if args.actors is not None and args.ray is None:
+        raise ValueError("--actors needs --ray")
+    if args.ray is not None:
+        from aax.scale.cluster import require_ray
+
+        require_ray()  # before the models load: a missing extra is one line, at once
+    # with --ray the driver only reads the run's settings: the actors run the models
+    driver_device = "cpu" if args.ray is not None else args.device
+    ensemble = Ensemble.load(args.run, device=driver_device, channels_last=args.channels_last)
     changes = {k: v for k, v in (("map_stride", args.map_stride), ("fusion", args.fusion),
                                  ("source", args.map_source), ("refine", args.refine),
                                  ("tta_scales", args.tta_scales), ("tta_flip", args.tta_flip)) if v is not None}
     ensemble.maps = ensemble.maps.replace(**changes)
     try:
-        summary = annotate_to_folder(ensemble, args.input, args.out, theta=args.theta, tau=args.tau,
-                                     mc_passes=args.mc_passes, batch_size=args.batch_size,
-                                     save_saliency=args.save_saliency, overwrite=args.overwrite,
-                                     novelty=args.novelty,
-                                     workers=args.workers, amp=args.amp)
+        options = dict(theta=args.theta, tau=args.tau, mc_passes=args.mc_passes, batch_size=args.batch_size,
+                       save_saliency=args.save_saliency, overwrite=args.overwrite, novelty=args.novelty,
+                       amp=args.amp)
+        if args.ray is not None:
+            from aax.scale.annotate import annotate_to_folder_ray
+
+            summary = annotate_to_folder_ray(ensemble, args.input, args.out, address=args.ray, actors=args.actors,
+                                             threads=args.threads, **options,
+                                             gpus=False if args.device and args.device.startswith("cpu") else None)
+        else:
+            summary = annotate_to_folder(ensemble, args.input, args.out, workers=args.workers, **options)
     except KeyboardInterrupt:
         print(f"\naax annotate: interrupted; {_stored(args.out)} images are stored in {args.out}. "
               "Run the same command again to resume: nothing stored is done twice.", file=sys.stderr)

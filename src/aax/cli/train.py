@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from aax.cli._common import (add_device_argument, add_label_map_argument, dropout_float, non_negative_float,
-                             non_negative_int, open_unit_float, positive_float, positive_int)
+from aax.cli._common import (add_device_argument, add_label_map_argument, add_ray_arguments, dropout_float,
+                             non_negative_float, non_negative_int, open_unit_float, positive_float, positive_int)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -85,6 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="channels-last memory format (default: on for CPUs, off for CUDA)")
     add_label_map_argument(p)
     add_device_argument(p)
+    add_ray_arguments(p, "train each member as a Ray task")
     p.set_defaults(func=run)
 
 
@@ -190,12 +191,24 @@ def _after_training(run: Path, args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``aax train``; returns the exit status."""
-    from aax.models import runfiles
     from aax.training.train import train
 
+    if args.actors is not None and args.ray is None:
+        raise ValueError("--actors needs --ray")
+    if args.ray is not None:
+        from aax.scale.cluster import require_ray
+
+        require_ray()  # before the data are decoded: a missing extra is one line, at once
     try:
         config = build_config(args)
-        out = train(args.data, args.out, config, reviews=read_reviews_arg(args))
+        reviews = read_reviews_arg(args)
+        if args.ray is not None:
+            from aax.scale.train import train_ray
+
+            out = train_ray(args.data, args.out, config, address=args.ray, threads=args.threads,
+                            parallel=args.actors, reviews=reviews)
+        else:
+            out = train(args.data, args.out, config, reviews=reviews)
     except (ValueError, FileNotFoundError) as exc:  # RunError, WeightsError are ValueErrors
         print(f"aax train: error: {exc}", file=sys.stderr)
         return 2

@@ -354,27 +354,58 @@ def _split(dataset: Any, classes: Sequence[str], config: TrainConfig,
     return [int(i) for i in train_idx], [int(i) for i in val_idx]
 
 
-def train(data: Any, out: str | os.PathLike[str], config: TrainConfig | None = None, *,
-          on_epoch: Callable[[dict[str, Any]], None] | None = None,
-          reviews: Sequence[Any] | None = None) -> Path:
-    """Train the ensemble members on ``data`` and write the RUN folder ``out``.
+@dataclass
+class PreparedRun:
+    """A RUN folder ready for its members: the data decoded and split (reviews merged in),
+    the manifest written with status ``training``. :func:`train` trains the members one
+    after the other in this process; :mod:`aax.scale.train` trains them as Ray tasks. Both
+    finish with :func:`complete_run`, so they write the same folder."""
 
-    Args:
-        data: anything ``aax.data.open_dataset`` reads (a folder, a CSV, ...) or a
-            ``Dataset`` already opened.
-        out: the RUN folder (created; must not hold a run unless ``config.resume``).
-        config: the settings (:class:`TrainConfig`); defaults if ``None``.
-        on_epoch: called with each history row after it is written (progress hooks;
-            an exception raised here interrupts the run, which ``resume`` continues).
-        reviews: reviewed images to learn from
-            (:func:`aax.training.reviewed.read_reviews`); see the module's description.
+    out: Path
+    config: TrainConfig
+    device: torch.device
+    dataset: Any
+    classes: list[str]
+    train_set: Cached
+    val_set: Cached
+    normalisation: dict[str, list[float]]
+    manifest: dict[str, Any]
+    history: list[dict[str, Any]]
+    negative_index: int = 0
 
-    Returns:
-        ``out`` as a ``Path``.
+    def todo(self) -> list[str]:
+        """The members still to train, in the configured order (finished ones are skipped,
+        and their resume state removed)."""
+        finished = {m["name"] for m in self.manifest["members"]}
+        left = []
+        for name in self.config.members:
+            if name in finished:
+                (self.out / runfiles.last_state_name(name)).unlink(missing_ok=True)
+                _say(f"{name}: already trained, skipped")
+            else:
+                left.append(name)
+        return left
 
-    Raises:
-        ValueError / RunError: bad settings, too little data, a run that cannot resume.
-    """
+    def record(self, entry: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+        """Add a trained member (its checkpoint already in place) to the history and the
+        manifest; its resume state goes."""
+        self.history += rows
+        # in the configured member order, whatever order members finish in (Ray tasks)
+        order = {n: i for i, n in enumerate(self.config.members)}
+        self.history.sort(key=lambda r: order.get(r["member"], len(order)))
+        runfiles.write_history(self.out / runfiles.HISTORY, self.history)
+        self.manifest["members"].append(entry)
+        if not entry["converged"]:
+            self.manifest["warnings"].append(entry["warning"])
+        runfiles.write_json(self.out / runfiles.MANIFEST, self.manifest)
+        (self.out / runfiles.last_state_name(entry["name"])).unlink(missing_ok=True)
+
+
+def prepare_run(data: Any, out: str | os.PathLike[str], config: TrainConfig | None = None,
+                reviews: Sequence[Any] | None = None) -> PreparedRun:
+    """Check the settings, decode and split the data (with ``reviews`` merged in) and write
+    the manifest (status ``training``) into ``out``; see :func:`train` for the arguments
+    and errors."""
     config = config or TrainConfig()
     config.validate()
     out = Path(out)
@@ -434,27 +465,48 @@ def train(data: Any, out: str | os.PathLike[str], config: TrainConfig | None = N
 
     finished = {m["name"] for m in manifest["members"]}
     history = [r for r in runfiles.read_history(out / runfiles.HISTORY) if r["member"] in finished]
-    for name in config.members:
-        if name in finished:
-            (out / runfiles.last_state_name(name)).unlink(missing_ok=True)
-            _say(f"{name}: already trained, skipped")
-            continue
-        entry, rows = _train_one(name, config, classes, train_set, val_set, normalisation,
-                                 out, device, history, on_epoch, classes.index(negative))
-        history += rows
-        runfiles.write_history(out / runfiles.HISTORY, history)
-        manifest["members"].append(entry)
-        if not entry["converged"]:
-            manifest["warnings"].append(entry["warning"])
-        runfiles.write_json(out / runfiles.MANIFEST, manifest)
-        (out / runfiles.last_state_name(name)).unlink(missing_ok=True)
+    return PreparedRun(out, config, device, dataset, classes, train_set, val_set, normalisation,
+                       manifest, history, classes.index(negative))
 
-    order = {n: i for i, n in enumerate(config.members)}
+
+def complete_run(run: PreparedRun) -> Path:
+    """Mark the run complete (members in the configured order) and fit its novelty data."""
+    manifest = run.manifest
+    order = {n: i for i, n in enumerate(run.config.members)}
     manifest["members"].sort(key=lambda m: order.get(m["name"], len(order)))
     manifest["status"] = "complete"
-    runfiles.write_json(out / runfiles.MANIFEST, manifest)
-    _fit_novelty(out, dataset, train_set, val_set, device, manifest)
-    return out
+    runfiles.write_json(run.out / runfiles.MANIFEST, manifest)
+    _fit_novelty(run.out, run.dataset, run.train_set, run.val_set, run.device, manifest)
+    return run.out
+
+
+def train(data: Any, out: str | os.PathLike[str], config: TrainConfig | None = None, *,
+          on_epoch: Callable[[dict[str, Any]], None] | None = None,
+          reviews: Sequence[Any] | None = None) -> Path:
+    """Train the ensemble members on ``data`` and write the RUN folder ``out``.
+
+    Args:
+        data: anything ``aax.data.open_dataset`` reads (a folder, a CSV, ...) or a
+            ``Dataset`` already opened.
+        out: the RUN folder (created; must not hold a run unless ``config.resume``).
+        config: the settings (:class:`TrainConfig`); defaults if ``None``.
+        on_epoch: called with each history row after it is written (progress hooks;
+            an exception raised here interrupts the run, which ``resume`` continues).
+        reviews: reviewed images to learn from
+            (:func:`aax.training.reviewed.read_reviews`); see the module's description.
+
+    Returns:
+        ``out`` as a ``Path``.
+
+    Raises:
+        ValueError / RunError: bad settings, too little data, a run that cannot resume.
+    """
+    run = prepare_run(data, out, config, reviews)
+    for name in run.todo():
+        entry, rows = _train_one(name, run.config, run.classes, run.train_set, run.val_set, run.normalisation,
+                                 run.out, run.device, run.history, on_epoch, run.negative_index)
+        run.record(entry, rows)
+    return complete_run(run)
 
 
 def _fit_novelty(out: Path, dataset: Any, train_set: Cached, val_set: Cached, device: torch.device,
