@@ -474,6 +474,9 @@ def complete_run(run: PreparedRun) -> Path:
     manifest = run.manifest
     order = {n: i for i, n in enumerate(run.config.members)}
     manifest["members"].sort(key=lambda m: order.get(m["name"], len(order)))
+    # the members' warnings in member order too, whatever order they finished in (Ray tasks)
+    theirs = [m["warning"] for m in manifest["members"] if not m.get("converged", True) and m.get("warning")]
+    manifest["warnings"] = [w for w in manifest["warnings"] if w not in theirs] + theirs
     manifest["status"] = "complete"
     runfiles.write_json(run.out / runfiles.MANIFEST, manifest)
     _fit_novelty(run.out, run.dataset, run.train_set, run.val_set, run.device, manifest)
