@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _inputs import input_folder
 from PIL import Image
 
 from aax.annotation.decide import decide
@@ -29,18 +30,7 @@ pytestmark = pytest.mark.slow
 def input_dir(lesion_dir, tmp_path_factory):
     """A folder of images: some synthetic X-rays (one resized to a non-square size),
     a zero-byte file and a text file posing as a PNG."""
-    root = tmp_path_factory.mktemp("annotate_in")
-    images = sorted((Path(lesion_dir) / "images").rglob("*.png"))
-    picked = [p for p in images if p.parent.name == "diseased"][:6] + [p for p in images if p.parent.name == "healthy"][:4]
-    for p in picked:
-        (root / p.parent.name).mkdir(exist_ok=True)
-        shutil.copy(p, root / p.parent.name / p.name)
-    odd = root / "diseased" / picked[0].name
-    Image.open(odd).resize((80, 50)).save(odd)
-    (root / "broken").mkdir()
-    (root / "broken" / "empty.png").write_bytes(b"")
-    (root / "broken" / "text.png").write_text("not an image")
-    return root
+    return input_folder(lesion_dir, tmp_path_factory.mktemp("annotate_in"))
 
 
 def image_files(root: Path) -> list[Path]:

@@ -119,7 +119,8 @@ def drop_reviewed(ensemble: Any, dataset: Any, mode: str = "refuse", also: Seque
     if not leaked:
         return dataset, 0
     if mode == "refuse":
-        shown = [str(dataset[i].image) for i in range(len(dataset)) if i not in set(keep)][:3]
+        kept = set(keep)
+        shown = [str(dataset[i].image) for i in range(len(dataset)) if i not in kept][:3]
         raise ReviewedTestImages(
             f"{leaked} of the {len(dataset)} test images were reviewed into training of "
             f"{getattr(ensemble, 'run', 'the RUN')} (e.g. {', '.join(shown)}): their figures would "
