@@ -9,6 +9,7 @@ nothing reaches the network (its version check and analytics are off).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -198,19 +199,29 @@ def test_reviewed_annotation_comes_back_into_the_store(label_studio, project, tm
     assert json.loads(capsys.readouterr().out)["reviewed"] == 1
 
 
-def test_connected_backend_predicts_a_new_task(label_studio, project, trained_run, tmp_path):
-    ls = label_studio
+@contextlib.contextmanager
+def _serve(ls: LabelStudio, run: Path, log: Path, *extra: str):
+    """``aax serve RUN`` on a free port, pointed at ``ls``; yields its URL once healthy."""
     port = _free_port()
-    log = tmp_path / "serve.log"
     env = {**os.environ, "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": TOKEN,
            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with open(log, "w") as f:
-        server = subprocess.Popen([sys.executable, "-m", "aax", "serve", str(trained_run), "--port", str(port),
-                                   "--device", "cpu"], env=env, stdout=f, stderr=subprocess.STDOUT)
+        server = subprocess.Popen([sys.executable, "-m", "aax", "serve", str(run), "--port", str(port),
+                                   "--device", "cpu", *extra], env=env, stdout=f, stderr=subprocess.STDOUT)
     try:
-        _wait(f"http://127.0.0.1:{port}/health", server, log, 300)
-        backend = ls.api("POST", "/api/ml", {"url": f"http://127.0.0.1:{port}", "project": project["id"],
-                                              "title": "AAX"})
+        url = f"http://127.0.0.1:{port}"
+        _wait(f"{url}/health", server, log, 300)
+        yield url
+        assert server.poll() is None
+    finally:
+        _stop(server)
+
+
+def test_connected_backend_predicts_a_new_task(label_studio, project, trained_run, tmp_path):
+    ls = label_studio
+    log = tmp_path / "serve.log"
+    with _serve(ls, trained_run, log) as backend_url:
+        backend = ls.api("POST", "/api/ml", {"url": backend_url, "project": project["id"], "title": "AAX"})
         assert backend["state"] == "CO", backend
         ls.api("PATCH", f"/api/projects/{project['id']}", {"evaluate_predictions_automatically": True})
         image = sorted((project["images"] / "healthy").glob("*.png"))[-1]
@@ -229,23 +240,13 @@ def test_connected_backend_predicts_a_new_task(label_studio, project, trained_ru
         decision = prediction["result"][0]["value"]["choices"][0]
         stored = next(t for t in project["tasks"] if t["data"]["aax_image"].endswith(image.name))
         assert decision == stored["data"]["aax_decision"]  # the same image, the same answer
-        assert server.poll() is None
-    finally:
-        _stop(server)
 
 
 def test_backend_with_a_store_keeps_reviews_as_they_are_submitted(label_studio, project, trained_run, tmp_path):
     """`aax serve --store OUT` connected to the project: Label Studio's own webhook to the
     backend brings each submitted annotation into OUT's reviews, and a deletion removes it."""
     ls, out = label_studio, project["out"]
-    port = _free_port()
     log = tmp_path / "serve.log"
-    env = {**os.environ, "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": TOKEN,
-           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    with open(log, "w") as f:
-        server = subprocess.Popen([sys.executable, "-m", "aax", "serve", str(trained_run), "--port", str(port),
-                                   "--device", "cpu", "--store", str(out)], env=env, stdout=f,
-                                  stderr=subprocess.STDOUT)
 
     def review(image: str):
         db = sqlite3.connect(out / "annotations.sqlite")
@@ -262,9 +263,8 @@ def test_backend_with_a_store_keeps_reviews_as_they_are_submitted(label_studio, 
             time.sleep(0.5)
         pytest.fail(f"{what}: not seen in 60 s\n{log.read_text()[-2000:]}")
 
-    try:
-        _wait(f"http://127.0.0.1:{port}/health", server, log, 300)
-        backend = ls.api("POST", "/api/ml", {"url": f"http://127.0.0.1:{port}", "project": project["id"],
+    with _serve(ls, trained_run, log, "--store", str(out)) as backend_url:
+        backend = ls.api("POST", "/api/ml", {"url": backend_url, "project": project["id"],
                                               "title": "AAX with reviews"})
         assert backend["state"] == "CO", backend
         task = next(t for t in _project_tasks(ls, project["id"])
@@ -283,9 +283,6 @@ def test_backend_with_a_store_keeps_reviews_as_they_are_submitted(label_studio, 
         assert decision == "diseased" and np.array_equal(load_mask(out / mask_file), drawn)
         _delete(ls, f"/api/annotations/{created['id']}")  # answers 204 with no body
         wait_for(lambda: review(image) is None, f"the removal of {image}'s review")
-        assert server.poll() is None
-    finally:
-        _stop(server)
 
 
 def _delete(ls: LabelStudio, path: str) -> None:

@@ -164,6 +164,39 @@ def test_resume_continues_and_matches_an_uninterrupted_run(tiny_lesion_dir: Path
     assert json.loads((part / "aax.json").read_text())["status"] == "complete"
 
 
+
+def test_resume_and_calibration_find_images_outside_the_manifest_folder(tiny_lesion_dir: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CSV manifest whose images sit in a sibling folder (``../images/...``): the run
+    resumes, and finds its validation split, whichever way the manifest's path is spelt."""
+    from aax.evaluation.calibration.files import validation_split
+
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    rows = [f"../data/{p.relative_to(tiny_lesion_dir).as_posix()},{p.parent.name}"
+            for p in sorted((tiny_lesion_dir / "images").glob("*/*.png"))]
+    shutil.copytree(tiny_lesion_dir / "images", tmp_path / "data" / "images")
+    (lists / "train.csv").write_text("image,label\n" + "\n".join(rows) + "\n")
+    config = TrainConfig(**FAST, epochs=2, patience=10)
+
+    def crash_after_one(row: dict) -> None:
+        if row["epoch"] == 1:
+            raise Interrupt
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Interrupt):
+        train("lists/train.csv", tmp_path / "run", config, on_epoch=crash_after_one)
+    monkeypatch.chdir(lists)
+    seen: list[int] = []
+    train(str(lists / ".." / "lists" / "train.csv"), tmp_path / "run", TrainConfig(**FAST, epochs=2, patience=10,
+                                                                                   resume=True),
+          on_epoch=lambda row: seen.append(row["epoch"]))
+    assert seen == [2]
+    stored = json.loads((tmp_path / "run" / "aax.json").read_text())["data"]["val_files"]
+    assert all(Path(f).is_absolute() and ".." not in Path(f).parts for f in stored)  # outside root: resolved
+    val = validation_split(tmp_path / "run")
+    assert [Path(s.image).resolve().as_posix() for s in val] == stored
+
 def test_resume_skips_finished_members(tiny_lesion_dir: Path, tmp_path: Path) -> None:
     config = TrainConfig(**{**FAST, "members": ("efficientnet-b0", "resnet50")}, epochs=1)
     run = tmp_path / "run"

@@ -275,13 +275,24 @@ def _open(data: Any, config: TrainConfig) -> tuple[Any, str | None]:
 
 
 def _relative(path: Any, root: str | None) -> str:
+    """``path`` as the manifest stores it: relative to ``root`` when under it, else resolved
+    (so that the same file reads the same however the data's path was spelt)."""
     p = Path(path)
     if root is not None:
         try:
             return p.resolve().relative_to(root).as_posix()
         except ValueError:
-            pass
+            return p.resolve().as_posix()
     return str(p)
+
+
+def _same_files(stored: Sequence[str], now: Sequence[str], root: str | None) -> bool:
+    """Whether two lists of manifest file names (:func:`_relative`) name the same files,
+    also when one was written with the images outside ``root`` spelt another way."""
+    def where(name: str) -> Path:
+        return (Path(root) / name if root is not None else Path(name)).resolve()
+
+    return len(stored) == len(now) and all(a == b or where(a) == where(b) for a, b in zip(stored, now))
 
 
 def _say(message: str) -> None:
@@ -345,7 +356,7 @@ def _split(dataset: Any, classes: Sequence[str], config: TrainConfig,
         data = resumed["data"]
         train_idx, val_idx = list(data["train_indices"]), list(data["val_indices"])
         now = [_relative(dataset[i].image, root) for i in val_idx if i < len(dataset)]
-        if (resumed["classes"] != list(classes) or now != data["val_files"]
+        if (resumed["classes"] != list(classes) or not _same_files(data["val_files"], now, root)
                 or data.get("n_images", len(dataset)) != len(dataset)):
             raise RunError("cannot resume: the data differ from the stored run "
                            "(classes, number of images or validation files changed)")

@@ -90,18 +90,14 @@ def validation_split(run: str | os.PathLike) -> Any:
     dataset = open_dataset(d["source"], format=d.get("format"), label_map=label_map)
     root = Path(d.get("root") or d["source"])
 
-    def key(path: Path) -> str:
-        try:
-            return Path(path).resolve().relative_to(root.resolve()).as_posix()
-        except ValueError:
-            return str(path)
-
-    by_name = {key(s.image): i for i, s in enumerate(dataset)}
-    missing = [f for f in d["val_files"] if f not in by_name]
+    # by resolved file, so that names stored relative to root and absolute ones both match
+    by_file = {Path(s.image).resolve(): i for i, s in enumerate(dataset)}
+    wanted = [(root / f).resolve() for f in d["val_files"]]
+    missing = [f for f, w in zip(d["val_files"], wanted) if w not in by_file]
     if missing:
         raise ValueError(f"{run}: {len(missing)} validation images are no longer in {d['source']}, "
                          f"e.g. {missing[0]}")
-    return dataset.subset([by_name[f] for f in d["val_files"]])
+    return dataset.subset([by_file[w] for w in wanted])
 
 
 def calibration_split(run: str | os.PathLike) -> Any:
