@@ -23,6 +23,9 @@ the table to ``OUT/reviews.md`` and the curves to ``OUT/reviews.png``::
 
     python benchmarks/reviews.py --train busi_split/train.csv --test busi_split/test.csv \\
         --out OUT --negative-class normal --class-weights balanced --size 128 --epochs 8
+
+Rerunning into the same OUT with another ``--localisation-loss`` / ``--localisation-weight``
+adds rows for that setting (RUN0 and the review lists are reused).
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--negative-class", default=None)
     p.add_argument("--class-weights", choices=["balanced"], default=None)
     p.add_argument("--localisation-weight", type=float, default=0.1)
+    p.add_argument("--localisation-loss", choices=["bce", "spatial"], default="bce")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--unet-epochs", type=int, default=60)
     p.add_argument("--no-baseline", action="store_true", help="skip the UNet baseline")
@@ -68,6 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(image_size=args.size, epochs=args.epochs, negative_class=args.negative_class,
                        class_weights=args.class_weights, localisation_weight=args.localisation_weight,
+                       localisation_loss=args.localisation_loss,
                        seed=args.seed, progress=False)
 
 
@@ -88,6 +93,16 @@ def _scores(run: Path, test: Any) -> dict[str, Any]:
             "n_masks_given": e.get("n_masks_given"),
             "members": {n: m.get("iou_mean") for n, m in result["members"].items()},
             "trivial": {n: m.get("iou_mean") for n, m in result["trivial"].items()}}
+
+
+DEFAULT_LOCALISATION = ("bce", 0.1)
+
+
+def _setting(args: argparse.Namespace) -> str:
+    """The localisation setting as a suffix of row keys and run folders ("" for the default)."""
+    if (args.localisation_loss, args.localisation_weight) == DEFAULT_LOCALISATION:
+        return ""
+    return f"-{args.localisation_loss}{args.localisation_weight:g}"
 
 
 def _reviews(entries: list[dict], n: int, truth: dict[str, Any], negative: str) -> list[ReviewedImage]:
@@ -125,13 +140,15 @@ def main(argv: list[str] | None = None) -> int:
                                  seed=args.seed)["entries"] for order in args.orders}
     for n in args.budgets:  # budgets outermost: the orders compare at a budget as soon as it is done
         for order, entries in ranked.items():
-            key = f"{order}:{n}"
+            key = f"{order}:{n}{_setting(args)}"
             if key in results["rows"]:
                 continue
             reviews = _reviews(entries, n, truth, negative)
             t0 = time.perf_counter()
-            run = _trained(args.train, args.out / f"run-{order}-{n}", config, reviews)
+            run = _trained(args.train, args.out / f"run-{order}-{n}{_setting(args)}", config, reviews)
             row: dict[str, Any] = {"budget": n, "order": order, "n_masks": sum(r.mask is not None for r in reviews),
+                                   "localisation": {"loss": args.localisation_loss,
+                                                    "weight": args.localisation_weight},
                                    **_scores(run, test)}
             if not args.no_baseline:
                 from _segbaseline import mean_iou, train_unet
@@ -156,14 +173,22 @@ def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.1f}"
 
 
+def _localisation(row: dict[str, Any]) -> str:
+    loc = row.get("localisation") or dict(zip(("loss", "weight"), DEFAULT_LOCALISATION))
+    return f"{loc['loss']} {loc['weight']:g}"
+
+
 def table(results: dict[str, Any]) -> str:
-    """The markdown table of ``results`` (budget 0 first, then by order and budget)."""
-    rows = sorted(results["rows"].values(), key=lambda r: (r["order"] or "", r["budget"]))
+    """The markdown table of ``results`` (budget 0 first, then by order, localisation
+    setting and budget)."""
+    rows = sorted(results["rows"].values(), key=lambda r: (r["order"] or "", _localisation(r), r["budget"]))
     base = results["rows"].get("0")
-    lines = ["| reviews | order | accuracy | kept accuracy | flagged | AAX IoU (all positives) | "
-             "IoU given (n) | UNet on the same masks |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| reviews | order | localisation (w) | accuracy | kept accuracy | flagged | AAX IoU (all positives) | "
+             "IoU given (n) | UNet on the same masks |", "|---|---|---|---|---|---|---|---|---|"]
     for r in ([base] if base else []) + [r for r in rows if r["budget"]]:
-        lines.append(f"| {r['budget']} | {r['order'] or '–'} | {_pct(r['accuracy'])} | {_pct(r['accuracy_kept'])} | "
+        loc = _localisation(r) if r["budget"] else "–"
+        lines.append(f"| {r['budget']} | {r['order'] or '–'} | {loc} | {_pct(r['accuracy'])} | "
+                     f"{_pct(r['accuracy_kept'])} | "
                      f"{_pct(r['flag_rate'])} | {_pct(r['iou_mean'])} | {_pct(r['iou_mean_given'])} "
                      f"({r['n_masks_given']}) | {_pct(r.get('unet_iou_mean'))} |")
     if base:
@@ -182,13 +207,15 @@ def figure(results: dict[str, Any], path: Path) -> None:
 
     base = results["rows"].get("0")
     fig, (ax_iou, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    orders = sorted({r["order"] for r in results["rows"].values() if r["order"]})
-    for order in orders:
-        rows = sorted((r for r in results["rows"].values() if r["order"] == order), key=lambda r: r["budget"])
+    lines = sorted({(r["order"], _localisation(r)) for r in results["rows"].values() if r["order"]})
+    for order, loc in lines:
+        rows = sorted((r for r in results["rows"].values() if r["order"] == order and _localisation(r) == loc),
+                      key=lambda r: r["budget"])
         rows = ([base] if base else []) + rows
         budgets = [r["budget"] for r in rows]
-        ax_iou.plot(budgets, [100 * r["iou_mean"] for r in rows], marker="o", label=f"AAX, {order} order")
-        ax_acc.plot(budgets, [100 * r["accuracy"] for r in rows], marker="o", label=f"AAX, {order} order")
+        label = f"AAX, {order} order" + ("" if loc == _localisation({}) else f", {loc}")
+        ax_iou.plot(budgets, [100 * r["iou_mean"] for r in rows], marker="o", label=label)
+        ax_acc.plot(budgets, [100 * r["accuracy"] for r in rows], marker="o", label=label)
         unet = [(r["budget"], 100 * r["unet_iou_mean"]) for r in rows if r.get("unet_iou_mean") is not None]
         if unet:
             ax_iou.plot(*zip(*unet), linestyle="--", marker="x", label=f"UNet on the same masks ({order})")

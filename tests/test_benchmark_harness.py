@@ -110,3 +110,34 @@ def test_calibration_rules_scores_what_calibrate_picked(trained_run, lesion_dir)
         if rule.startswith("gain >"):
             assert row["option"] in (got["option"], result["rules"]["paper"]["option"]), rule
     assert result["n_validation_masks"] > 0 and result["n_test_masks"] > result["n_validation_masks"]
+
+
+def test_reviews_benchmark_tables_each_localisation_setting_apart(tmp_path):
+    """benchmarks/reviews.py: rows of another localisation setting get their own key, row
+    of the table and line of the figure; rows written before the setting was recorded
+    read as the default."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import reviews
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    args = reviews.parse_args(["--train", "a", "--test", "b", "--out", str(tmp_path)])
+    assert reviews._setting(args) == ""
+    args = reviews.parse_args(["--train", "a", "--test", "b", "--out", str(tmp_path),
+                               "--localisation-loss", "spatial", "--localisation-weight", "0.3"])
+    assert reviews._setting(args) == "-spatial0.3"
+
+    def row(budget, order, iou, loc=None):
+        r = {"budget": budget, "order": order, "accuracy": 0.7, "accuracy_kept": 0.8, "flag_rate": 0.1,
+             "iou_mean": iou, "iou_mean_given": iou, "n_masks_given": 5,
+             "trivial": {"whole image": 0.1, "centred box": 0.18}}
+        return {**r, "localisation": loc} if loc else r
+
+    results = {"rows": {"0": row(0, None, 0.05), "uncertainty:50": row(50, "uncertainty", 0.10),
+                        "uncertainty:50-spatial0.3": row(50, "uncertainty", 0.20, {"loss": "spatial", "weight": 0.3})}}
+    lines = reviews.table(results).splitlines()
+    assert any("| 50 | uncertainty | bce 0.1 |" in line and "| 10.0 |" in line for line in lines)
+    assert any("| 50 | uncertainty | spatial 0.3 |" in line and "| 20.0 |" in line for line in lines)
+    reviews.figure(results, tmp_path / "reviews.png")
+    assert (tmp_path / "reviews.png").stat().st_size > 10_000

@@ -41,6 +41,25 @@ def test_localisation_loss_is_low_where_the_cells_point_at_the_mask():
     assert good.item() < 0.01 < 1.0 < bad.item()
 
 
+def test_spatial_localisation_loss_asks_where_not_how_high():
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[0, :, :4, :4] = 1.0
+    right = torch.zeros(2, 1, 2, 2)
+    right[:, :, 0, 0] = 6.0
+    labels = torch.tensor([0, 0])
+    spatial = [localisation_loss(_Head(), right + shift, labels, mask, 1, kind="spatial").item()
+               for shift in (0.0, -10.0, 10.0)]
+    assert spatial == pytest.approx([spatial[0]] * 3, abs=1e-5)  # a constant on every cell changes nothing
+    bce = [localisation_loss(_Head(), right + shift, labels, mask, 1).item() for shift in (0.0, 10.0)]
+    assert bce[1] > bce[0] + 1.0  # where the per-cell form does
+    wrong = localisation_loss(_Head(), right.flip(-1), labels, mask, 1, kind="spatial").item()
+    assert spatial[0] < 0.02 < 1.0 < wrong  # the second image's empty mask is left out
+    empty = localisation_loss(_Head(), right, labels, torch.zeros_like(mask), 1, kind="spatial")
+    assert empty.item() == 0.0
+    with pytest.raises(ValueError, match="spatial"):
+        localisation_loss(_Head(), right, labels, mask, 1, kind="dice")
+
+
 def test_masks_move_with_the_image_and_the_images_do_not_change():
     images = torch.zeros(4, 3, 32, 32)
     images[:, :, 4:14, 18:30] = 1.0  # a bright square, off centre
@@ -164,10 +183,17 @@ def test_a_reviewed_label_overrides_the_dataset_and_the_image_never_validates(tr
     reviews = [ReviewedImage(Path(p), r.label, r.mask, r.source)
                for p, r in zip(sorted(reviewed_out["reviewed_in_lesion_dir"]),
                                sorted(read_reviews([reviewed_out["out"]]), key=lambda r: r.path.name))]
+    with pytest.raises(ValueError, match="localisation_loss"):
+        TrainConfig(localisation_loss="dice").validate()
+    # 64 px: a 2 x 2 class map (at 32 px its single cell leaves the spatial term nothing to shape)
     run = train(lesion_dir, tmp_path / "run", TrainConfig(members=("efficientnet-lite0",), epochs=1,
-                                                          image_size=32, progress=False), reviews=reviews)
+                                                          image_size=64, progress=False,
+                                                          localisation_loss="spatial"), reviews=reviews)
     manifest = json.loads((run / "aax.json").read_text())
     assert manifest["reviews"]["added"] == 0 and manifest["reviews"]["corrected"] == 1
+    assert manifest["reviews"]["localisation_loss"] == "spatial"
+    history = (run / "history.csv").read_text().splitlines()
+    assert all(float(r.split(",")[5]) > 0 for r in history[1:])  # the spatial term was trained on
     val = {str((lesion_dir / f).resolve()) for f in manifest["data"]["val_files"]}
     assert val.isdisjoint(reviewed_out["reviewed_in_lesion_dir"])
     with pytest.raises(ReviewedTestImages, match="12 of the 80 test images"):

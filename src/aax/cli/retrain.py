@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the dataset (default: the one RUN was trained on, as its manifest records)")
     p.add_argument("--localisation-weight", type=non_negative_float, default=None,
                    help="weight of the localisation loss on reviewed masks (default: RUN's, else 0.1)")
+    p.add_argument("--localisation-loss", choices=["bce", "spatial"], default=None,
+                   help="form of the localisation loss (default: RUN's, else bce; docs/reviews.md)")
     p.add_argument("--epochs", type=int, default=None, help="maximum epochs per member (default: RUN's)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted retraining in --out")
     p.add_argument("--no-calibrate", action="store_true", help="skip calibration afterwards")
@@ -44,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         out = retrain(args.run, args.out, read_reviews_arg(args), data=args.data,
-                      localisation_weight=args.localisation_weight, epochs=args.epochs,
+                      localisation_weight=args.localisation_weight, localisation_loss=args.localisation_loss,
+                      epochs=args.epochs,
                       device=args.device, resume=args.resume, progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as exc:
         print(f"aax retrain: error: {exc}", file=sys.stderr)

@@ -72,6 +72,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "masks teach the members where to look (docs/reviews.md)")
     p.add_argument("--localisation-weight", type=non_negative_float, default=None,
                    help="weight of the localisation loss on reviewed masks (default 0.1)")
+    p.add_argument("--localisation-loss", choices=["bce", "spatial"], default=None,
+                   help="its form: bce per cell, or spatial (where the map is high, not how high; "
+                        "default bce; docs/reviews.md)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--novelty-images", default=None, metavar="PATH",
                    help="when calibrating at the end, set the novelty thresholds on these unlabelled "
@@ -138,6 +141,7 @@ def build_config(args: argparse.Namespace) -> Any:
         "hflip": args.hflip, "label_map": args.label_map,
         "pretrained": args.pretrained, "output_stride": args.output_stride,
         "localisation_weight": getattr(args, "localisation_weight", None),
+        "localisation_loss": getattr(args, "localisation_loss", None),
     }
     base.update({k: v for k, v in given.items() if v is not None})
     if base.get("pretrained") == "none":

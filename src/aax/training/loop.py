@@ -9,11 +9,13 @@ the head runs
 
 With reviewed masks (``aax retrain``), ``L = CE + lambda * Var + w * Loc``: for each
 training image whose reviewed class is positive and that has a reviewed mask, ``Loc``
-is the binary cross-entropy between the head's logit margin at every cell of the
-feature map (its reviewed class minus the negative class: the class activation map
-before the global pool) and the share of that cell the mask covers
-(:func:`localisation_loss`). It teaches a member where to look; XGrad-CAM stays the map
-AAX reports.
+compares the head's logit margin at every cell of the feature map (its reviewed class
+minus the negative class: the class activation map before the global pool) with the
+share of that cell the mask covers (:func:`localisation_loss`): ``"bce"``, a binary
+cross-entropy per cell, or ``"spatial"``, the KL divergence from the mask's spread over
+the cells to the softmax of the margins over the cells, which only asks *where* the map
+is high and so leaves the pooled logit, the classification, to the cross-entropy. It
+teaches a member where to look; XGrad-CAM stays the map AAX reports.
 
 Validation uses the same function in eval mode: the cross-entropy is then that of the
 deterministic head (dropout off, BN running statistics), which is what an eval-mode
@@ -53,9 +55,21 @@ class LossParts(NamedTuple):
     loc: torch.Tensor | None = None  # the localisation term (None: no reviewed mask in the batch)
 
 
+LOCALISATION_LOSSES = ("bce", "spatial")
+"""The forms of the localisation term (:func:`localisation_loss`)."""
+
+
 def localisation_loss(head: torch.nn.Module, features: torch.Tensor, labels: torch.Tensor,
-                      masks: torch.Tensor, negative_index: int) -> torch.Tensor:
-    """Mean binary cross-entropy between each cell's logit margin and the mask's share of it.
+                      masks: torch.Tensor, negative_index: int, kind: str = "bce") -> torch.Tensor:
+    """How far the class activation map of each image is from its reviewed mask.
+
+    ``kind="bce"``: the mean binary cross-entropy between each cell's logit margin and the
+    mask's share of the cell. Background cells pull the margin down everywhere, and with it
+    the pooled logit, so a large weight costs accuracy. ``kind="spatial"``: the KL
+    divergence from the mask's spread over the cells (its shares, summing to one) to the
+    softmax of the margins over the cells, averaged over the images; adding a constant to
+    every cell changes nothing, so it shapes the map without moving the classification.
+    Images whose mask is empty at the map's resolution are left out (zero when none is left).
 
     Args:
         head: the member's :class:`~aax.models.members.head.MCHead` (its ``fc`` is used
@@ -64,20 +78,31 @@ def localisation_loss(head: torch.nn.Module, features: torch.Tensor, labels: tor
         labels: ``[B]`` their (positive) reviewed classes.
         masks: ``[B, 1, H, W]`` masks in [0, 1] at the input size.
         negative_index: the negative class.
+        kind: one of :data:`LOCALISATION_LOSSES`.
     """
+    if kind not in LOCALISATION_LOSSES:
+        raise ValueError(f"localisation loss must be one of {LOCALISATION_LOSSES}, got {kind!r}")
     weight, bias = head.fc.weight, head.fc.bias
     margin_w = weight[labels] - weight[negative_index]  # [B, F]
     margin_b = bias[labels] - bias[negative_index]  # [B]
     cells = torch.einsum("bfhw,bf->bhw", features.float(), margin_w) + margin_b[:, None, None]
     target = F.adaptive_avg_pool2d(masks.float(), cells.shape[-2:])[:, 0]
-    return F.binary_cross_entropy_with_logits(cells, target)
+    if kind == "bce":
+        return F.binary_cross_entropy_with_logits(cells, target)
+    cells, target = cells.flatten(1), target.flatten(1)
+    covered = target.sum(1)
+    keep = covered > 0
+    if not bool(keep.any()):
+        return cells.sum() * 0.0
+    spread = target[keep] / covered[keep, None]
+    return F.kl_div(F.log_softmax(cells[keep], dim=1), spread, reduction="batchmean")
 
 
 def member_loss(member: Member, images: torch.Tensor, labels: torch.Tensor, *,
                 lambda_var: float, passes: int,
                 class_weights: torch.Tensor | None = None,
                 masks: torch.Tensor | None = None, localisation_weight: float = 0.0,
-                negative_index: int = 0) -> LossParts:
+                negative_index: int = 0, localisation: str = "bce") -> LossParts:
     """``CE + lambda_var * Var (+ localisation_weight * Loc)`` for one batch, running the
     backbone once.
 
@@ -85,7 +110,8 @@ def member_loss(member: Member, images: torch.Tensor, labels: torch.Tensor, *,
     ``passes`` stochastic head passes (``mc_probabilities``) on the same pooled features.
     With ``lambda_var == 0`` or ``passes < 2`` the variance term is skipped (zero).
     ``masks`` (``[B, 1, H, W]`` in [0, 1], NaN for images without a reviewed mask) adds
-    :func:`localisation_loss` over the images of a positive class that have one.
+    :func:`localisation_loss` (of kind ``localisation``) over the images of a positive
+    class that have one.
     """
     features = member.features(images)
     pooled = member.head.pool(features)
@@ -100,7 +126,8 @@ def member_loss(member: Member, images: torch.Tensor, labels: torch.Tensor, *,
     if masks is not None and localisation_weight:
         keep = ~torch.isnan(masks[:, 0, 0, 0]) & (labels != negative_index)
         if bool(keep.any()):
-            loc = localisation_loss(member.head, features[keep], labels[keep], masks[keep], negative_index)
+            loc = localisation_loss(member.head, features[keep], labels[keep], masks[keep], negative_index,
+                                    localisation)
             total = total + localisation_weight * loc
     return LossParts(total, ce, var, logits, loc)
 
@@ -127,6 +154,7 @@ class LoopSettings:
     progress: bool = True
     channels_last: bool = False
     localisation_weight: float = 0.0
+    localisation_loss: str = "bce"
     negative_index: int = 0
 
 
@@ -328,7 +356,8 @@ def train_member(member: Member, train: Cached, val: Cached, settings: LoopSetti
                                     class_weights=settings.class_weights,
                                     masks=_mark_missing(masks, train, idx),
                                     localisation_weight=settings.localisation_weight,
-                                    negative_index=settings.negative_index)
+                                    negative_index=settings.negative_index,
+                                    localisation=settings.localisation_loss)
                 optimizer.zero_grad(set_to_none=True)
                 parts.total.backward()
                 optimizer.step()

