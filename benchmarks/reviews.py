@@ -24,7 +24,8 @@ the table to ``OUT/reviews.md`` and the curves to ``OUT/reviews.png``::
     python benchmarks/reviews.py --train busi_split/train.csv --test busi_split/test.csv \\
         --out OUT --negative-class normal --class-weights balanced --size 128 --epochs 8
 
-Rerunning into the same OUT with another ``--localisation-loss`` / ``--localisation-weight``
+Rerunning into the same OUT with another ``--localisation-loss`` / ``--localisation-weight``,
+or with ``--warm-start`` (retrained runs start from RUN0's members, for ``--retrain-epochs``),
 adds rows for that setting (RUN0 and the review lists are reused).
 """
 
@@ -63,6 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--class-weights", choices=["balanced"], default=None)
     p.add_argument("--localisation-weight", type=float, default=0.1)
     p.add_argument("--localisation-loss", choices=["bce", "spatial"], default="bce")
+    p.add_argument("--warm-start", action="store_true",
+                   help="retrained runs start from RUN0's members (aax retrain --warm-start)")
+    p.add_argument("--retrain-epochs", type=int, default=None,
+                   help="maximum epochs per member of the retrained runs (default: --epochs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--unet-epochs", type=int, default=60)
     p.add_argument("--no-baseline", action="store_true", help="skip the UNet baseline")
@@ -100,9 +105,11 @@ DEFAULT_LOCALISATION = ("bce", 0.1)
 
 def _setting(args: argparse.Namespace) -> str:
     """The localisation setting as a suffix of row keys and run folders ("" for the default)."""
-    if (args.localisation_loss, args.localisation_weight) == DEFAULT_LOCALISATION:
-        return ""
-    return f"-{args.localisation_loss}{args.localisation_weight:g}"
+    tag = "" if (args.localisation_loss, args.localisation_weight) == DEFAULT_LOCALISATION else \
+        f"-{args.localisation_loss}{args.localisation_weight:g}"
+    if args.warm_start:
+        tag += f"-warm{args.retrain_epochs or args.epochs}"
+    return tag
 
 
 def _reviews(entries: list[dict], n: int, truth: dict[str, Any], negative: str) -> list[ReviewedImage]:
@@ -145,10 +152,13 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             reviews = _reviews(entries, n, truth, negative)
             t0 = time.perf_counter()
-            run = _trained(args.train, args.out / f"run-{order}-{n}{_setting(args)}", config, reviews)
+            retrain_config = TrainConfig(**{**config.__dict__, "epochs": args.retrain_epochs or args.epochs,
+                                            "warm_start": str(run0.resolve()) if args.warm_start else None})
+            run = _trained(args.train, args.out / f"run-{order}-{n}{_setting(args)}", retrain_config, reviews)
             row: dict[str, Any] = {"budget": n, "order": order, "n_masks": sum(r.mask is not None for r in reviews),
                                    "localisation": {"loss": args.localisation_loss,
                                                     "weight": args.localisation_weight},
+                                   "warm_start": args.warm_start, "epochs": retrain_config.epochs,
                                    **_scores(run, test)}
             if not args.no_baseline:
                 from _segbaseline import mean_iou, train_unet
@@ -175,7 +185,8 @@ def _pct(v: float | None) -> str:
 
 def _localisation(row: dict[str, Any]) -> str:
     loc = row.get("localisation") or dict(zip(("loss", "weight"), DEFAULT_LOCALISATION))
-    return f"{loc['loss']} {loc['weight']:g}"
+    text = f"{loc['loss']} {loc['weight']:g}"
+    return text + (f", warm start ({row['epochs']} epochs)" if row.get("warm_start") else "")
 
 
 def table(results: dict[str, Any]) -> str:

@@ -127,6 +127,9 @@ def test_reviews_benchmark_tables_each_localisation_setting_apart(tmp_path):
     args = reviews.parse_args(["--train", "a", "--test", "b", "--out", str(tmp_path),
                                "--localisation-loss", "spatial", "--localisation-weight", "0.3"])
     assert reviews._setting(args) == "-spatial0.3"
+    args = reviews.parse_args(["--train", "a", "--test", "b", "--out", str(tmp_path), "--warm-start",
+                               "--retrain-epochs", "3"])
+    assert reviews._setting(args) == "-warm3"
 
     def row(budget, order, iou, loc=None):
         r = {"budget": budget, "order": order, "accuracy": 0.7, "accuracy_kept": 0.8, "flag_rate": 0.1,
@@ -135,9 +138,11 @@ def test_reviews_benchmark_tables_each_localisation_setting_apart(tmp_path):
         return {**r, "localisation": loc} if loc else r
 
     results = {"rows": {"0": row(0, None, 0.05), "uncertainty:50": row(50, "uncertainty", 0.10),
-                        "uncertainty:50-spatial0.3": row(50, "uncertainty", 0.20, {"loss": "spatial", "weight": 0.3})}}
+                        "uncertainty:50-spatial0.3": row(50, "uncertainty", 0.20, {"loss": "spatial", "weight": 0.3}),
+                        "uncertainty:50-warm3": {**row(50, "uncertainty", 0.30), "warm_start": True, "epochs": 3}}}
     lines = reviews.table(results).splitlines()
     assert any("| 50 | uncertainty | bce 0.1 |" in line and "| 10.0 |" in line for line in lines)
     assert any("| 50 | uncertainty | spatial 0.3 |" in line and "| 20.0 |" in line for line in lines)
+    assert any("| bce 0.1, warm start (3 epochs) |" in line and "| 30.0 |" in line for line in lines)
     reviews.figure(results, tmp_path / "reviews.png")
     assert (tmp_path / "reviews.png").stat().st_size > 10_000

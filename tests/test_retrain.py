@@ -144,9 +144,10 @@ def test_retrain_learns_from_reviews_and_evaluation_refuses_them(trained_run, re
                                                                tmp_path, capsys):
     run2 = tmp_path / "run2"
     code = main(["retrain", str(trained_run), "--reviews", str(reviewed_out["out"]), "--out", str(run2),
-                 "--epochs", "1", "--no-progress", "--device", "cpu"])
+                 "--epochs", "1", "--warm-start", "--no-progress", "--device", "cpu"])
     assert code == 0, capsys.readouterr().err
     manifest = json.loads((run2 / "aax.json").read_text())
+    assert {m["init"] for m in manifest["members"]} == {"warm start"}
     block = manifest["reviews"]
     assert block["n"] == 12 and block["n_masks"] == 11 and block["n_masks_used"] == 11
     # the reviewed copies are other files than the dataset's: they join the training images

@@ -197,6 +197,30 @@ def test_resume_and_calibration_find_images_outside_the_manifest_folder(tiny_les
     val = validation_split(tmp_path / "run")
     assert [Path(s.image).resolve().as_posix() for s in val] == stored
 
+
+def test_warm_start_begins_from_the_runs_members_and_checks_them(tiny_lesion_dir: Path, tmp_path: Path) -> None:
+    source = train(tiny_lesion_dir, tmp_path / "source", TrainConfig(**FAST, epochs=1))
+    # lr 0: the parameters stay where they start, so they show where that was
+    warm = train(tiny_lesion_dir, tmp_path / "warm", TrainConfig(**FAST, epochs=1, lr=0.0,
+                                                                  warm_start=str(source)))
+    a = runfiles.load_torch(source / "efficientnet-b0.pt")["state_dict"]
+    b = runfiles.load_torch(warm / "efficientnet-b0.pt")["state_dict"]
+    weights = [k for k in a if k.endswith("weight")]
+    assert weights and all(torch.equal(a[k], b[k]) for k in weights)
+    cold = runfiles.load_torch(train(tiny_lesion_dir, tmp_path / "cold", TrainConfig(**FAST, epochs=1, lr=0.0))
+                               / "efficientnet-b0.pt")["state_dict"]
+    assert not all(torch.equal(a[k], cold[k]) for k in weights)
+    manifest = json.loads((warm / "aax.json").read_text())
+    assert manifest["members"][0]["init"] == "warm start" and manifest["training"]["warm_start"] == str(source)
+    with pytest.raises(RunError, match="resnet50.pt does not exist"):
+        train(tiny_lesion_dir, tmp_path / "other", TrainConfig(**{**FAST, "members": ("resnet50",)}, epochs=1,
+                                                               warm_start=str(source)))
+    data = tmp_path / "three"
+    shutil.copytree(tiny_lesion_dir / "images", data / "images")
+    shutil.copytree(tiny_lesion_dir / "images" / "healthy", data / "images" / "other")
+    with pytest.raises(RunError, match="classes"):
+        train(data, tmp_path / "three-run", TrainConfig(**FAST, epochs=1, warm_start=str(source)))
+
 def test_resume_skips_finished_members(tiny_lesion_dir: Path, tmp_path: Path) -> None:
     config = TrainConfig(**{**FAST, "members": ("efficientnet-b0", "resnet50")}, epochs=1)
     run = tmp_path / "run"

@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--localisation-loss", choices=["bce", "spatial"], default=None,
                    help="form of the localisation loss (default: RUN's, else bce; docs/reviews.md)")
     p.add_argument("--epochs", type=int, default=None, help="maximum epochs per member (default: RUN's)")
+    p.add_argument("--warm-start", action="store_true",
+                   help="start every member from RUN's instead of from its initial weights (ImageNet); "
+                        "a few epochs (--epochs) are then enough")
     p.add_argument("--resume", action="store_true", help="continue an interrupted retraining in --out")
     p.add_argument("--no-calibrate", action="store_true", help="skip calibration afterwards")
     p.add_argument("--novelty-images", default=None, metavar="PATH",
@@ -47,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         out = retrain(args.run, args.out, read_reviews_arg(args), data=args.data,
                       localisation_weight=args.localisation_weight, localisation_loss=args.localisation_loss,
-                      epochs=args.epochs,
+                      epochs=args.epochs, warm_start=args.warm_start,
                       device=args.device, resume=args.resume, progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as exc:
         print(f"aax retrain: error: {exc}", file=sys.stderr)

