@@ -225,11 +225,13 @@ def figure(results: dict[str, Any], path: Path) -> None:
         rows = ([base] if base else []) + rows
         budgets = [r["budget"] for r in rows]
         label = f"AAX, {order} order" + ("" if loc == _localisation({}) else f", {loc}")
-        ax_iou.plot(budgets, [100 * r["iou_mean"] for r in rows], marker="o", label=label)
-        ax_acc.plot(budgets, [100 * r["accuracy"] for r in rows], marker="o", label=label)
+        (line,) = ax_iou.plot(budgets, [100 * r["iou_mean"] for r in rows], marker="o", label=label)
+        colour = line.get_color()  # one colour a setting in both panels, its UNet dashed
+        ax_acc.plot(budgets, [100 * r["accuracy"] for r in rows], marker="o", label=label, color=colour)
         unet = [(r["budget"], 100 * r["unet_iou_mean"]) for r in rows if r.get("unet_iou_mean") is not None]
         if unet:
-            ax_iou.plot(*zip(*unet), linestyle="--", marker="x", label=f"UNet on the same masks ({order})")
+            ax_iou.plot(*zip(*unet), linestyle="--", marker="x", color=colour,
+                        label=f"UNet on the same masks ({order})")
     if base:
         for name, value in base["trivial"].items():
             if value is not None:
