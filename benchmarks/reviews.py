@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--class-weights", choices=["balanced"], default=None)
     p.add_argument("--localisation-weight", type=float, default=0.1)
     p.add_argument("--localisation-loss", choices=["bce", "spatial"], default="bce")
+    p.add_argument("--segmentation-weight", type=float, default=0.0,
+                   help="above 0: the retrained members get segmentation heads and masks come from them")
     p.add_argument("--warm-start", action="store_true",
                    help="retrained runs start from RUN0's members (aax retrain --warm-start)")
     p.add_argument("--retrain-epochs", type=int, default=None,
@@ -79,6 +81,12 @@ def _config(args: argparse.Namespace) -> TrainConfig:
                        class_weights=args.class_weights, localisation_weight=args.localisation_weight,
                        localisation_loss=args.localisation_loss,
                        seed=args.seed, progress=False)
+
+
+def _retrain_config(args: argparse.Namespace, config: TrainConfig, run0: Path) -> TrainConfig:
+    return TrainConfig(**{**config.__dict__, "epochs": args.retrain_epochs or args.epochs,
+                          "segmentation_weight": args.segmentation_weight,
+                          "warm_start": str(run0.resolve()) if args.warm_start else None})
 
 
 def _trained(data: Any, out: Path, config: TrainConfig, reviews: list[ReviewedImage] | None = None) -> Path:
@@ -107,6 +115,8 @@ def _setting(args: argparse.Namespace) -> str:
     """The localisation setting as a suffix of row keys and run folders ("" for the default)."""
     tag = "" if (args.localisation_loss, args.localisation_weight) == DEFAULT_LOCALISATION else \
         f"-{args.localisation_loss}{args.localisation_weight:g}"
+    if args.segmentation_weight:
+        tag += f"-seg{args.segmentation_weight:g}"
     if args.warm_start:
         tag += f"-warm{args.retrain_epochs or args.epochs}"
     return tag
@@ -148,19 +158,20 @@ def main(argv: list[str] | None = None) -> int:
     for n in args.budgets:  # budgets outermost: the orders compare at a budget as soon as it is done
         for order, entries in ranked.items():
             key = f"{order}:{n}{_setting(args)}"
-            if key in results["rows"]:
+            row = results["rows"].get(key)
+            if row is not None and (args.no_baseline or "unet_iou_mean" in row):
                 continue
             reviews = _reviews(entries, n, truth, negative)
-            t0 = time.perf_counter()
-            retrain_config = TrainConfig(**{**config.__dict__, "epochs": args.retrain_epochs or args.epochs,
-                                            "warm_start": str(run0.resolve()) if args.warm_start else None})
-            run = _trained(args.train, args.out / f"run-{order}-{n}{_setting(args)}", retrain_config, reviews)
-            row: dict[str, Any] = {"budget": n, "order": order, "n_masks": sum(r.mask is not None for r in reviews),
-                                   "localisation": {"loss": args.localisation_loss,
-                                                    "weight": args.localisation_weight},
-                                   "warm_start": args.warm_start, "epochs": retrain_config.epochs,
-                                   **_scores(run, test)}
-            if not args.no_baseline:
+            if row is None:
+                t0 = time.perf_counter()
+                retrain_config = _retrain_config(args, config, run0)
+                run = _trained(args.train, args.out / f"run-{order}-{n}{_setting(args)}", retrain_config, reviews)
+                row = {"budget": n, "order": order, "n_masks": sum(r.mask is not None for r in reviews),
+                       "localisation": {"loss": args.localisation_loss, "weight": args.localisation_weight},
+                       "segmentation_weight": args.segmentation_weight,
+                       "warm_start": args.warm_start, "epochs": retrain_config.epochs, **_scores(run, test)}
+                row["seconds"] = round(time.perf_counter() - t0, 1)  # retraining, calibration and scoring
+            if not args.no_baseline:  # also for a row stored without it
                 from _segbaseline import mean_iou, train_unet
 
                 masked = [r for r in reviews if r.mask is not None]
@@ -168,7 +179,6 @@ def main(argv: list[str] | None = None) -> int:
                                  args.seed)
                 row["unet_iou_mean"] = mean_iou(net, [s.image for s in positives], [s.mask_path for s in positives],
                                                 args.size)
-            row["seconds"] = round(time.perf_counter() - t0, 1)
             results["rows"][key] = row
             path.write_text(json.dumps(results, indent=2))
             print(f"{key}: accuracy {row['accuracy']:.3f}, IoU {row['iou_mean']:.3f}"
@@ -186,6 +196,8 @@ def _pct(v: float | None) -> str:
 def _localisation(row: dict[str, Any]) -> str:
     loc = row.get("localisation") or dict(zip(("loss", "weight"), DEFAULT_LOCALISATION))
     text = f"{loc['loss']} {loc['weight']:g}"
+    if row.get("segmentation_weight"):
+        text += f" + segmentation head {row['segmentation_weight']:g}"
     return text + (f", warm start ({row['epochs']} epochs)" if row.get("warm_start") else "")
 
 

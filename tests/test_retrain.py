@@ -173,6 +173,34 @@ def test_retrain_learns_from_reviews_and_evaluation_refuses_them(trained_run, re
     assert "mean IoU" in (tmp_path / "ev" / "comparison.md").read_text()
 
 
+def test_segmentation_heads_learn_the_reviewed_masks_and_make_the_masks(trained_run, reviewed_out, tmp_path,
+                                                                       capsys):
+    from aax.annotation.annotate import annotate
+    from aax.models.ensemble import Ensemble
+
+    run = tmp_path / "run-seg"
+    code = main(["retrain", str(trained_run), "--reviews", str(reviewed_out["out"]), "--out", str(run),
+                 "--epochs", "1", "--warm-start", "--segmentation-weight", "1", "--no-progress", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    manifest = json.loads((run / "aax.json").read_text())
+    assert manifest["reviews"]["segmentation_weight"] == 1.0 and manifest["training"]["segmentation_weight"] == 1.0
+    assert manifest["maps"]["source"] == "segmentation"  # kept by the calibration on the reviewed masks
+    history = (run / "history.csv").read_text().splitlines()
+    column = history[0].split(",").index("train_seg")
+    assert all(float(r.split(",")[column]) > 0 for r in history[1:])
+    ensemble = Ensemble.load(run, device="cpu")
+    assert all(m.seg is not None for m in ensemble.members.values())
+    images = sorted((reviewed_out["root"] / "diseased").glob("*.png"))
+    records = list(annotate(ensemble, images, mc_passes=4, keep_saliency=True))
+    masked = [r for r in records if r.mask is not None]
+    assert masked and all(r.mask.shape == r.size and r.mask.any() for r in masked)
+    assert all(set(r.saliency) == set(ensemble.members) for r in records)
+    # the source stays a choice: XGrad-CAM can be calibrated against it on the same masks
+    assert main(["calibrate", str(run), "--map-sources", "cam", "segmentation", "--mc-passes", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "cam maps: mean IoU" in out and "segmentation maps: mean IoU" in out
+
+
 def test_a_reviewed_label_overrides_the_dataset_and_the_image_never_validates(trained_run, reviewed_out,
                                                                              lesion_dir, tmp_path):
     """Reviews of the dataset's own files: the corrected label is used and every reviewed

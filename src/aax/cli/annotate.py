@@ -8,6 +8,7 @@ import sys
 
 from aax.cli._common import (add_device_argument, add_ray_arguments, non_negative_int, positive_float,
                              positive_int, unit_float)
+from aax.models.mask_settings import MAP_SOURCES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,11 +26,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="output stride of the pass the maps come from (default: the RUN's)")
     p.add_argument("--fusion", choices=["min", "mean", "vote"], default=None,
                    help="how agreeing members' maps form the mask (default: the RUN's; min = intersection)")
-    p.add_argument("--map-source", choices=["cam", "patch"], default=None,
+    p.add_argument("--map-source", choices=list(MAP_SOURCES), default=None,
                    help="the maps masks are fused from: cam = XGrad-CAM (the paper's), patch = where the "
                         "features are far from every patch of the negative training images (needs the "
-                        "RUN's patch bank, which `aax calibrate RUN --map-sources cam patch` makes; docs/quality.md). "
-                        "Default: the RUN's")
+                        "RUN's patch bank, which `aax calibrate RUN --map-sources cam patch` makes; docs/quality.md), "
+                        "segmentation = the members' segmentation heads (a RUN retrained on reviewed masks with "
+                        "--segmentation-weight; docs/reviews.md). Default: the RUN's")
     p.add_argument("--refine", choices=["none", "superpixels"], default=None,
                    help="average the fused map over the image's superpixels before tau (superpixels), or "
                         "threshold it as it is (none, the paper's). Default: the RUN's (new runs: superpixels)")

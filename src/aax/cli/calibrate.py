@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from aax.cli._common import _number, add_device_argument, add_label_map_argument, positive_int, unit_float
+from aax.models.mask_settings import MAP_SOURCES
 
 _pass_rate = _number(float, 0.0, 1.0, low_open=True)
 
@@ -34,10 +35,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="refinements of the fused map to choose from where VALDATA has masks (default: both; "
                         "'none' alone keeps the paper's thresholded map; superpixels: the map averaged over "
                         "the image's regions, docs/method.md)")
-    p.add_argument("--map-sources", nargs="+", choices=["cam", "patch"], default=None,
+    p.add_argument("--map-sources", nargs="+", choices=list(MAP_SOURCES), default=None,
                    help="the map sources to choose from where the validation data has masks (default: the "
                         "RUN's own, XGrad-CAM unless set). With patch, the RUN's patch bank is made first "
-                        "from its negative training images (docs/quality.md: patch maps cost 1.6x stride-32 annotation)")
+                        "from its negative training images (docs/quality.md: patch maps cost 1.6x stride-32 "
+                        "annotation); segmentation needs members retrained with --segmentation-weight")
     p.add_argument("--tau-without-masks", choices=["keep", "otsu"], default="keep",
                    help="without ground-truth masks: keep the RUN's tau, or use each image's Otsu "
                         "threshold (default keep)")

@@ -29,6 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="weight of the localisation loss on reviewed masks (default: RUN's, else 0.1)")
     p.add_argument("--localisation-loss", choices=["bce", "spatial"], default=None,
                    help="form of the localisation loss (default: RUN's, else bce; docs/reviews.md)")
+    p.add_argument("--segmentation-weight", type=non_negative_float, default=None,
+                   help="weight of a segmentation head's loss on reviewed masks: above 0, every member gets a light "
+                        "segmentation head on its features and the run's masks come from its maps (default: RUN's, else 0: "
+                        "masks from XGrad-CAM; docs/reviews.md)")
     p.add_argument("--epochs", type=int, default=None, help="maximum epochs per member (default: RUN's)")
     p.add_argument("--warm-start", action="store_true",
                    help="start every member from RUN's instead of from its initial weights (ImageNet); "
@@ -50,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         out = retrain(args.run, args.out, read_reviews_arg(args), data=args.data,
                       localisation_weight=args.localisation_weight, localisation_loss=args.localisation_loss,
+                      segmentation_weight=args.segmentation_weight,
                       epochs=args.epochs, warm_start=args.warm_start,
                       device=args.device, resume=args.resume, progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as exc:

@@ -75,6 +75,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--localisation-loss", choices=["bce", "spatial"], default=None,
                    help="its form: bce per cell, or spatial (where the map is high, not how high; "
                         "default bce; docs/reviews.md)")
+    p.add_argument("--segmentation-weight", type=non_negative_float, default=None,
+                   help="weight of a segmentation head's loss on reviewed masks: above 0, every member gets a light "
+                        "segmentation head on its features and the run's masks come from its maps (default 0: "
+                        "masks from XGrad-CAM; docs/reviews.md)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--novelty-images", default=None, metavar="PATH",
                    help="when calibrating at the end, set the novelty thresholds on these unlabelled "
@@ -142,6 +146,7 @@ def build_config(args: argparse.Namespace) -> Any:
         "pretrained": args.pretrained, "output_stride": args.output_stride,
         "localisation_weight": getattr(args, "localisation_weight", None),
         "localisation_loss": getattr(args, "localisation_loss", None),
+        "segmentation_weight": getattr(args, "segmentation_weight", None),
     }
     base.update({k: v for k, v in given.items() if v is not None})
     if base.get("pretrained") == "none":

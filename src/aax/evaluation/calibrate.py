@@ -63,8 +63,7 @@ from aax.evaluation.calibration.theta import MAX_FLAG_RATE, choose_theta, settle
 from aax.evaluation.inputs import describe, open_data, open_images, run_label_map, samples
 from aax.evaluation.metrics import ThetaSweep, risk_coverage, theta_candidates
 from aax.evaluation.trivial import trivial_warning
-from aax.models.mask_settings import FUSIONS
-from aax.models.patch_maps import SOURCES
+from aax.models.mask_settings import FUSIONS, MAP_SOURCES
 from aax.models.refine import REFINES
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -154,9 +153,9 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
     maps = getattr(ensemble, "maps", None)
     previous_source = getattr(maps, "source", "cam")
     sources = tuple(sources or (previous_source,))
-    unknown = [s for s in sources if s not in SOURCES]
+    unknown = [s for s in sources if s not in MAP_SOURCES]
     if unknown:
-        raise ValueError(f"unknown map source {unknown[0]!r}; expected one of {SOURCES}")
+        raise ValueError(f"unknown map source {unknown[0]!r}; expected one of {MAP_SOURCES}")
     refines = tuple(refines)
     if not refines or any(r not in REFINES for r in refines):
         raise ValueError(f"refines must name some of {REFINES}, got {list(refines)}")
@@ -185,6 +184,10 @@ def calibrate(ensemble_or_run: Any, valdata: Any, *, max_flag_rate: float = MAX_
             chosen = choose_masks(collected, sweep, theta, ensemble.classes, previous_tau, fusions, sets, refines)
         elif candidate == "patch" and not getattr(ensemble, "patches", None):
             by_source.append({"source": candidate, "skipped": "the run has no patch bank"})
+            continue
+        elif candidate == "segmentation" and any(getattr(m, "seg", None) is None
+                                                  for m in ensemble.members.values()):
+            by_source.append({"source": candidate, "skipped": "the members have no segmentation head"})
             continue
         else:
             ensemble.maps = maps.replace(source=candidate)

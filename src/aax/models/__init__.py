@@ -1,6 +1,7 @@
 """The models stage: the ensemble's members and what they compute for an image batch.
 
-* :mod:`aax.models.members`: backbones with the MC Dropout head; :mod:`aax.models.device`.
+* :mod:`aax.models.members`: backbones with the MC Dropout head (and, once retrained on
+  reviewed masks, a segmentation head: :mod:`aax.models.members.segment`); :mod:`aax.models.device`.
 * :mod:`aax.models.uncertainty` (MC Dropout), :mod:`aax.models.explain` (XGrad-CAM),
   :mod:`aax.models.maps` (the map pass and its settings), :mod:`aax.models.patch_maps`,
   :mod:`aax.models.refine` (superpixel pooling of a fused map).

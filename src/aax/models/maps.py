@@ -21,9 +21,11 @@ them):
   paper's). An image's mask fuses its agreeing members among them, or all its agreeing
   members when none is; ``aax calibrate`` chooses the set on validation masks. The class
   decision never depends on it;
-* ``source``: ``"cam"`` (XGrad-CAM, the paper's) or ``"patch"``: each member's
-  patch-feature novelty map (:mod:`aax.models.patch_maps`; needs the run's patch bank). The
-  strides and TTA above apply to CAMs only; patch maps come from the class pass's stride;
+* ``source``: ``"cam"`` (XGrad-CAM, the paper's), ``"patch"``: each member's
+  patch-feature novelty map (:mod:`aax.models.patch_maps`; needs the run's patch bank), or
+  ``"segmentation"``: each member's segmentation head, trained on reviewed masks
+  (:mod:`aax.models.members.segment`). The strides and TTA above apply to CAMs only;
+  patch and segmentation maps come from the class pass's stride;
 * ``refine``: ``"none"`` (the paper's) or ``"superpixels"``: the fused map is averaged
   over the image's own regions before the threshold (:mod:`aax.models.refine`), so that a
   mask's outline follows the image's edges. Members' masks in ``aax evaluate`` are
@@ -43,10 +45,11 @@ import torch
 from torch.nn import functional as F
 
 from aax.models.explain import Grid, XGradCAM, normalise, upsample
-from aax.models.mask_settings import FUSIONS
+from aax.models.mask_settings import FUSIONS, MAP_SOURCES
 from aax.models.members import OUTPUT_STRIDES, Member
 from aax.models.members.backbones import output_stride
-from aax.models.patch_maps import SOURCES, distance_maps, features_and_patches, patch_features
+from aax.models.members.segment import segment_maps
+from aax.models.patch_maps import distance_maps, features_and_patches, patch_features
 from aax.models.refine import REFINES
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -79,8 +82,8 @@ class MapOptions:
             raise ValueError(f"tta_scales must be a non-empty list of scales in [0.25, 4], got {self.tta_scales}")
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
-        if self.source not in SOURCES:
-            raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
+        if self.source not in MAP_SOURCES:
+            raise ValueError(f"source must be one of {MAP_SOURCES}, got {self.source!r}")
         if self.refine not in REFINES:
             raise ValueError(f"refine must be one of {REFINES}, got {self.refine!r}")
         object.__setattr__(self, "tta_scales", scales)
@@ -220,7 +223,8 @@ def saliency_maps(ensemble: Ensemble, x: torch.Tensor, features: Sequence[torch.
                   shared: dict[int, torch.Tensor] | None = None,
                   patches: Sequence[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[Grid]]:
     """Every member's raw maps, ``[B, M, h, w]`` (see :func:`member_maps`; with
-    ``options.source == "patch"``, :func:`patch_member_maps`), and the :class:`Grid`
+    ``options.source == "patch"``, :func:`patch_member_maps`; with ``"segmentation"``, each
+    member's segmentation head, :func:`aax.models.members.segment.segment_maps`), and the :class:`Grid`
     of each member's maps, to resize them with (:func:`aax.models.explain.upsample`)."""
     shared = shared or {}
     members = list(ensemble.members.values())
@@ -228,6 +232,12 @@ def saliency_maps(ensemble: Ensemble, x: torch.Tensor, features: Sequence[torch.
         given = list(patches) if patches is not None else [None] * len(members)
         maps = [patch_member_maps(ensemble, name, member, x, options, autocast, f)
                 for (name, member), f in zip(ensemble.members.items(), given)]
+        grids = [patch_grid(member, x.shape[-2:], m.shape[-2:]) for member, m in zip(members, maps)]
+    elif options.source == "segmentation":
+        maps = []
+        for member in members:
+            with output_stride(member, options.class_stride), (autocast or contextlib.nullcontext()):
+                maps.append(segment_maps(member, x).float())
         grids = [patch_grid(member, x.shape[-2:], m.shape[-2:]) for member, m in zip(members, maps)]
     else:
         maps = [member_maps(member, x, a, cam_class, options, autocast, shared.get(id(member)))

@@ -1,5 +1,5 @@
 """The vocabulary of a run's mask settings, as ``RUN/aax.json`` and the CLI give them: the
-fusions of the members' maps, and tau (a number, ``"otsu"``, or one of those per class).
+sources and fusions of the members' maps, and tau (a number, ``"otsu"``, or one of those per class).
 
 Pure Python with no imports from the rest of AAX: the run's settings
 (:mod:`aax.models.maps`, :mod:`aax.models.ensemble`) are checked with it, and the protocol
@@ -7,6 +7,11 @@ Pure Python with no imports from the rest of AAX: the run's settings
 """
 
 from __future__ import annotations
+
+MAP_SOURCES: tuple[str, ...] = ("cam", "patch", "segmentation")
+"""Where the maps a mask is fused from come from: XGrad-CAM (the paper's), patch-feature
+novelty (:mod:`aax.models.patch_maps`) or the members' segmentation heads
+(:mod:`aax.models.members.segment`)."""
 
 FUSIONS: tuple[str, ...] = ("min", "mean", "vote")
 """How the agreeing members' maps become one score map (see :func:`aax.annotation.decide.fuse`)."""

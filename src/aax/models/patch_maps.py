@@ -43,7 +43,6 @@ BANK_SIZE = 1024
 and the nearest-patch search is most of the cost (1.6x stride 32 annotation at 1,024,
 3.0x at 4,096)."""
 FILE = "patches.npz"
-SOURCES: tuple[str, ...] = ("cam", "patch")
 
 
 def patch_features(member: Member, x: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 MANIFEST = "aax.json"
 HISTORY = "history.csv"
 HISTORY_FIELDS: tuple[str, ...] = ("member", "epoch", "train_loss", "train_ce", "train_var",
-                                   "train_loc", "val_loss", "val_accuracy", "lr", "seconds", "images_per_s",
+                                   "train_loc", "train_seg", "val_loss", "val_accuracy", "lr", "seconds", "images_per_s",
                                    "best", "warning")
 
 
@@ -135,7 +135,7 @@ def read_history(path: Path) -> list[dict[str, Any]]:
     with open(path, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     ints = {"epoch"}
-    floats = {"train_loss", "train_ce", "train_var", "train_loc", "val_loss", "val_accuracy", "lr",
+    floats = {"train_loss", "train_ce", "train_var", "train_loc", "train_seg", "val_loss", "val_accuracy", "lr",
               "seconds", "images_per_s"}
     out = []
     for row in rows:

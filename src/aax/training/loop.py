@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from aax import runtime
 from aax.models.members.backbones import Member
+from aax.models.members.segment import segmentation_loss
 from aax.models.runfiles import load_torch, save_torch
 from aax.models.uncertainty import mc_probabilities, variance_penalty
 from aax.training.tensors import Cached
@@ -53,6 +54,7 @@ class LossParts(NamedTuple):
     var: torch.Tensor
     logits: torch.Tensor  # the logits the CE was taken on
     loc: torch.Tensor | None = None  # the localisation term (None: no reviewed mask in the batch)
+    seg: torch.Tensor | None = None  # the segmentation head's term (None: no head, or no mask in the batch)
 
 
 LOCALISATION_LOSSES = ("bce", "spatial")
@@ -102,18 +104,24 @@ def member_loss(member: Member, images: torch.Tensor, labels: torch.Tensor, *,
                 lambda_var: float, passes: int,
                 class_weights: torch.Tensor | None = None,
                 masks: torch.Tensor | None = None, localisation_weight: float = 0.0,
-                negative_index: int = 0, localisation: str = "bce") -> LossParts:
-    """``CE + lambda_var * Var (+ localisation_weight * Loc)`` for one batch, running the
-    backbone once.
+                negative_index: int = 0, localisation: str = "bce",
+                segmentation_weight: float = 0.0) -> LossParts:
+    """``CE + lambda_var * Var (+ localisation_weight * Loc + segmentation_weight * Seg)``
+    for one batch, running the backbone once.
 
     The CE pass is stochastic iff ``member.training``; ``Var`` always comes from
     ``passes`` stochastic head passes (``mc_probabilities``) on the same pooled features.
     With ``lambda_var == 0`` or ``passes < 2`` the variance term is skipped (zero).
     ``masks`` (``[B, 1, H, W]`` in [0, 1], NaN for images without a reviewed mask) adds
     :func:`localisation_loss` (of kind ``localisation``) over the images of a positive
-    class that have one.
+    class that have one, and, when the member has a segmentation head
+    (:mod:`aax.models.members.segment`), its loss over every image that has one.
     """
-    features = member.features(images)
+    seg_head = member.seg if masks is not None and segmentation_weight else None
+    if seg_head is not None:
+        features, steps = member.features_and_steps(images, seg_head.steps)
+    else:
+        features = member.features(images)
     pooled = member.head.pool(features)
     logits = member.head.classify(pooled, stochastic=member.training)
     ce = F.cross_entropy(logits, labels, weight=class_weights)
@@ -129,7 +137,13 @@ def member_loss(member: Member, images: torch.Tensor, labels: torch.Tensor, *,
             loc = localisation_loss(member.head, features[keep], labels[keep], masks[keep], negative_index,
                                     localisation)
             total = total + localisation_weight * loc
-    return LossParts(total, ce, var, logits, loc)
+    seg = None
+    if seg_head is not None:
+        has = ~torch.isnan(masks[:, 0, 0, 0])
+        if bool(has.any()):
+            seg = segmentation_loss(seg_head([s[has] for s in steps]), masks[has])
+            total = total + segmentation_weight * seg
+    return LossParts(total, ce, var, logits, loc, seg)
 
 
 @dataclass
@@ -155,6 +169,7 @@ class LoopSettings:
     channels_last: bool = False
     localisation_weight: float = 0.0
     localisation_loss: str = "bce"
+    segmentation_weight: float = 0.0
     negative_index: int = 0
 
 
@@ -345,10 +360,11 @@ def train_member(member: Member, train: Cached, val: Cached, settings: LoopSetti
             epoch = state["epoch"] + 1
             t0 = time.perf_counter()
             member.train()
-            seen, loss_sum, ce_sum, var_sum, loc_sum, loc_seen = 0, 0.0, 0.0, 0.0, 0.0, 0
+            seen, loss_sum, ce_sum, var_sum, loc_sum, loc_seen, seg_sum, seg_seen = 0, 0.0, 0.0, 0.0, 0.0, 0, 0.0, 0
             lr_used = optimizer.param_groups[0]["lr"]
             for idx in _batches(n_train, settings.batch_size, generator):
-                wanted = _batch_masks(train, idx) if settings.localisation_weight else None
+                wanted = (_batch_masks(train, idx) if settings.localisation_weight or settings.segmentation_weight
+                          else None)
                 x, masks = _inputs(train.images[idx], wanted, settings, generator, augment=True)
                 y = train.labels[idx].to(device, non_blocking=True)
                 parts = member_loss(member, x, y, lambda_var=settings.lambda_var,
@@ -357,7 +373,8 @@ def train_member(member: Member, train: Cached, val: Cached, settings: LoopSetti
                                     masks=_mark_missing(masks, train, idx),
                                     localisation_weight=settings.localisation_weight,
                                     negative_index=settings.negative_index,
-                                    localisation=settings.localisation_loss)
+                                    localisation=settings.localisation_loss,
+                                    segmentation_weight=settings.segmentation_weight)
                 optimizer.zero_grad(set_to_none=True)
                 parts.total.backward()
                 optimizer.step()
@@ -370,6 +387,9 @@ def train_member(member: Member, train: Cached, val: Cached, settings: LoopSetti
                 if parts.loc is not None:
                     loc_sum += float(parts.loc.detach()) * b
                     loc_seen += b
+                if parts.seg is not None:
+                    seg_sum += float(parts.seg.detach()) * b
+                    seg_seen += b
                 rate = seen / max(time.perf_counter() - t0, 1e-9)
                 bar.set_postfix_str(f"epoch {epoch}/{settings.epochs} loss {loss_sum / seen:.3f} "
                                     f"{rate:.0f} img/s")
@@ -393,7 +413,8 @@ def train_member(member: Member, train: Cached, val: Cached, settings: LoopSetti
             row = {"member": member.name, "epoch": epoch,
                    "train_loss": loss_sum / max(seen, 1), "train_ce": ce_sum / max(seen, 1),
                    "train_var": var_sum / max(seen, 1),
-                   "train_loc": loc_sum / loc_seen if loc_seen else "", "val_loss": val_loss,
+                   "train_loc": loc_sum / loc_seen if loc_seen else "",
+                   "train_seg": seg_sum / seg_seen if seg_seen else "", "val_loss": val_loss,
                    "val_accuracy": val_acc, "lr": lr_used, "seconds": seconds,
                    "images_per_s": seen / max(train_seconds, 1e-9), "best": improved,
                    "warning": ""}

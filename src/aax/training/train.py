@@ -43,6 +43,7 @@ from aax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from aax.models import runfiles
 from aax.models.device import default_channels_last, resolve_device
 from aax.models.members import DEFAULT_MEMBERS, MEMBERS, Member, build_member
+from aax.models.members.segment import has_seg_head
 from aax.models.runfiles import RunError
 from aax.training.init import zero_init_residuals
 from aax.training.loop import LoopSettings, MemberOutcome, train_member
@@ -120,6 +121,10 @@ class TrainConfig:
         localisation_weight: weight ``w`` of the localisation term on reviewed masks
             (:func:`aax.training.loop.localisation_loss`); only used when training with reviews.
         localisation_loss: its form, ``"bce"`` or ``"spatial"`` (:data:`aax.training.loop.LOCALISATION_LOSSES`).
+        segmentation_weight: with reviewed masks and a weight above 0, every member gets a
+            light segmentation head on its features (:mod:`aax.models.members.segment`),
+            trained on the masks with this weight, and the run's masks come from its maps
+            (``maps.source = "segmentation"``; XGrad-CAM stays the saliency map).
         warm_start: a finished RUN folder: every member starts from that RUN's trained member
             of the same name (backbone and head; the classes must match) instead of
             ``weights`` or ImageNet, at the fine-tuning learning rate (``aax retrain --warm-start``).
@@ -159,6 +164,7 @@ class TrainConfig:
     pretrained: str | None = "imagenet"
     localisation_weight: float = 0.1
     localisation_loss: str = "bce"
+    segmentation_weight: float = 0.0
     warm_start: str | None = None
 
     # Fields that do not change what is trained: free to differ on --resume.
@@ -185,6 +191,8 @@ class TrainConfig:
             raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {self.output_stride}")
         if not self.localisation_weight >= 0.0:
             raise ValueError(f"localisation_weight must be >= 0, got {self.localisation_weight}")
+        if not self.segmentation_weight >= 0.0:
+            raise ValueError(f"segmentation_weight must be >= 0, got {self.segmentation_weight}")
         from aax.training.loop import LOCALISATION_LOSSES
 
         if self.localisation_loss not in LOCALISATION_LOSSES:
@@ -232,15 +240,16 @@ class TrainConfig:
         return self.warm_start is not None or name in self.weights or self.pretrained == "imagenet"
 
 
-def default_maps(train_stride: int) -> Any:
+def default_maps(train_stride: int, segmentation: bool = False) -> Any:
     """The map settings a new run gets: its class pass at the trained stride, its maps at
     :data:`aax.models.maps.DEFAULT_MAP_STRIDE` (or the trained stride, if finer), the fused map
     averaged over superpixels (docs/quality.md: better or equal on the four sets measured;
-    calibration on validation masks may turn it off)."""
+    calibration on validation masks may turn it off); with ``segmentation`` (members with
+    segmentation heads), masks fused from the heads' maps."""
     from aax.models.maps import DEFAULT_MAP_STRIDE, MapOptions
 
     return MapOptions(class_stride=train_stride, map_stride=min(train_stride, DEFAULT_MAP_STRIDE),
-                      refine="superpixels")
+                      refine="superpixels", source="segmentation" if segmentation else "cam")
 
 
 def default_negative_class(classes: Sequence[str]) -> str:
@@ -459,6 +468,7 @@ def prepare_run(data: Any, out: str | os.PathLike[str], config: TrainConfig | No
     _check_data(train_set, val_set, classes)
 
     normalisation = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    segmentation = bool(config.segmentation_weight and train_set.n_masks)
     manifest = resumed or {}
     manifest.update({
         "aax_version": __version__, "status": "training",
@@ -469,7 +479,7 @@ def prepare_run(data: Any, out: str | os.PathLike[str], config: TrainConfig | No
         "theta": manifest.get("theta", THETA), "tau": manifest.get("tau", TAU),
         "mc_passes": manifest.get("mc_passes", MC_PASSES),
         "quorum": _quorum(len(config.members)),
-        "maps": manifest.get("maps") or default_maps(config.output_stride).to_dict(),
+        "maps": manifest.get("maps") or default_maps(config.output_stride, segmentation).to_dict(),
         "data": _data_block(dataset, root, config, train_idx, val_idx, train_set, val_set,
                             classes, skipped),
         "training": config.settings(),
@@ -479,7 +489,8 @@ def prepare_run(data: Any, out: str | os.PathLike[str], config: TrainConfig | No
     if merged is not None:
         manifest["reviews"] = {**merged.record, "n_masks_used": train_set.n_masks,
                                "localisation_weight": config.localisation_weight,
-                               "localisation_loss": config.localisation_loss}
+                               "localisation_loss": config.localisation_loss,
+                               "segmentation_weight": config.segmentation_weight if segmentation else 0.0}
         _say(f"learning from {merged.record['n']} reviews ({merged.corrected} corrected labels, "
              f"{len(merged.added)} new images, {train_set.n_masks} masks at weight "
              f"{config.localisation_weight})")
@@ -601,7 +612,13 @@ def _warm_start(member: Member, name: str, run: str, classes: Sequence[str]) -> 
     if list(checkpoint.get("classes", [])) != list(classes):
         raise RunError(f"cannot warm-start {name} from {path}: its classes {checkpoint.get('classes')} are not "
                        f"the data's {list(classes)}")
-    member.load_state_dict(checkpoint["state_dict"])
+    if has_seg_head(checkpoint["state_dict"]):
+        member.add_segmentation()
+    # a segmentation head the old member lacks starts fresh; every other weight must fit
+    missing, unexpected = member.load_state_dict(checkpoint["state_dict"], strict=False)
+    misfits = [k for k in missing if not k.startswith("seg.")] + list(unexpected)
+    if misfits:
+        raise RunError(f"cannot warm-start {name} from {path}: its weights do not fit ({', '.join(misfits[:5])})")
     _say(f"{name} <- {path} (warm start)")
     return "warm start"
 
@@ -618,6 +635,9 @@ def _train_one(name: str, config: TrainConfig, classes: Sequence[str], train_set
     weights_report = None
     init = "default"
     source = config.member_weights(name)
+    segmenting = bool(config.segmentation_weight and train_set.n_masks)
+    if segmenting:  # before any weights load: a warm start may bring the old run's head
+        member.add_segmentation()
     if config.warm_start is not None:
         init = _warm_start(member, name, config.warm_start, classes)
     elif source is not None:
@@ -642,6 +662,7 @@ def _train_one(name: str, config: TrainConfig, classes: Sequence[str], train_set
         recalibrate_bn=config.recalibrate_bn, progress=config.progress,
         localisation_weight=config.localisation_weight if train_set.n_masks else 0.0,
         localisation_loss=config.localisation_loss,
+        segmentation_weight=config.segmentation_weight if segmenting else 0.0,
         negative_index=negative_index,
         channels_last=(default_channels_last(device) if config.channels_last is None
                        else config.channels_last))

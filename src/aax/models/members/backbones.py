@@ -25,6 +25,7 @@ from torch.nn import functional as F
 
 from aax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from aax.models.members.head import MCHead
+from aax.models.members.segment import SegHead
 
 # Batch-norm momentum for every member. MONAI's EfficientNetBN defaults to the
 # TF-style 0.01: on small data its running statistics never settle and eval-mode
@@ -51,6 +52,25 @@ class Member(nn.Module):
         self.num_classes = num_classes
         self.head = MCHead(self.feature_dim, num_classes, dropout)
         self.output_stride = 32
+        self.seg: SegHead | None = None  # added by add_segmentation (aax retrain --segmentation-weight)
+
+    def add_segmentation(self) -> SegHead:
+        """Give the member a :class:`~aax.models.members.segment.SegHead` (if it has none yet)
+        on the device of its weights, and return it."""
+        if self.seg is None:
+            from aax.models.members.segment import build_seg_head
+
+            self.seg = build_seg_head(self).to(next(self.parameters()).device)
+        return self.seg
+
+    def features_and_steps(self, x: torch.Tensor, steps: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``A`` (as :meth:`features`) and the outputs of ``steps`` of :meth:`stages`, from one pass."""
+        outputs = []
+        for i, step in enumerate(self.stages()):
+            x = step(x)
+            if i in steps:
+                outputs.append(x)
+        return x, outputs
 
     def set_output_stride(self, stride: int) -> Member:
         """Run the backbone at output stride ``stride`` (32, 16 or 8), in place.

@@ -118,11 +118,12 @@ class LoadReport:
     def backbone_problems(self) -> list[str]:
         """Keys that leave part of the backbone uninitialised or unused.
 
-        Classifier keys and BN ``num_batches_tracked`` counters (absent from older
-        torchvision files, and harmless) do not count.
+        Classifier keys, an AAX member's segmentation-head keys and BN
+        ``num_batches_tracked`` counters (absent from older torchvision files, and
+        harmless) do not count.
         """
         missing = [k for k in self.missing if not k.endswith("num_batches_tracked")]
-        skipped = [k for k in self.skipped if not _CLASSIFIER.match(k)]
+        skipped = [k for k in self.skipped if not _CLASSIFIER.match(k) and not k.startswith("seg.")]
         return missing + skipped + list(self.unexpected)
 
     def summary(self) -> str:
@@ -265,6 +266,10 @@ def load_weights(member: Member, source: str | os.PathLike[str] | Mapping[str, o
     new_values: dict[str, torch.Tensor] = {}
     misfits: set[str] = set()  # target keys whose source value was skipped for its shape
     for src_key, value in state.items():
+        if src_key.startswith("seg."):  # an AAX member's segmentation head: not part of the backbone
+            report.skipped.append(src_key)
+            report.notes[src_key] = "segmentation head: not loaded, it is trained on the run's own reviewed masks"
+            continue
         key = src_key if src_key in targets else rename(src_key)
         if _CLASSIFIER.match(src_key) or _CLASSIFIER.match(key):
             report.skipped.append(src_key)

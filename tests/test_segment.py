@@ -1,0 +1,52 @@
+"""The members' segmentation heads: which steps they read, their loss, their maps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aax.models.members import MEMBERS, build_member
+from aax.models.members.segment import has_seg_head, segment_maps, segmentation_loss
+
+
+@pytest.mark.parametrize("name", sorted(MEMBERS))
+def test_every_member_segments_at_stride_8_and_its_head_survives_a_round_trip(name):
+    member = build_member(name, 2).eval()
+    seg = member.add_segmentation()
+    assert member.add_segmentation() is seg  # one head, however often asked
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        maps = segment_maps(member, x)
+    assert maps.shape == (2, 8, 8) and float(maps.min()) >= 0.0 and float(maps.max()) <= 1.0
+    state = member.state_dict()
+    assert has_seg_head(state) and not has_seg_head(build_member(name, 2).state_dict())
+    again = build_member(name, 2)
+    again.add_segmentation()
+    again.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        assert torch.allclose(segment_maps(again.eval(), x), maps)
+
+
+def test_segmentation_loss_rewards_the_mask_and_penalises_its_inverse():
+    masks = torch.zeros(2, 1, 32, 32)
+    masks[0, :, 8:24, 8:24] = 1.0  # a square; the second image has no finding
+    right = torch.where(torch.nn.functional.avg_pool2d(masks, 4) > 0.5, 8.0, -8.0)  # [2, 1, 8, 8] logits
+    good, bad = segmentation_loss(right, masks).item(), segmentation_loss(-right, masks).item()
+    assert good < 0.3 < 2.0 < bad  # (the bilinear resize blurs the right edges a little)
+
+
+def test_the_segmentation_source_needs_a_head():
+    member = build_member("efficientnet-lite0", 2).eval()
+    with pytest.raises(ValueError, match="no segmentation head"):
+        segment_maps(member, torch.zeros(1, 3, 64, 64))
+
+
+def test_an_aax_checkpoint_with_a_head_loads_as_backbone_weights():
+    from aax.models.members.weights import load_weights
+
+    source = build_member("efficientnet-lite0", 2)
+    source.add_segmentation()
+    target = build_member("efficientnet-lite0", 3)
+    report = load_weights(target, source.state_dict())
+    assert not report.backbone_problems and any(k.startswith("seg.") for k in report.skipped)
+    assert torch.equal(target.net._conv_stem.weight, source.net._conv_stem.weight)
