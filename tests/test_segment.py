@@ -50,3 +50,16 @@ def test_an_aax_checkpoint_with_a_head_loads_as_backbone_weights():
     report = load_weights(target, source.state_dict())
     assert not report.backbone_problems and any(k.startswith("seg.") for k in report.skipped)
     assert torch.equal(target.net._conv_stem.weight, source.net._conv_stem.weight)
+
+
+def test_members_get_heads_only_from_ten_reviewed_masks_and_a_weight():
+    from types import SimpleNamespace
+
+    from aax.training.train import MIN_SEGMENTATION_MASKS, TrainConfig
+
+    config = TrainConfig()
+    assert config.segments(SimpleNamespace(n_masks=MIN_SEGMENTATION_MASKS))
+    assert not config.segments(SimpleNamespace(n_masks=MIN_SEGMENTATION_MASKS - 1))
+    assert not TrainConfig(segmentation_weight=0.0).segments(SimpleNamespace(n_masks=500))
+    with pytest.raises(ValueError, match="segmentation_weight"):
+        TrainConfig(segmentation_weight=-1.0).validate()

@@ -30,9 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--localisation-loss", choices=["bce", "spatial"], default=None,
                    help="form of the localisation loss (default: RUN's, else bce; docs/reviews.md)")
     p.add_argument("--segmentation-weight", type=non_negative_float, default=None,
-                   help="weight of a segmentation head's loss on reviewed masks: above 0, every member gets a light "
-                        "segmentation head on its features and the run's masks come from its maps (default: RUN's, else 0: "
-                        "masks from XGrad-CAM; docs/reviews.md)")
+                   help="weight of the segmentation heads' loss on reviewed masks: from 10 masks, every member gets a "
+                        "light segmentation head on its features and the run's masks come from the heads' maps "
+                        "(default RUN's, else 0.3; 0: masks from XGrad-CAM; docs/reviews.md)")
     p.add_argument("--epochs", type=int, default=None, help="maximum epochs per member (default: RUN's)")
     p.add_argument("--warm-start", action="store_true",
                    help="start every member from RUN's instead of from its initial weights (ImageNet); "

@@ -76,9 +76,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="its form: bce per cell, or spatial (where the map is high, not how high; "
                         "default bce; docs/reviews.md)")
     p.add_argument("--segmentation-weight", type=non_negative_float, default=None,
-                   help="weight of a segmentation head's loss on reviewed masks: above 0, every member gets a light "
-                        "segmentation head on its features and the run's masks come from its maps (default 0: "
-                        "masks from XGrad-CAM; docs/reviews.md)")
+                   help="weight of the segmentation heads' loss on reviewed masks: from 10 masks, every member gets a "
+                        "light segmentation head on its features and the run's masks come from the heads' maps "
+                        "(default 0.3; 0: masks from XGrad-CAM; docs/reviews.md)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--novelty-images", default=None, metavar="PATH",
                    help="when calibrating at the end, set the novelty thresholds on these unlabelled "

@@ -70,6 +70,10 @@ CHANCE_MARGIN = 0.1
 # Settings a run written before they existed had implicitly (see _check_resumable).
 LEGACY_DEFAULTS: dict[str, Any] = {"pretrained": None}
 
+MIN_SEGMENTATION_MASKS = 10
+"""Reviewed masks a run needs before its members get segmentation heads: with fewer, a
+head learns little and the masks stay XGrad-CAM's."""
+
 # Decision settings written into every manifest (paper 3.3 / 4.1); calibration may
 # replace theta and tau later.
 THETA, TAU, MC_PASSES = 0.1, 0.5, 30
@@ -121,10 +125,11 @@ class TrainConfig:
         localisation_weight: weight ``w`` of the localisation term on reviewed masks
             (:func:`aax.training.loop.localisation_loss`); only used when training with reviews.
         localisation_loss: its form, ``"bce"`` or ``"spatial"`` (:data:`aax.training.loop.LOCALISATION_LOSSES`).
-        segmentation_weight: with reviewed masks and a weight above 0, every member gets a
-            light segmentation head on its features (:mod:`aax.models.members.segment`),
-            trained on the masks with this weight, and the run's masks come from its maps
-            (``maps.source = "segmentation"``; XGrad-CAM stays the saliency map).
+        segmentation_weight: with at least :data:`MIN_SEGMENTATION_MASKS` reviewed masks and a
+            weight above 0, every member gets a light segmentation head on its features
+            (:mod:`aax.models.members.segment`), trained on the masks with this weight, and
+            the run's masks come from the heads' maps (``maps.source = "segmentation"``).
+            0 keeps XGrad-CAM's maps and the localisation term alone (docs/reviews.md).
         warm_start: a finished RUN folder: every member starts from that RUN's trained member
             of the same name (backbone and head; the classes must match) instead of
             ``weights`` or ImageNet, at the fine-tuning learning rate (``aax retrain --warm-start``).
@@ -164,7 +169,7 @@ class TrainConfig:
     pretrained: str | None = "imagenet"
     localisation_weight: float = 0.1
     localisation_loss: str = "bce"
-    segmentation_weight: float = 0.0
+    segmentation_weight: float = 0.3
     warm_start: str | None = None
 
     # Fields that do not change what is trained: free to differ on --resume.
@@ -202,6 +207,10 @@ class TrainConfig:
         extra = sorted(set(self.weights) - set(self.members))
         if extra:
             raise ValueError(f"weights given for members not trained: {extra}")
+
+    def segments(self, train_set: Cached) -> bool:
+        """Whether the members get segmentation heads: a weight above 0 and enough reviewed masks."""
+        return bool(self.segmentation_weight) and train_set.n_masks >= MIN_SEGMENTATION_MASKS
 
     def settings(self) -> dict[str, Any]:
         """The fields that define what is trained (JSON-friendly), as stored in the manifest."""
@@ -468,7 +477,7 @@ def prepare_run(data: Any, out: str | os.PathLike[str], config: TrainConfig | No
     _check_data(train_set, val_set, classes)
 
     normalisation = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
-    segmentation = bool(config.segmentation_weight and train_set.n_masks)
+    segmentation = config.segments(train_set)
     manifest = resumed or {}
     manifest.update({
         "aax_version": __version__, "status": "training",
@@ -635,7 +644,7 @@ def _train_one(name: str, config: TrainConfig, classes: Sequence[str], train_set
     weights_report = None
     init = "default"
     source = config.member_weights(name)
-    segmenting = bool(config.segmentation_weight and train_set.n_masks)
+    segmenting = config.segments(train_set)
     if segmenting:  # before any weights load: a warm start may bring the old run's head
         member.add_segmentation()
     if config.warm_start is not None:
