@@ -15,7 +15,9 @@ share of that cell the mask covers (:func:`localisation_loss`): ``"bce"``, a bin
 cross-entropy per cell, or ``"spatial"``, the KL divergence from the mask's spread over
 the cells to the softmax of the margins over the cells, which only asks *where* the map
 is high and so leaves the pooled logit, the classification, to the cross-entropy. It
-teaches a member where to look; XGrad-CAM stays the map AAX reports.
+teaches a member where to look. A member with a segmentation head
+(:mod:`aax.models.members.segment`) adds ``s * Seg``, its BCE + Dice on every image with
+a reviewed mask, from the same backbone pass.
 
 Validation uses the same function in eval mode: the cross-entropy is then that of the
 deterministic head (dropout off, BN running statistics), which is what an eval-mode
@@ -237,7 +239,7 @@ def _mark_missing(masks: torch.Tensor | None, data: Cached, idx: torch.Tensor) -
     if masks is None:
         return None
     missing = ~data.has_mask[idx].to(masks.device)
-    masks[missing] = float("nan")  # member_loss skips these images' localisation term
+    masks[missing] = float("nan")  # member_loss leaves these images out of its mask terms
     return masks
 
 
