@@ -30,8 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the maps masks are fused from: cam = XGrad-CAM (the paper's), patch = where the "
                         "features are far from every patch of the negative training images (needs the "
                         "RUN's patch bank, which `aax calibrate RUN --map-sources cam patch` makes; docs/quality.md), "
-                        "segmentation = the members' segmentation heads (a RUN retrained on reviewed masks with "
-                        "--segmentation-weight; docs/reviews.md). Default: the RUN's")
+                        "segmentation = the members' segmentation heads (a RUN retrained on 10 or more reviewed "
+                        "masks; docs/reviews.md). Default: the RUN's")
     p.add_argument("--refine", choices=["none", "superpixels"], default=None,
                    help="average the fused map over the image's superpixels before tau (superpixels), or "
                         "threshold it as it is (none, the paper's). Default: the RUN's (new runs: superpixels)")

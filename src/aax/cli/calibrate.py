@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the map sources to choose from where the validation data has masks (default: the "
                         "RUN's own, XGrad-CAM unless set). With patch, the RUN's patch bank is made first "
                         "from its negative training images (docs/quality.md: patch maps cost 1.6x stride-32 "
-                        "annotation); segmentation needs members retrained with --segmentation-weight")
+                        "annotation); segmentation needs members retrained on 10 or more reviewed masks")
     p.add_argument("--tau-without-masks", choices=["keep", "otsu"], default="keep",
                    help="without ground-truth masks: keep the RUN's tau, or use each image's Otsu "
                         "threshold (default keep)")

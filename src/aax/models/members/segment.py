@@ -8,7 +8,7 @@ steps (:meth:`~aax.models.members.Member.stages`: the last at output stride 8, a
 at 32), projects each to :data:`WIDTH` channels, sums them on the finest grid and
 predicts a per-cell logit: a feature pyramid (Lin et al. 2017) reduced to its smallest
 form, about 55 k parameters on an EfficientNet-Lite backbone of 3.4-4.8 M. Trained with
-the members (``aax retrain --segmentation-weight``), it shares their features, so the
+the members (``aax retrain``, ``--segmentation-weight``), it shares their features, so the
 backbone learns from the masks too; its maps are a map source beside XGrad-CAM
 (``maps.source = "segmentation"``, :func:`segment_maps`) that the decision protocol
 fuses and thresholds exactly as it does the CAMs. The class, the uncertainty and the
@@ -116,7 +116,7 @@ def segment_maps(member: Member, x: torch.Tensor) -> torch.Tensor:
     seg = getattr(member, "seg", None)
     if seg is None:
         raise ValueError(f"{member.name} has no segmentation head: the 'segmentation' map source needs a run "
-                         "retrained on reviewed masks with --segmentation-weight")
+                         "retrained on at least 10 reviewed masks with a --segmentation-weight above 0")
     outputs = []
     for i, step in enumerate(member.stages()[:max(seg.steps) + 1]):
         x = step(x)
