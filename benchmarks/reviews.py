@@ -236,7 +236,7 @@ def figure(results: dict[str, Any], path: Path) -> None:
                       key=lambda r: r["budget"])
         rows = ([base] if base else []) + rows
         budgets = [r["budget"] for r in rows]
-        label = f"AAX, {order} order" + ("" if loc == _localisation({}) else f", {loc}")
+        label = f"AAX, {order} order, {loc}"
         (line,) = ax_iou.plot(budgets, [100 * r["iou_mean"] for r in rows], marker="o", label=label)
         colour = line.get_color()  # one colour a setting in both panels, its UNet dashed
         ax_acc.plot(budgets, [100 * r["accuracy"] for r in rows], marker="o", label=label, color=colour)
