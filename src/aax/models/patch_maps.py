@@ -59,12 +59,7 @@ def features_and_patches(member: Member, x: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def _run(member: Member, x: torch.Tensor, stop: int | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    outs = []
-    for i, step in enumerate(member.stages()[:stop]):
-        x = step(x)
-        if i in PATCH_STAGES:
-            outs.append(x)
-    return x, outs
+    return member.features_and_steps(x, PATCH_STAGES, stop)
 
 
 def combine(outs: Sequence[torch.Tensor]) -> torch.Tensor:

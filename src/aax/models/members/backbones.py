@@ -63,10 +63,12 @@ class Member(nn.Module):
             self.seg = build_seg_head(self).to(next(self.parameters()).device)
         return self.seg
 
-    def features_and_steps(self, x: torch.Tensor, steps: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """``A`` (as :meth:`features`) and the outputs of ``steps`` of :meth:`stages`, from one pass."""
+    def features_and_steps(self, x: torch.Tensor, steps: Sequence[int],
+                           stop: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``A`` (as :meth:`features`; with ``stop``, the output of the steps before it) and
+        the outputs of ``steps`` of :meth:`stages`, from one pass."""
         outputs = []
-        for i, step in enumerate(self.stages()):
+        for i, step in enumerate(self.stages()[:stop]):
             x = step(x)
             if i in steps:
                 outputs.append(x)

@@ -117,9 +117,5 @@ def segment_maps(member: Member, x: torch.Tensor) -> torch.Tensor:
     if seg is None:
         raise ValueError(f"{member.name} has no segmentation head: the 'segmentation' map source needs a run "
                          "retrained on at least 10 reviewed masks with a --segmentation-weight above 0")
-    outputs = []
-    for i, step in enumerate(member.stages()[:max(seg.steps) + 1]):
-        x = step(x)
-        if i in seg.steps:
-            outputs.append(x)
+    _, outputs = member.features_and_steps(x, seg.steps, stop=max(seg.steps) + 1)
     return torch.sigmoid(seg(outputs).float())[:, 0]
