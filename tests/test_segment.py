@@ -63,3 +63,14 @@ def test_members_get_heads_only_from_ten_reviewed_masks_and_a_weight():
     assert not TrainConfig(segmentation_weight=0.0).segments(SimpleNamespace(n_masks=500))
     with pytest.raises(ValueError, match="segmentation_weight"):
         TrainConfig(segmentation_weight=-1.0).validate()
+
+
+def test_the_class_pass_gives_the_same_segmentation_maps_as_a_pass_of_their_own():
+    from aax.models.members.segment import features_and_segments
+
+    member = build_member("efficientnet-lite0", 2).eval()
+    member.add_segmentation()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a, maps = features_and_segments(member, x)
+        assert torch.allclose(a, member.features(x)) and torch.allclose(maps, segment_maps(member, x))

@@ -176,10 +176,11 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
     shared: dict[int, torch.Tensor] = {}  # class-pass maps a finer map pass starts from
     autocast = torch.autocast(device.type) if amp and device.type == "cuda" else contextlib.nullcontext()
     patches: list[torch.Tensor] | None = [] if settings.maps.source == "patch" else None
+    segments: list[torch.Tensor] | None = [] if settings.maps.source == "segmentation" else None
     for m, member in enumerate(ensemble.members.values()):
         member_seeds = None if seeds is None else [(s * 31 + m) & 0xFFFFFFFF for s in seeds]
         with autocast:
-            a = class_features(member, x, settings.maps, shared, patches)
+            a = class_features(member, x, settings.maps, shared, patches, segments)
         a = a.float()
         pooled = member.head.pool(a)
         summary = summarize(mc_probabilities(member.head, pooled, settings.mc_passes, member_seeds))
@@ -193,7 +194,8 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
 
     # Every member's map of an image shows the same class: the positive class in question.
     cam_class = torch.tensor([map_class(p, ensemble.negative_index) for p in probs_np], device=device)
-    raw, grids = saliency_maps(ensemble, x, feats, cam_class, settings.maps, autocast, shared, patches)  # [B, M, h, w]
+    raw, grids = saliency_maps(ensemble, x, feats, cam_class, settings.maps, autocast, shared, patches,
+                               segments)  # [B, M, h, w]
     shared.clear()
     agreement = map_agreement(raw)  # [B, M]; what the "disagreement" review order ranks by
 

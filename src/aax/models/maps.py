@@ -48,7 +48,7 @@ from aax.models.explain import Grid, XGradCAM, normalise, upsample
 from aax.models.mask_settings import FUSIONS, MAP_SOURCES
 from aax.models.members import OUTPUT_STRIDES, Member
 from aax.models.members.backbones import output_stride
-from aax.models.members.segment import segment_maps
+from aax.models.members.segment import features_and_segments, segment_maps
 from aax.models.patch_maps import distance_maps, features_and_patches, patch_features
 from aax.models.refine import REFINES
 
@@ -136,14 +136,16 @@ class MapOptions:
 
 def class_features(member: Member, x: torch.Tensor, options: MapOptions,
                    shared: dict[int, torch.Tensor] | None = None,
-                   patches: list[torch.Tensor] | None = None) -> torch.Tensor:
+                   patches: list[torch.Tensor] | None = None,
+                   segments: list[torch.Tensor] | None = None) -> torch.Tensor:
     """``A`` of the class pass (at ``options.class_stride``).
 
     With ``shared`` (a dict), when the map pass runs at another stride, the class pass's
     map after the steps both strides compute alike is kept in it (by ``id(member)``):
     the map pass then starts from there (:meth:`~aax.models.members.Member.shared_stages`),
     and only the dilated stages run twice. With ``patches`` (a list), the member's patch
-    features (:mod:`aax.models.patch_maps`) are appended to it from the same pass.
+    features (:mod:`aax.models.patch_maps`) are appended to it from the same pass; with
+    ``segments``, its segmentation head's map (:mod:`aax.models.members.segment`).
     """
     # (a stand-in without strides, e.g. the benchmark's feature replay, runs as it is)
     if getattr(member, "output_stride", options.class_stride) != options.class_stride:
@@ -151,6 +153,10 @@ def class_features(member: Member, x: torch.Tensor, options: MapOptions,
     if patches is not None:  # the patch features come from steps the class pass runs anyway
         a, f = features_and_patches(member, x)
         patches.append(f)
+        return a
+    if segments is not None:  # as do the steps a segmentation head reads
+        a, s = features_and_segments(member, x)
+        segments.append(s)
         return a
     if shared is None or options.map_stride == options.class_stride:
         return member.features(x)
@@ -221,11 +227,13 @@ def member_maps(member: Member, x: torch.Tensor, features: torch.Tensor, cam_cla
 def saliency_maps(ensemble: Ensemble, x: torch.Tensor, features: Sequence[torch.Tensor],
                   cam_class: torch.Tensor, options: MapOptions, autocast: Any = None,
                   shared: dict[int, torch.Tensor] | None = None,
-                  patches: Sequence[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[Grid]]:
+                  patches: Sequence[torch.Tensor] | None = None,
+                  segments: Sequence[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[Grid]]:
     """Every member's raw maps, ``[B, M, h, w]`` (see :func:`member_maps`; with
     ``options.source == "patch"``, :func:`patch_member_maps`; with ``"segmentation"``, each
     member's segmentation head, :func:`aax.models.members.segment.segment_maps`), and the :class:`Grid`
-    of each member's maps, to resize them with (:func:`aax.models.explain.upsample`)."""
+    of each member's maps, to resize them with (:func:`aax.models.explain.upsample`).
+    ``patches``/``segments``: what :func:`class_features` kept of the class pass, if it did."""
     shared = shared or {}
     members = list(ensemble.members.values())
     if options.source == "patch":
@@ -234,10 +242,11 @@ def saliency_maps(ensemble: Ensemble, x: torch.Tensor, features: Sequence[torch.
                 for (name, member), f in zip(ensemble.members.items(), given)]
         grids = [patch_grid(member, x.shape[-2:], m.shape[-2:]) for member, m in zip(members, maps)]
     elif options.source == "segmentation":
-        maps = []
-        for member in members:
+        maps = list(segments) if segments is not None else []
+        for member in members[len(maps):]:
             with output_stride(member, options.class_stride), (autocast or contextlib.nullcontext()):
-                maps.append(segment_maps(member, x).float())
+                maps.append(segment_maps(member, x))
+        maps = [m.float() for m in maps]
         grids = [patch_grid(member, x.shape[-2:], m.shape[-2:]) for member, m in zip(members, maps)]
     else:
         maps = [member_maps(member, x, a, cam_class, options, autocast, shared.get(id(member)))

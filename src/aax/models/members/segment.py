@@ -106,6 +106,21 @@ def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor
     return F.binary_cross_entropy_with_logits(logits, masks) + dice
 
 
+def _head(member: Member) -> SegHead:
+    seg = getattr(member, "seg", None)
+    if seg is None:
+        raise ValueError(f"{member.name} has no segmentation head: the 'segmentation' map source needs a run "
+                         "retrained on at least 10 reviewed masks with a --segmentation-weight above 0")
+    return seg
+
+
+def features_and_segments(member: Member, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A`` (as ``member.features(x)``) and :func:`segment_maps`, from one backbone pass."""
+    seg = _head(member)
+    a, outputs = member.features_and_steps(x, seg.steps)
+    return a, torch.sigmoid(seg(outputs).float())[:, 0]
+
+
 def segment_maps(member: Member, x: torch.Tensor) -> torch.Tensor:
     """The member's segmentation probabilities ``[B, h, w]`` for a normalised batch ``x``
     (at the member's current output stride; only the steps the head reads run).
@@ -113,9 +128,6 @@ def segment_maps(member: Member, x: torch.Tensor) -> torch.Tensor:
     Raises:
         ValueError: the member has no segmentation head.
     """
-    seg = getattr(member, "seg", None)
-    if seg is None:
-        raise ValueError(f"{member.name} has no segmentation head: the 'segmentation' map source needs a run "
-                         "retrained on at least 10 reviewed masks with a --segmentation-weight above 0")
+    seg = _head(member)
     _, outputs = member.features_and_steps(x, seg.steps, stop=max(seg.steps) + 1)
     return torch.sigmoid(seg(outputs).float())[:, 0]
