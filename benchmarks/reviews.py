@@ -25,7 +25,7 @@ the table to ``OUT/reviews.md`` and the curves to ``OUT/reviews.png``::
         --out OUT --negative-class normal --class-weights balanced --size 128 --epochs 8
 
 Rerunning into the same OUT with another ``--localisation-loss`` / ``--localisation-weight``,
-or with ``--warm-start`` (retrained runs start from RUN0's members, for ``--retrain-epochs``),
+``--segmentation-weight`` / ``--segmentation-epochs`` (the heads' refit), or with ``--warm-start`` (retrained runs start from RUN0's members, for ``--retrain-epochs``),
 adds rows for that setting (RUN0 and the review lists are reused).
 """
 
@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--localisation-loss", choices=["bce", "spatial"], default="bce")
     p.add_argument("--segmentation-weight", type=float, default=0.0,
                    help="above 0: the retrained members get segmentation heads and masks come from them")
+    p.add_argument("--segmentation-epochs", type=int, default=60,
+                   help="epochs the heads are refitted on the masks over frozen features (0: none; default 60)")
     p.add_argument("--warm-start", action="store_true",
                    help="retrained runs start from RUN0's members (aax retrain --warm-start)")
     p.add_argument("--retrain-epochs", type=int, default=None,
@@ -86,6 +88,7 @@ def _config(args: argparse.Namespace) -> TrainConfig:
 def _retrain_config(args: argparse.Namespace, config: TrainConfig, run0: Path) -> TrainConfig:
     return TrainConfig(**{**config.__dict__, "epochs": args.retrain_epochs or args.epochs,
                           "segmentation_weight": args.segmentation_weight,
+                          "segmentation_epochs": args.segmentation_epochs,
                           "warm_start": str(run0.resolve()) if args.warm_start else None})
 
 
@@ -117,6 +120,8 @@ def _setting(args: argparse.Namespace) -> str:
         f"-{args.localisation_loss}{args.localisation_weight:g}"
     if args.segmentation_weight:
         tag += f"-seg{args.segmentation_weight:g}"
+        if args.segmentation_epochs:
+            tag += f"-refit{args.segmentation_epochs}"
     if args.warm_start:
         tag += f"-warm{args.retrain_epochs or args.epochs}"
     return tag
@@ -169,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"budget": n, "order": order, "n_masks": sum(r.mask is not None for r in reviews),
                        "localisation": {"loss": args.localisation_loss, "weight": args.localisation_weight},
                        "segmentation_weight": args.segmentation_weight,
+                       "segmentation_epochs": args.segmentation_epochs if args.segmentation_weight else 0,
                        "warm_start": args.warm_start, "epochs": retrain_config.epochs, **_scores(run, test)}
                 row["seconds"] = round(time.perf_counter() - t0, 1)  # retraining, calibration and scoring
             if not args.no_baseline:  # also for a row stored without it
@@ -198,6 +204,8 @@ def _localisation(row: dict[str, Any]) -> str:
     text = f"{loc['loss']} {loc['weight']:g}"
     if row.get("segmentation_weight"):
         text += f" + segmentation head {row['segmentation_weight']:g}"
+        refit = row.get("segmentation_epochs", 0)  # rows stored before the refit had none
+        text += f", refit {refit}" if refit else ", no refit"
     return text + (f", warm start ({row['epochs']} epochs)" if row.get("warm_start") else "")
 
 

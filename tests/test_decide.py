@@ -152,6 +152,11 @@ def test_otsu_by_hand() -> None:
     assert (v > t).tolist() == [False, False, False, False, True, True]
     assert t == pytest.approx(0.7)  # midway between .4 and 1
     assert otsu_threshold(np.full(4, 0.3)) == 0.3  # constant: nothing above
+    # a map all but 0 (a confident segmentation head's background): every value in the first
+    # of the 256 bins of [0, 1], still split in two
+    v = np.array([1e-5, 2e-5, 3e-5, 9e-4, 1e-3])
+    t = otsu_threshold(v)
+    assert (v > t).tolist() == [False, False, False, True, True]
 
 
 def test_binarise_and_tau_parsing() -> None:

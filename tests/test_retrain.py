@@ -185,6 +185,13 @@ def test_segmentation_heads_learn_the_reviewed_masks_and_make_the_masks(trained_
     manifest = json.loads((run / "aax.json").read_text())
     assert manifest["reviews"]["segmentation_weight"] == 1.0 and manifest["training"]["segmentation_weight"] == 1.0
     assert manifest["maps"]["source"] == "segmentation"  # kept by the calibration on the reviewed masks
+    # then each head alone was refitted on the masks (the default 60 epochs), and the
+    # checkpoint says so, so a resumed run does not refit it twice
+    for entry in manifest["members"]:
+        refit = entry["segmentation_refit"]
+        assert refit["epochs"] == 60 and refit["masks"] == manifest["reviews"]["n_masks_used"]
+        assert refit["loss_last"] < refit["loss_first"]
+        assert torch.load(run / entry["checkpoint"], weights_only=True)["segmentation_refit"] == refit
     history = (run / "history.csv").read_text().splitlines()
     column = history[0].split(",").index("train_seg")
     assert all(float(r.split(",")[column]) > 0 for r in history[1:])

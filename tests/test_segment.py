@@ -74,3 +74,37 @@ def test_the_class_pass_gives_the_same_segmentation_maps_as_a_pass_of_their_own(
     with torch.no_grad():
         a, maps = features_and_segments(member, x)
         assert torch.allclose(a, member.features(x)) and torch.allclose(maps, segment_maps(member, x))
+
+
+def test_the_head_refit_fits_the_masks_and_leaves_the_rest_of_the_member_alone():
+    from aax.models.members.weights import imagenet_source, load_weights
+    from aax.training.seg_refit import RefitSettings, refit_seg_head
+    from aax.training.tensors import Cached
+
+    torch.manual_seed(0)
+    member = build_member("efficientnet-lite0", 2)
+    load_weights(member, imagenet_source("efficientnet-lite0"))  # features that see the squares
+    member.add_segmentation()
+    n = 12
+    images = torch.randint(0, 256, (n, 3, 64, 64), dtype=torch.uint8)
+    masks = torch.zeros(n, 1, 64, 64, dtype=torch.uint8)
+    for i in range(n):  # a bright square where the mask is, a different place on each image
+        r, c = 8 + 4 * (i % 6), 8 + 3 * (i % 5)
+        images[i, :, r:r + 20, c:c + 20] = 255
+        masks[i, :, r:r + 20, c:c + 20] = 255
+    has = torch.ones(n, dtype=torch.bool)
+    has[-2:] = False  # two images without a reviewed mask are left out
+    data = Cached(images=images, labels=torch.ones(n, dtype=torch.long), indices=list(range(n)),
+                  masks=masks, has_mask=has)
+    others = {k: v.clone() for k, v in member.state_dict().items() if not k.startswith("seg.")}
+    member.train()
+    report = refit_seg_head(member, data, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), RefitSettings(epochs=60))
+    assert report["masks"] == 10 and report["epochs"] == 60
+    assert report["loss_last"] < 0.3 * report["loss_first"]
+    assert member.training  # its mode is given back
+    assert all(torch.equal(v, member.state_dict()[k]) for k, v in others.items())  # BN statistics included
+    with pytest.raises(ValueError, match="no reviewed mask"):
+        refit_seg_head(member, Cached(images=images, labels=data.labels, indices=data.indices), (0.5,) * 3,
+                       (0.25,) * 3, RefitSettings(epochs=1))
+    with pytest.raises(ValueError, match="no segmentation head"):
+        refit_seg_head(build_member("efficientnet-lite0", 2), data, (0.5,) * 3, (0.25,) * 3, RefitSettings())

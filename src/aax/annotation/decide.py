@@ -158,7 +158,17 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     lo, hi = float(v.min()), float(v.max())
     if hi <= lo:
         return hi
-    counts, edges = np.histogram(v, bins=bins, range=(0.0, 1.0) if lo >= 0.0 and hi <= 1.0 else (lo, hi))
+    split = _otsu_split(v, bins, (0.0, 1.0) if lo >= 0.0 and hi <= 1.0 else (lo, hi))
+    if split is None:  # every value in one bin of [0, 1] (a map all but 0): bins over its own range
+        split = _otsu_split(v, bins, (lo, hi))
+    below, above = v[v < split], v[v >= split]
+    return float((below.max() + above.min()) / 2.0)
+
+
+def _otsu_split(v: np.ndarray, bins: int, value_range: tuple[float, float]) -> float | None:
+    """The bin edge with the largest between-class variance; None where no edge has values
+    on both sides."""
+    counts, edges = np.histogram(v, bins=bins, range=value_range)
     centres = (edges[:-1] + edges[1:]) / 2.0
     w0 = np.cumsum(counts)[:-1].astype(float)
     w1 = v.size - w0
@@ -167,9 +177,7 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     m1 = (float((counts * centres).sum()) - s0) / np.maximum(w1, 1)
     between = np.where((w0 > 0) & (w1 > 0), w0 * w1 * (m0 - m1) ** 2, -1.0)
     k = int(between.argmax())  # bins 0..k below the split
-    split = edges[k + 1]
-    below, above = v[v < split], v[v >= split]
-    return float((below.max() + above.min()) / 2.0)
+    return float(edges[k + 1]) if between[k] >= 0.0 else None
 
 
 def binarise(score: np.ndarray, tau: float | str) -> np.ndarray:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from aax.cli._common import add_device_argument, non_negative_float
+from aax.cli._common import add_device_argument, non_negative_float, non_negative_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="weight of the segmentation heads' loss on reviewed masks: from 10 masks, every member gets a "
                         "light segmentation head on its features and the run's masks come from the heads' maps "
                         "(default RUN's, else 0.3; 0: masks from XGrad-CAM; docs/reviews.md)")
+    p.add_argument("--segmentation-epochs", type=non_negative_int, default=None, metavar="N",
+                   help="then refit each segmentation head alone on the reviewed masks for N epochs over the frozen "
+                        "member (default RUN's, else 60; 0: none)")
     p.add_argument("--epochs", type=int, default=None, help="maximum epochs per member (default: RUN's)")
     p.add_argument("--warm-start", action="store_true",
                    help="start every member from RUN's instead of from its initial weights (ImageNet); "
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         out = retrain(args.run, args.out, read_reviews_arg(args), data=args.data,
                       localisation_weight=args.localisation_weight, localisation_loss=args.localisation_loss,
-                      segmentation_weight=args.segmentation_weight,
+                      segmentation_weight=args.segmentation_weight, segmentation_epochs=args.segmentation_epochs,
                       epochs=args.epochs, warm_start=args.warm_start,
                       device=args.device, resume=args.resume, progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as exc:

@@ -79,6 +79,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="weight of the segmentation heads' loss on reviewed masks: from 10 masks, every member gets a "
                         "light segmentation head on its features and the run's masks come from the heads' maps "
                         "(default 0.3; 0: masks from XGrad-CAM; docs/reviews.md)")
+    p.add_argument("--segmentation-epochs", type=non_negative_int, default=None, metavar="N",
+                   help="then refit each segmentation head alone on the reviewed masks for N epochs over the frozen "
+                        "member (default 60; 0: none)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--novelty-images", default=None, metavar="PATH",
                    help="when calibrating at the end, set the novelty thresholds on these unlabelled "
@@ -147,6 +150,7 @@ def build_config(args: argparse.Namespace) -> Any:
         "localisation_weight": getattr(args, "localisation_weight", None),
         "localisation_loss": getattr(args, "localisation_loss", None),
         "segmentation_weight": getattr(args, "segmentation_weight", None),
+        "segmentation_epochs": getattr(args, "segmentation_epochs", None),
     }
     base.update({k: v for k, v in given.items() if v is not None})
     if base.get("pretrained") == "none":

@@ -34,7 +34,7 @@ def config_of(run: str | os.PathLike, **changes: Any) -> TrainConfig:
 
 def retrain(run: str | os.PathLike, out: str | os.PathLike, reviews: Sequence[Any], *,
             data: Any = None, localisation_weight: float | None = None, localisation_loss: str | None = None,
-            segmentation_weight: float | None = None,
+            segmentation_weight: float | None = None, segmentation_epochs: int | None = None,
             epochs: int | None = None, warm_start: bool = False,
             device: str | None = None, resume: bool = False, progress: bool = True) -> Path:
     """Train a new RUN ``out`` like ``run``, learning from ``reviews``
@@ -49,6 +49,8 @@ def retrain(run: str | os.PathLike, out: str | os.PathLike, reviews: Sequence[An
         localisation_loss: overrides its stored form (``"bce"`` or ``"spatial"``).
         segmentation_weight: overrides the stored weight of the segmentation head's loss
             (above 0: the members get segmentation heads and the masks come from them).
+        segmentation_epochs: overrides the stored epochs of the heads' refit on the masks
+            (:mod:`aax.training.seg_refit`).
         epochs: overrides the stored maximum epochs.
         warm_start: start every member from ``run``'s trained member rather than from its
             initial weights (fewer epochs are then enough; see docs/reviews.md).
@@ -65,7 +67,7 @@ def retrain(run: str | os.PathLike, out: str | os.PathLike, reviews: Sequence[An
         if not data:
             raise ValueError(f"{run}: the manifest records no data source; pass the dataset (--data)")
     config = config_of(run, localisation_weight=localisation_weight, localisation_loss=localisation_loss,
-                       segmentation_weight=segmentation_weight,
+                       segmentation_weight=segmentation_weight, segmentation_epochs=segmentation_epochs,
                        epochs=epochs,
                        data_format=(manifest.get("data") or {}).get("format"))
     config = dataclasses.replace(config, device=device, resume=resume, progress=progress,

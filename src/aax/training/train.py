@@ -130,6 +130,9 @@ class TrainConfig:
             (:mod:`aax.models.members.segment`), trained on the masks with this weight, and
             the run's masks come from the heads' maps (``maps.source = "segmentation"``).
             0 keeps XGrad-CAM's maps and the localisation term alone (docs/reviews.md).
+        segmentation_epochs: once a member with a segmentation head is trained, its head
+            alone is refitted on the reviewed masks for this many epochs over the frozen
+            backbone (:mod:`aax.training.seg_refit`); 0: the head stays as trained.
         warm_start: a finished RUN folder: every member starts from that RUN's trained member
             of the same name (backbone and head; the classes must match) instead of
             ``weights`` or ImageNet, at the fine-tuning learning rate (``aax retrain --warm-start``).
@@ -170,6 +173,7 @@ class TrainConfig:
     localisation_weight: float = 0.1
     localisation_loss: str = "bce"
     segmentation_weight: float = 0.3
+    segmentation_epochs: int = 60
     warm_start: str | None = None
 
     # Fields that do not change what is trained: free to differ on --resume.
@@ -198,6 +202,8 @@ class TrainConfig:
             raise ValueError(f"localisation_weight must be >= 0, got {self.localisation_weight}")
         if not self.segmentation_weight >= 0.0:
             raise ValueError(f"segmentation_weight must be >= 0, got {self.segmentation_weight}")
+        if self.segmentation_epochs < 0:
+            raise ValueError(f"segmentation_epochs must be >= 0, got {self.segmentation_epochs}")
         from aax.training.loop import LOCALISATION_LOSSES
 
         if self.localisation_loss not in LOCALISATION_LOSSES:
@@ -499,7 +505,8 @@ def prepare_run(data: Any, out: str | os.PathLike[str], config: TrainConfig | No
         manifest["reviews"] = {**merged.record, "n_masks_used": train_set.n_masks,
                                "localisation_weight": config.localisation_weight,
                                "localisation_loss": config.localisation_loss,
-                               "segmentation_weight": config.segmentation_weight if segmentation else 0.0}
+                               "segmentation_weight": config.segmentation_weight if segmentation else 0.0,
+                               "segmentation_epochs": config.segmentation_epochs if segmentation else 0}
         _say(f"learning from {merged.record['n']} reviews ({merged.corrected} corrected labels, "
              f"{len(merged.added)} new images, {train_set.n_masks} masks at weight "
              f"{config.localisation_weight})")
@@ -692,7 +699,33 @@ def _train_one(name: str, config: TrainConfig, classes: Sequence[str], train_set
                            checkpoint=checkpoint, on_epoch=epoch_done)
     entry, rows = _member_entry(outcome, config, val_set, lr, weights_report, len(classes))
     entry["init"] = init
+    if segmenting and config.segmentation_epochs:
+        entry["segmentation_refit"] = _refit_head(member, out / runfiles.checkpoint_name(name), train_set,
+                                                  config, normalisation, device, seed)
     return entry, rows
+
+
+def _refit_head(member: Member, best_path: Path, train_set: Cached, config: TrainConfig,
+                normalisation: dict[str, list[float]], device: torch.device, seed: int) -> dict[str, Any]:
+    """Refit the kept checkpoint's segmentation head on the reviewed masks
+    (:mod:`aax.training.seg_refit`) and write it back; a checkpoint already refitted (a
+    resumed run) is left as it is."""
+    from aax.training.seg_refit import RefitSettings, refit_seg_head
+
+    payload = runfiles.load_torch(best_path, map_location="cpu")
+    if payload.get("segmentation_refit"):
+        return payload["segmentation_refit"]
+    member.load_state_dict(payload["state_dict"])
+    member.to(device)
+    report = refit_seg_head(member, train_set, tuple(normalisation["mean"]), tuple(normalisation["std"]),
+                            RefitSettings(epochs=config.segmentation_epochs, mirror=config.hflip, seed=seed),
+                            device)
+    _say(f"{member.name}: segmentation head refitted on {report['masks']} reviewed masks for "
+         f"{report['epochs']} epochs (loss {report['loss_first']:.3f} -> {report['loss_last']:.3f})")
+    payload["state_dict"] = {k: v.detach().cpu().clone() for k, v in member.state_dict().items()}
+    payload["segmentation_refit"] = report
+    runfiles.save_torch(best_path, payload)
+    return report
 
 
 def _member_entry(outcome: MemberOutcome, config: TrainConfig, val_set: Cached, lr: float,
