@@ -68,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="above 0: the retrained members get segmentation heads and masks come from them")
     p.add_argument("--segmentation-epochs", type=int, default=60,
                    help="epochs the heads are refitted on the masks over frozen features (0: none; default 60)")
+    p.add_argument("--segmentation-views", type=int, default=14,
+                   help="augmented views of each masked image the refit learns from (default 14)")
     p.add_argument("--warm-start", action="store_true",
                    help="retrained runs start from RUN0's members (aax retrain --warm-start)")
     p.add_argument("--retrain-epochs", type=int, default=None,
@@ -89,6 +91,7 @@ def _retrain_config(args: argparse.Namespace, config: TrainConfig, run0: Path) -
     return TrainConfig(**{**config.__dict__, "epochs": args.retrain_epochs or args.epochs,
                           "segmentation_weight": args.segmentation_weight,
                           "segmentation_epochs": args.segmentation_epochs,
+                          "segmentation_views": args.segmentation_views,
                           "warm_start": str(run0.resolve()) if args.warm_start else None})
 
 
@@ -122,6 +125,8 @@ def _setting(args: argparse.Namespace) -> str:
         tag += f"-seg{args.segmentation_weight:g}"
         if args.segmentation_epochs:
             tag += f"-refit{args.segmentation_epochs}"
+            if args.segmentation_views:
+                tag += f"-views{args.segmentation_views}"
     if args.warm_start:
         tag += f"-warm{args.retrain_epochs or args.epochs}"
     return tag
@@ -175,16 +180,23 @@ def main(argv: list[str] | None = None) -> int:
                        "localisation": {"loss": args.localisation_loss, "weight": args.localisation_weight},
                        "segmentation_weight": args.segmentation_weight,
                        "segmentation_epochs": args.segmentation_epochs if args.segmentation_weight else 0,
+                       "segmentation_views": (args.segmentation_views if args.segmentation_weight
+                                              and args.segmentation_epochs else 0),
                        "warm_start": args.warm_start, "epochs": retrain_config.epochs, **_scores(run, test)}
                 row["seconds"] = round(time.perf_counter() - t0, 1)  # retraining, calibration and scoring
             if not args.no_baseline:  # also for a row stored without it
-                from _segbaseline import mean_iou, train_unet
+                # the UNet sees only the reviews: one per order, budget and its own settings
+                unet_key = f"{order}:{n}:{args.size}:{args.unet_epochs}:{args.seed}"
+                unets = results.setdefault("unet", {})
+                if unet_key not in unets:
+                    from _segbaseline import mean_iou, train_unet
 
-                masked = [r for r in reviews if r.mask is not None]
-                net = train_unet([r.path for r in masked], [r.mask for r in masked], args.size, args.unet_epochs,
-                                 args.seed)
-                row["unet_iou_mean"] = mean_iou(net, [s.image for s in positives], [s.mask_path for s in positives],
-                                                args.size)
+                    masked = [r for r in reviews if r.mask is not None]
+                    net = train_unet([r.path for r in masked], [r.mask for r in masked], args.size,
+                                     args.unet_epochs, args.seed)
+                    unets[unet_key] = mean_iou(net, [s.image for s in positives],
+                                               [s.mask_path for s in positives], args.size)
+                row["unet_iou_mean"] = unets[unet_key]
             results["rows"][key] = row
             path.write_text(json.dumps(results, indent=2))
             print(f"{key}: accuracy {row['accuracy']:.3f}, IoU {row['iou_mean']:.3f}"
@@ -205,7 +217,8 @@ def _localisation(row: dict[str, Any]) -> str:
     if row.get("segmentation_weight"):
         text += f" + segmentation head {row['segmentation_weight']:g}"
         refit = row.get("segmentation_epochs", 0)  # rows stored before the refit had none
-        text += f", refit {refit}" if refit else ", no refit"
+        views = row.get("segmentation_views", 0)  # rows stored before the views had none
+        text += (f", refit {refit}" + (f" ({views} views)" if views else "")) if refit else ", no refit"
     return text + (f", warm start ({row['epochs']} epochs)" if row.get("warm_start") else "")
 
 

@@ -131,7 +131,10 @@ def test_reviews_benchmark_tables_each_localisation_setting_apart(tmp_path):
                                "--retrain-epochs", "3"])
     assert reviews._setting(args) == "-warm3"
     args = reviews.parse_args(["--train", "a", "--test", "b", "--out", str(tmp_path), "--segmentation-weight", "1"])
-    assert reviews._setting(args) == "-seg1-refit60"  # the heads' refit, by default as aax retrain's
+    assert reviews._setting(args) == "-seg1-refit60-views14"  # the heads' refit, by default as aax retrain's
+    args = reviews.parse_args(["--train", "a", "--test", "b", "--out", str(tmp_path), "--segmentation-weight", "1",
+                               "--segmentation-views", "0"])
+    assert reviews._setting(args) == "-seg1-refit60"
     args = reviews.parse_args(["--train", "a", "--test", "b", "--out", str(tmp_path), "--segmentation-weight", "1",
                                "--segmentation-epochs", "0"])
     assert reviews._setting(args) == "-seg1"
@@ -147,12 +150,17 @@ def test_reviews_benchmark_tables_each_localisation_setting_apart(tmp_path):
                         "uncertainty:50-warm3": {**row(50, "uncertainty", 0.30), "warm_start": True, "epochs": 3},
                         "uncertainty:50-seg1": {**row(50, "uncertainty", 0.40), "segmentation_weight": 1.0},
                         "uncertainty:50-seg1-refit60": {**row(50, "uncertainty", 0.45), "segmentation_weight": 1.0,
-                                                        "segmentation_epochs": 60}}}
+                                                        "segmentation_epochs": 60},
+                        "uncertainty:50-seg1-refit60-views14": {**row(50, "uncertainty", 0.55),
+                                                                "segmentation_weight": 1.0, "segmentation_epochs": 60,
+                                                                "segmentation_views": 14}}}
     lines = reviews.table(results).splitlines()
     assert any("| 50 | uncertainty | bce 0.1 |" in line and "| 10.0 |" in line for line in lines)
     assert any("| 50 | uncertainty | spatial 0.3 |" in line and "| 20.0 |" in line for line in lines)
     assert any("| bce 0.1, warm start (3 epochs) |" in line and "| 30.0 |" in line for line in lines)
     assert any("| bce 0.1 + segmentation head 1, no refit |" in line and "| 40.0 |" in line for line in lines)
     assert any("| bce 0.1 + segmentation head 1, refit 60 |" in line and "| 45.0 |" in line for line in lines)
+    assert any("| bce 0.1 + segmentation head 1, refit 60 (14 views) |" in line and "| 55.0 |" in line
+               for line in lines)
     reviews.figure(results, tmp_path / "reviews.png")
     assert (tmp_path / "reviews.png").stat().st_size > 10_000

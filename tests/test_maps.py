@@ -224,6 +224,29 @@ def test_mask_members_narrow_the_maps_a_mask_fuses() -> None:
     assert mask((0, 1), [2]) == {(1, 1)}  # none of the agreeing members is a mask member: all of them
 
 
+def test_probability_maps_keep_their_scale_and_saliency_maps_are_stretched() -> None:
+    """A segmentation head that is nowhere above 0.3 says "no finding"; min-max scaling,
+    right for saliency maps, would turn its highest cells into a mask."""
+    from aax.annotation.annotate import _maps_and_masks
+    from aax.annotation.decide import Decision
+    from aax.models.explain import Grid
+
+    raw = torch.full((1, 2, 4, 4), 0.1)
+    raw[0, :, 1, 1] = 0.3
+    grids = [Grid.pixels((4, 4))] * 2
+    decision = Decision(label=0, review=False, reason="", agreeing=(0, 1))
+
+    def masks_and_maps(rescale):
+        masks, maps = _maps_and_masks(raw, grids, [(4, 4)], [0], [decision], [0.5], keep=True, fusion="mean",
+                                      rescale=rescale)
+        return masks[0], maps[0]
+
+    mask, maps = masks_and_maps(rescale=False)
+    assert not mask.any() and np.allclose(maps, raw[0].numpy())
+    mask, maps = masks_and_maps(rescale=True)
+    assert {tuple(int(v) for v in q) for q in np.argwhere(mask)} == {(1, 1)} and maps.max() == pytest.approx(1.0)
+
+
 def test_mask_members_round_trip_and_are_checked() -> None:
     from types import SimpleNamespace
 

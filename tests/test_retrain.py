@@ -190,6 +190,8 @@ def test_segmentation_heads_learn_the_reviewed_masks_and_make_the_masks(trained_
     for entry in manifest["members"]:
         refit = entry["segmentation_refit"]
         assert refit["epochs"] == 60 and refit["masks"] == manifest["reviews"]["n_masks_used"]
+        assert refit["views"] == 2 + 14  # the image, its mirror image and 14 augmented views
+        assert manifest["reviews"]["segmentation_views"] == 14
         assert refit["loss_last"] < refit["loss_first"]
         assert torch.load(run / entry["checkpoint"], weights_only=True)["segmentation_refit"] == refit
     history = (run / "history.csv").read_text().splitlines()

@@ -99,7 +99,7 @@ def test_the_head_refit_fits_the_masks_and_leaves_the_rest_of_the_member_alone()
     others = {k: v.clone() for k, v in member.state_dict().items() if not k.startswith("seg.")}
     member.train()
     report = refit_seg_head(member, data, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), RefitSettings(epochs=60))
-    assert report["masks"] == 10 and report["epochs"] == 60
+    assert report["masks"] == 10 and report["epochs"] == 60 and report["views"] == 2 + 14
     assert report["loss_last"] < 0.3 * report["loss_first"]
     assert member.training  # its mode is given back
     assert all(torch.equal(v, member.state_dict()[k]) for k, v in others.items())  # BN statistics included
@@ -108,3 +108,51 @@ def test_the_head_refit_fits_the_masks_and_leaves_the_rest_of_the_member_alone()
                        (0.25,) * 3, RefitSettings(epochs=1))
     with pytest.raises(ValueError, match="no segmentation head"):
         refit_seg_head(build_member("efficientnet-lite0", 2), data, (0.5,) * 3, (0.25,) * 3, RefitSettings())
+
+
+def test_the_refit_draws_fewer_views_when_there_are_many_masks(monkeypatch):
+    from aax.training import seg_refit
+    from aax.training.tensors import Cached
+
+    member = build_member("efficientnet-lite0", 2)
+    member.add_segmentation()
+    n = 6
+    data = Cached(images=torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8),
+                  labels=torch.ones(n, dtype=torch.long), indices=list(range(n)),
+                  masks=torch.zeros(n, 1, 32, 32, dtype=torch.uint8), has_mask=torch.ones(n, dtype=torch.bool))
+    args = (member, data, (0.5,) * 3, (0.25,) * 3)
+    assert seg_refit.refit_seg_head(*args, seg_refit.RefitSettings(epochs=0, views=3))["views"] == 2 + 3
+    assert seg_refit.refit_seg_head(*args, seg_refit.RefitSettings(epochs=0, views=3, mirror=False))["views"] == 1 + 3
+    monkeypatch.setattr(seg_refit, "MAX_VIEWS", 4 * n)  # room for the image, its mirror and two more
+    assert seg_refit.refit_seg_head(*args, seg_refit.RefitSettings(epochs=0, views=3))["views"] == 4
+    monkeypatch.setattr(seg_refit, "MAX_VIEWS", 1)
+    assert seg_refit.refit_seg_head(*args, seg_refit.RefitSettings(epochs=0, views=3))["views"] == 2
+
+
+def test_segmentation_maps_are_registered_as_the_loss_registers_the_masks():
+    """A head learns its map against masks resized with align_corners=False; its cells
+    must be read back on that grid, not on the receptive fields' (half a cell away)."""
+    import torch.nn.functional as F
+
+    from aax.models.explain import Grid, upsample
+    from aax.models.maps import MapOptions, saliency_maps
+
+    torch.manual_seed(0)
+    cells = torch.rand(2, 8, 8)
+    size = (97, 131)  # the image's own size, as masks are made
+    want = F.interpolate(cells[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    got = upsample(cells, size, Grid.centred((64, 64), (8, 8)))
+    assert torch.allclose(got, want, atol=1e-5)
+    member = build_member("efficientnet-lite0", 2).eval()
+    member.add_segmentation()
+    shifted = upsample(cells, size, Grid.of(member, (64, 64), 8))
+    assert not torch.allclose(shifted, want, atol=1e-2)  # the receptive fields' grid is elsewhere
+
+    from types import SimpleNamespace
+
+    ensemble = SimpleNamespace(members={"efficientnet-lite0": member})
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        raw, grids = saliency_maps(ensemble, x, [None], torch.ones(2, dtype=torch.long),
+                                   MapOptions(source="segmentation"))
+    assert grids[0] == Grid.centred((64, 64), raw.shape[-2:])

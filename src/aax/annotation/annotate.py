@@ -222,7 +222,8 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
         regions = dict(zip(cut, input_superpixels(x[cut], *ensemble.normalisation))) if cut else {}
     masks, maps = _maps_and_masks(raw, grids, sizes, wanted, decisions, taus, keep_saliency,
                                   settings.maps.fusion, settings.quorum, mask_members,
-                                  regions if refine else None)
+                                  regions if refine else None,
+                                  rescale=settings.maps.source != "segmentation")
 
     records = []
     for b, (h, w) in enumerate(sizes):
@@ -267,14 +268,17 @@ def _maps_and_masks(raw: torch.Tensor, grids: Sequence[Grid], sizes: Sequence[tu
                     wanted: Sequence[int],
                     decisions: Sequence, taus: Sequence[float | str], keep: bool,
                     fusion: str = "min", votes: int = 2, mask_members: Sequence[int] | None = None,
-                    regions: Mapping[int, np.ndarray] | None = None,
+                    regions: Mapping[int, np.ndarray] | None = None, rescale: bool = True,
                     ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
     """Masks (the agreeing members' maps fused, ``> tau``, as :func:`aax.annotation.decide.fuse` and
     :func:`aax.annotation.decide.binarise`; only those among ``mask_members`` when any is) and, with
     ``keep``, every member's map, at each image's original size, each resized on its
     member's :class:`~aax.models.explain.Grid`. With ``regions`` (image -> superpixel labels),
     an image's fused score is averaged over its regions first
-    (:func:`aax.models.refine.pool_resized`).
+    (:func:`aax.models.refine.pool_resized`). ``rescale``: min-max normalise each map
+    (:func:`aax.models.explain.normalise`), as saliency and novelty maps need, whose scale
+    means nothing; a segmentation head's probabilities keep theirs, since a map whose
+    highest value is 0.2 says "no finding here" and stretched to [0, 1] it would not.
 
     Images of one size are upsampled together, on the device, in chunks of
     :func:`map_budget` pixels; only the boolean masks (and kept maps) leave the device.
@@ -290,7 +294,9 @@ def _maps_and_masks(raw: torch.Tensor, grids: Sequence[Grid], sizes: Sequence[tu
         step = max(1, budget // (m * h * w))
         for start in range(0, len(group), step):
             chunk = group[start:start + step]
-            up = normalise(upsample(raw[chunk], (h, w), grids), inplace=True)
+            up = upsample(raw[chunk], (h, w), grids)
+            if rescale:
+                up = normalise(up, inplace=True)
             for j, b in enumerate(chunk):
                 agreeing = list(mask_subset(decisions[b].agreeing, mask_members))
                 if agreeing:

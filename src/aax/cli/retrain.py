@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--segmentation-epochs", type=non_negative_int, default=None, metavar="N",
                    help="then refit each segmentation head alone on the reviewed masks for N epochs over the frozen "
                         "member (default RUN's, else 60; 0: none)")
+    p.add_argument("--segmentation-views", type=non_negative_int, default=None, metavar="N",
+                   help="augmented views of each masked image the refit learns from, besides the image and its "
+                        "mirror image (default RUN's, else 14; 0: none)")
     p.add_argument("--epochs", type=int, default=None, help="maximum epochs per member (default: RUN's)")
     p.add_argument("--warm-start", action="store_true",
                    help="start every member from RUN's instead of from its initial weights (ImageNet); "
@@ -58,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         out = retrain(args.run, args.out, read_reviews_arg(args), data=args.data,
                       localisation_weight=args.localisation_weight, localisation_loss=args.localisation_loss,
                       segmentation_weight=args.segmentation_weight, segmentation_epochs=args.segmentation_epochs,
+                      segmentation_views=args.segmentation_views,
                       epochs=args.epochs, warm_start=args.warm_start,
                       device=args.device, resume=args.resume, progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as exc:

@@ -82,6 +82,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--segmentation-epochs", type=non_negative_int, default=None, metavar="N",
                    help="then refit each segmentation head alone on the reviewed masks for N epochs over the frozen "
                         "member (default 60; 0: none)")
+    p.add_argument("--segmentation-views", type=non_negative_int, default=None, metavar="N",
+                   help="augmented views of each masked image the refit learns from, besides the image and its "
+                        "mirror image (default 14; 0: none)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--novelty-images", default=None, metavar="PATH",
                    help="when calibrating at the end, set the novelty thresholds on these unlabelled "
@@ -151,6 +154,7 @@ def build_config(args: argparse.Namespace) -> Any:
         "localisation_loss": getattr(args, "localisation_loss", None),
         "segmentation_weight": getattr(args, "segmentation_weight", None),
         "segmentation_epochs": getattr(args, "segmentation_epochs", None),
+        "segmentation_views": getattr(args, "segmentation_views", None),
     }
     base.update({k: v for k, v in given.items() if v is not None})
     if base.get("pretrained") == "none":

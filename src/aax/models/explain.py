@@ -85,6 +85,16 @@ class Grid:
         return cls(float(stride), (origin, origin), (int(input_size[-2]), int(input_size[-1])))
 
     @classmethod
+    def centred(cls, input_size: Sequence[int], map_size: Sequence[int]) -> Grid:
+        """The centred grid of a ``map_size`` map over ``input_size``: where a map that was
+        trained against targets resized with ``align_corners=False`` (a segmentation head,
+        :func:`aax.models.members.segment.segmentation_loss`) has its cells, whatever the
+        receptive fields say."""
+        stride = int(input_size[-1]) / int(map_size[-1])
+        origin = (stride - 1.0) / 2.0
+        return cls(stride, (origin, origin), (int(input_size[-2]), int(input_size[-1])))
+
+    @classmethod
     def pixels(cls, input_size: Sequence[int]) -> Grid:
         """The grid of a map already at the input's resolution."""
         return cls(1.0, (0.0, 0.0), (int(input_size[-2]), int(input_size[-1])))

@@ -247,7 +247,8 @@ def saliency_maps(ensemble: Ensemble, x: torch.Tensor, features: Sequence[torch.
             with output_stride(member, options.class_stride), (autocast or contextlib.nullcontext()):
                 maps.append(segment_maps(member, x))
         maps = [m.float() for m in maps]
-        grids = [patch_grid(member, x.shape[-2:], m.shape[-2:]) for member, m in zip(members, maps)]
+        # the head learned its cells where its loss put them, not where its receptive fields are
+        grids = [Grid.centred(x.shape[-2:], m.shape[-2:]) for m in maps]
     else:
         maps = [member_maps(member, x, a, cam_class, options, autocast, shared.get(id(member)))
                 for member, a in zip(members, features)]

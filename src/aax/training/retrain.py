@@ -35,7 +35,7 @@ def config_of(run: str | os.PathLike, **changes: Any) -> TrainConfig:
 def retrain(run: str | os.PathLike, out: str | os.PathLike, reviews: Sequence[Any], *,
             data: Any = None, localisation_weight: float | None = None, localisation_loss: str | None = None,
             segmentation_weight: float | None = None, segmentation_epochs: int | None = None,
-            epochs: int | None = None, warm_start: bool = False,
+            segmentation_views: int | None = None, epochs: int | None = None, warm_start: bool = False,
             device: str | None = None, resume: bool = False, progress: bool = True) -> Path:
     """Train a new RUN ``out`` like ``run``, learning from ``reviews``
     (:func:`aax.training.reviewed.read_reviews`).
@@ -51,6 +51,7 @@ def retrain(run: str | os.PathLike, out: str | os.PathLike, reviews: Sequence[An
             (above 0: the members get segmentation heads and the masks come from them).
         segmentation_epochs: overrides the stored epochs of the heads' refit on the masks
             (:mod:`aax.training.seg_refit`).
+        segmentation_views: overrides the stored number of augmented views the refit learns from.
         epochs: overrides the stored maximum epochs.
         warm_start: start every member from ``run``'s trained member rather than from its
             initial weights (fewer epochs are then enough; see docs/reviews.md).
@@ -68,7 +69,7 @@ def retrain(run: str | os.PathLike, out: str | os.PathLike, reviews: Sequence[An
             raise ValueError(f"{run}: the manifest records no data source; pass the dataset (--data)")
     config = config_of(run, localisation_weight=localisation_weight, localisation_loss=localisation_loss,
                        segmentation_weight=segmentation_weight, segmentation_epochs=segmentation_epochs,
-                       epochs=epochs,
+                       segmentation_views=segmentation_views, epochs=epochs,
                        data_format=(manifest.get("data") or {}).get("format"))
     config = dataclasses.replace(config, device=device, resume=resume, progress=progress,
                                  warm_start=str(Path(run).resolve()) if warm_start else None)

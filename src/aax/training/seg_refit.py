@@ -6,9 +6,12 @@ checkpoint kept is the epoch with the best *classification* loss, often an early
 the head stops long before it fits the masks. The plain supervised baseline, a UNet on
 the same masks, gets dozens of epochs. So once a member is trained, its backbone is
 frozen and its head alone trains on the reviewed masks for ``epochs`` more epochs: the
-backbone's step outputs are computed once (each image and its mirror image), so the
-refit costs a forward pass over the masked images and a few seconds of head updates.
-The class, the uncertainty and the backbone's features stay exactly as they were.
+backbone's step outputs are computed once for a fixed set of views of each image (the
+image, its mirror image and ``views`` draws of the training augmentation, masks moved
+with them), so the refit costs a few forward passes over the masked images and seconds
+of head updates. A hundred masks are few: the augmented views keep the head from
+learning them by heart. The class, the uncertainty and the backbone's features stay
+exactly as they were.
 """
 
 from __future__ import annotations
@@ -18,9 +21,15 @@ from dataclasses import dataclass
 
 import torch
 
+from aax.data.augment import Augment
 from aax.models.members.backbones import Member
 from aax.models.members.segment import segmentation_loss
 from aax.training.tensors import Cached
+
+
+MAX_VIEWS = 4096
+"""Cached views (images times views) at most: with many reviewed masks each gets fewer
+augmented views, so the cached step outputs stay within a few hundred MB."""
 
 
 @dataclass(frozen=True)
@@ -32,13 +41,17 @@ class RefitSettings:
         lr: Adam's learning rate.
         batch_size: images a step.
         mirror: also learn from each image's left-right mirror image (off where sides differ).
-        seed: shuffling and mirroring.
+        views: augmented views of each image (the training augmentation,
+            :class:`~aax.data.augment.Augment`, flipping only with ``mirror``), drawn once;
+            fewer when there are so many masks that :data:`MAX_VIEWS` would be passed.
+        seed: shuffling, the views drawn and the view of each batch.
     """
 
     epochs: int = 60
     lr: float = 1e-3
     batch_size: int = 8
     mirror: bool = True
+    views: int = 14
     seed: int = 0
 
 
@@ -58,12 +71,13 @@ def refit_seg_head(member: Member, data: Cached, mean: tuple[float, ...], std: t
         member: a member with a segmentation head (:meth:`Member.add_segmentation`).
         data: cached training images with their reviewed masks.
         mean, std: the input normalisation per channel.
-        settings: epochs, learning rate, batch size, mirroring, seed.
+        settings: epochs, learning rate, batch size, mirroring, augmented views, seed.
         device: where to run.
 
     Returns:
-        ``{"epochs", "masks", "loss_first", "loss_last"}``: the mean loss of the first and
-        the last epoch (NaN without epochs).
+        ``{"epochs", "masks", "views", "loss_first", "loss_last"}``: views counts the
+        image itself; the losses are the mean of the first and the last epoch (NaN
+        without epochs).
 
     Raises:
         ValueError: the member has no head, or ``data`` no reviewed mask.
@@ -76,18 +90,21 @@ def refit_seg_head(member: Member, data: Cached, mean: tuple[float, ...], std: t
     device = torch.device(device)
     idx = torch.nonzero(data.has_mask).flatten()
     x = data.images[idx].to(device).float().div_(255.0)
-    x = (x - torch.tensor(mean, device=device).view(1, -1, 1, 1)) / torch.tensor(std, device=device).view(1, -1, 1, 1)
     masks = data.masks[idx].to(device).float().div_(255.0)
+    pairs = [(x, masks)] + ([(x.flip(-1), masks.flip(-1))] if settings.mirror else [])
+    generator = torch.Generator().manual_seed(settings.seed)
+    augment = Augment(hflip=settings.mirror)
+    n_views = max(0, min(settings.views, MAX_VIEWS // len(idx) - len(pairs)))
+    pairs += [augment(x, generator, masks=masks) for _ in range(n_views)]
+    shift = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    scale = torch.tensor(std, device=device).view(1, -1, 1, 1)
     was_training = member.training
     member.eval()
     try:
-        views = [_steps(member, x, head.steps, 4 * settings.batch_size)]
-        if settings.mirror:
-            views.append(_steps(member, x.flip(-1), head.steps, 4 * settings.batch_size))
-        targets = [masks, masks.flip(-1)]
+        views = [_steps(member, (img - shift) / scale, head.steps, 4 * settings.batch_size) for img, _ in pairs]
+        targets = [m for _, m in pairs]
         losses: list[float] = []
         if settings.epochs > 0:
-            generator = torch.Generator().manual_seed(settings.seed)
             optimizer = torch.optim.Adam(head.parameters(), lr=settings.lr)
             head.train()
             for _ in range(settings.epochs):
@@ -104,5 +121,5 @@ def refit_seg_head(member: Member, data: Cached, mean: tuple[float, ...], std: t
                 losses.append(total / max(seen, 1))
     finally:
         member.train(was_training)
-    return {"epochs": settings.epochs, "masks": int(len(idx)),
+    return {"epochs": settings.epochs, "masks": int(len(idx)), "views": len(views),
             "loss_first": losses[0] if losses else math.nan, "loss_last": losses[-1] if losses else math.nan}

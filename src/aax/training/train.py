@@ -68,7 +68,7 @@ CHANCE_MARGIN = 0.1
 (capped at half the distance to 1) is reported as not converged."""
 
 # Settings a run written before they existed had implicitly (see _check_resumable).
-LEGACY_DEFAULTS: dict[str, Any] = {"pretrained": None}
+LEGACY_DEFAULTS: dict[str, Any] = {"pretrained": None, "segmentation_views": 0}
 
 MIN_SEGMENTATION_MASKS = 10
 """Reviewed masks a run needs before its members get segmentation heads: with fewer, a
@@ -133,6 +133,8 @@ class TrainConfig:
         segmentation_epochs: once a member with a segmentation head is trained, its head
             alone is refitted on the reviewed masks for this many epochs over the frozen
             backbone (:mod:`aax.training.seg_refit`); 0: the head stays as trained.
+        segmentation_views: augmented views of each masked image the refit learns from,
+            besides the image and its mirror image (the training augmentation, drawn once).
         warm_start: a finished RUN folder: every member starts from that RUN's trained member
             of the same name (backbone and head; the classes must match) instead of
             ``weights`` or ImageNet, at the fine-tuning learning rate (``aax retrain --warm-start``).
@@ -174,6 +176,7 @@ class TrainConfig:
     localisation_loss: str = "bce"
     segmentation_weight: float = 0.3
     segmentation_epochs: int = 60
+    segmentation_views: int = 14
     warm_start: str | None = None
 
     # Fields that do not change what is trained: free to differ on --resume.
@@ -204,6 +207,8 @@ class TrainConfig:
             raise ValueError(f"segmentation_weight must be >= 0, got {self.segmentation_weight}")
         if self.segmentation_epochs < 0:
             raise ValueError(f"segmentation_epochs must be >= 0, got {self.segmentation_epochs}")
+        if self.segmentation_views < 0:
+            raise ValueError(f"segmentation_views must be >= 0, got {self.segmentation_views}")
         from aax.training.loop import LOCALISATION_LOSSES
 
         if self.localisation_loss not in LOCALISATION_LOSSES:
@@ -506,7 +511,8 @@ def prepare_run(data: Any, out: str | os.PathLike[str], config: TrainConfig | No
                                "localisation_weight": config.localisation_weight,
                                "localisation_loss": config.localisation_loss,
                                "segmentation_weight": config.segmentation_weight if segmentation else 0.0,
-                               "segmentation_epochs": config.segmentation_epochs if segmentation else 0}
+                               "segmentation_epochs": config.segmentation_epochs if segmentation else 0,
+                               "segmentation_views": config.segmentation_views if segmentation else 0}
         _say(f"learning from {merged.record['n']} reviews ({merged.corrected} corrected labels, "
              f"{len(merged.added)} new images, {train_set.n_masks} masks at weight "
              f"{config.localisation_weight})")
@@ -718,7 +724,8 @@ def _refit_head(member: Member, best_path: Path, train_set: Cached, config: Trai
     member.load_state_dict(payload["state_dict"])
     member.to(device)
     report = refit_seg_head(member, train_set, tuple(normalisation["mean"]), tuple(normalisation["std"]),
-                            RefitSettings(epochs=config.segmentation_epochs, mirror=config.hflip, seed=seed),
+                            RefitSettings(epochs=config.segmentation_epochs, mirror=config.hflip,
+                                          views=config.segmentation_views if config.augment else 0, seed=seed),
                             device)
     _say(f"{member.name}: segmentation head refitted on {report['masks']} reviewed masks for "
          f"{report['epochs']} epochs (loss {report['loss_first']:.3f} -> {report['loss_last']:.3f})")
