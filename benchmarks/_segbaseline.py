@@ -54,17 +54,23 @@ def train_unet(images: Sequence[Any], masks: Sequence[Any], size: int = 128, epo
 
 
 @torch.no_grad()
-def mean_iou(net: torch.nn.Module | None, images: Sequence[Any], masks: Sequence[Any], size: int = 128) -> float:
-    """Mean IoU of ``net``'s masks (sigmoid > 0.5, resized to each image) over the images;
-    an untrained baseline (None) scores 0 on every image."""
+def image_ious(net: torch.nn.Module | None, images: Sequence[Any], masks: Sequence[Any],
+               size: int = 128) -> list[float]:
+    """IoU of ``net``'s mask (sigmoid > 0.5, resized to the image) on each image (1 where
+    mask and prediction are both empty); an untrained baseline (None) scores 0 on every image."""
     if net is None:
-        return 0.0
+        return [0.0] * len(images)
     ious = []
     for p, mp in zip(images, masks):
         gt = read_mask(mp)
         logit = net(prepare(read_image(p), size)[None])
         pred = F.interpolate(logit, size=gt.shape, mode="bilinear")[0, 0].numpy() > 0.0
         union = np.count_nonzero(pred | gt)
-        if union:
-            ious.append(np.count_nonzero(pred & gt) / union)
+        ious.append(np.count_nonzero(pred & gt) / union if union else 1.0)
+    return ious
+
+
+def mean_iou(net: torch.nn.Module | None, images: Sequence[Any], masks: Sequence[Any], size: int = 128) -> float:
+    """Mean of :func:`image_ious`."""
+    ious = image_ious(net, images, masks, size)
     return float(np.mean(ious)) if ious else 0.0

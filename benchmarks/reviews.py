@@ -105,9 +105,13 @@ def _trained(data: Any, out: Path, config: TrainConfig, reviews: list[ReviewedIm
 
 
 def _scores(run: Path, test: Any) -> dict[str, Any]:
-    result = evaluate(Ensemble.load(run), test, report=False)
+    ensemble = Ensemble.load(run)
+    result = evaluate(ensemble, test, report=False)
     e = result["ensemble"]
-    return {"accuracy": e["accuracy"], "accuracy_kept": e["accuracy_kept"], "flag_rate": e["flag_rate"],
+    positive = set(ensemble.classes) - {ensemble.negative_class}
+    return {"given_images": sorted(str(Path(r["image"]).resolve()) for r in result["per_image"]
+                                   if r.get("set") == "data" and r.get("status") == "ok" and r["decision"] in positive),
+            "accuracy": e["accuracy"], "accuracy_kept": e["accuracy_kept"], "flag_rate": e["flag_rate"],
             "iou_mean": e.get("iou_mean"), "iou_mean_given": e.get("iou_mean_given"),
             "n_masks_given": e.get("n_masks_given"),
             "members": {n: m.get("iou_mean") for n, m in result["members"].items()},
@@ -169,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         for order, entries in ranked.items():
             key = f"{order}:{n}{_setting(args)}"
             row = results["rows"].get(key)
-            if row is not None and (args.no_baseline or "unet_iou_mean" in row):
+            if row is not None and (args.no_baseline or "unet_iou_given" in row):
                 continue
             reviews = _reviews(entries, n, truth, negative)
             if row is None:
@@ -184,19 +188,26 @@ def main(argv: list[str] | None = None) -> int:
                                               and args.segmentation_epochs else 0),
                        "warm_start": args.warm_start, "epochs": retrain_config.epochs, **_scores(run, test)}
                 row["seconds"] = round(time.perf_counter() - t0, 1)  # retraining, calibration and scoring
+            elif "given_images" not in row:  # a row stored before they were kept: score its run again
+                row.update(_scores(args.out / f"run-{order}-{n}{_setting(args)}", test))
             if not args.no_baseline:  # also for a row stored without it
                 # the UNet sees only the reviews: one per order, budget and its own settings
                 unet_key = f"{order}:{n}:{args.size}:{args.unet_epochs}:{args.seed}"
                 unets = results.setdefault("unet", {})
-                if unet_key not in unets:
-                    from _segbaseline import mean_iou, train_unet
+                if not isinstance(unets.get(unet_key), dict):  # its IoU on each positive test image
+                    from _segbaseline import image_ious, train_unet
 
                     masked = [r for r in reviews if r.mask is not None]
                     net = train_unet([r.path for r in masked], [r.mask for r in masked], args.size,
                                      args.unet_epochs, args.seed)
-                    unets[unet_key] = mean_iou(net, [s.image for s in positives],
-                                               [s.mask_path for s in positives], args.size)
-                row["unet_iou_mean"] = unets[unet_key]
+                    unets[unet_key] = dict(zip((str(Path(s.image).resolve()) for s in positives),
+                                               image_ious(net, [s.image for s in positives],
+                                                          [s.mask_path for s in positives], args.size)))
+                ious = unets[unet_key]
+                row["unet_iou_mean"] = sum(ious.values()) / max(1, len(ious))
+                # on the images AAX gives a mask for, as "IoU given" is
+                given = [ious[p] for p in row["given_images"] if p in ious]
+                row["unet_iou_given"] = sum(given) / len(given) if given else None
             results["rows"][key] = row
             path.write_text(json.dumps(results, indent=2))
             print(f"{key}: accuracy {row['accuracy']:.3f}, IoU {row['iou_mean']:.3f}"
@@ -228,13 +239,14 @@ def table(results: dict[str, Any]) -> str:
     rows = sorted(results["rows"].values(), key=lambda r: (r["order"] or "", _localisation(r), r["budget"]))
     base = results["rows"].get("0")
     lines = ["| reviews | order | localisation (w) | accuracy | kept accuracy | flagged | AAX IoU (all positives) | "
-             "IoU given (n) | UNet on the same masks |", "|---|---|---|---|---|---|---|---|---|"]
+             "IoU given (n) | UNet on the same masks: all positives | UNet: AAX's (n) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in ([base] if base else []) + [r for r in rows if r["budget"]]:
         loc = _localisation(r) if r["budget"] else "–"
         lines.append(f"| {r['budget']} | {r['order'] or '–'} | {loc} | {_pct(r['accuracy'])} | "
                      f"{_pct(r['accuracy_kept'])} | "
                      f"{_pct(r['flag_rate'])} | {_pct(r['iou_mean'])} | {_pct(r['iou_mean_given'])} "
-                     f"({r['n_masks_given']}) | {_pct(r.get('unet_iou_mean'))} |")
+                     f"({r['n_masks_given']}) | {_pct(r.get('unet_iou_mean'))} | {_pct(r.get('unet_iou_given'))} |")
     if base:
         trivial = ", ".join(f"{n} {_pct(v)}" for n, v in base["trivial"].items())
         lines.append(f"\nTrivial masks, mean IoU over the same positives: {trivial}.")
@@ -242,15 +254,16 @@ def table(results: dict[str, Any]) -> str:
 
 
 def figure(results: dict[str, Any], path: Path) -> None:
-    """Mean IoU and accuracy against the review budget, one line per order, with the
-    UNet baseline and the trivial masks."""
+    """Mean IoU (over all positives; over the masks AAX gives) and accuracy against the
+    review budget, one line per order and setting, each with the UNet baseline on the same
+    images (dashed) and the trivial masks."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     base = results["rows"].get("0")
-    fig, (ax_iou, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_iou, ax_given, ax_acc) = plt.subplots(1, 3, figsize=(15, 4.2))
     lines = sorted({(r["order"], _localisation(r)) for r in results["rows"].values() if r["order"]})
     for order, loc in lines:
         rows = sorted((r for r in results["rows"].values() if r["order"] == order and _localisation(r) == loc),
@@ -261,19 +274,23 @@ def figure(results: dict[str, Any], path: Path) -> None:
         (line,) = ax_iou.plot(budgets, [100 * r["iou_mean"] for r in rows], marker="o", label=label)
         colour = line.get_color()  # one colour a setting in both panels, its UNet dashed
         ax_acc.plot(budgets, [100 * r["accuracy"] for r in rows], marker="o", label=label, color=colour)
-        unet = [(r["budget"], 100 * r["unet_iou_mean"]) for r in rows if r.get("unet_iou_mean") is not None]
-        if unet:
-            ax_iou.plot(*zip(*unet), linestyle="--", marker="x", color=colour,
+        ax_given.plot(budgets, [100 * r["iou_mean_given"] for r in rows], marker="o", label=label, color=colour)
+        for ax, key in ((ax_iou, "unet_iou_mean"), (ax_given, "unet_iou_given")):
+            unet = [(r["budget"], 100 * r[key]) for r in rows if r.get(key) is not None]
+            if unet:
+                ax.plot(*zip(*unet), linestyle="--", marker="x", color=colour,
                         label=f"UNet on the same masks ({order})")
     if base:
         for name, value in base["trivial"].items():
             if value is not None:
                 ax_iou.axhline(100 * value, color="grey", linestyle=":", linewidth=1)
                 ax_iou.text(0, 100 * value, f" {name}", fontsize=8, color="grey", va="bottom")
-    ax_iou.set(xlabel="reviewed images", ylabel="mean IoU over the positive test images (%)",
-               title="Masks")
+    ax_iou.set(xlabel="reviewed images", ylabel="mean IoU (%)",
+               title="Masks: every positive test image (flagged or missed: 0)")
+    ax_given.set(xlabel="reviewed images", ylabel="mean IoU (%)", title="Masks: the images AAX gives one for")
     ax_acc.set(xlabel="reviewed images", ylabel="accuracy (%)", title="Classification")
     ax_iou.legend(fontsize=7)
+    ax_given.legend(fontsize=7)
     ax_acc.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
