@@ -263,7 +263,7 @@ def figure(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     base = results["rows"].get("0")
-    fig, (ax_iou, ax_given, ax_acc) = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, (ax_iou, ax_given, ax_acc) = plt.subplots(1, 3, figsize=(15, 6))
     lines = sorted({(r["order"], _localisation(r)) for r in results["rows"].values() if r["order"]})
     for order, loc in lines:
         rows = sorted((r for r in results["rows"].values() if r["order"] == order and _localisation(r) == loc),
@@ -272,14 +272,17 @@ def figure(results: dict[str, Any], path: Path) -> None:
         budgets = [r["budget"] for r in rows]
         label = f"AAX, {order} order, {loc}"
         (line,) = ax_iou.plot(budgets, [100 * r["iou_mean"] for r in rows], marker="o", label=label)
-        colour = line.get_color()  # one colour a setting in both panels, its UNet dashed
-        ax_acc.plot(budgets, [100 * r["accuracy"] for r in rows], marker="o", label=label, color=colour)
-        ax_given.plot(budgets, [100 * r["iou_mean_given"] for r in rows], marker="o", label=label, color=colour)
+        colour = line.get_color()  # one colour a setting in every panel
+        ax_acc.plot(budgets, [100 * r["accuracy"] for r in rows], marker="o", color=colour)
+        ax_given.plot(budgets, [100 * r["iou_mean_given"] for r in rows], marker="o", color=colour)
+    # the UNet sees only the masks: one line an order (on the images each row gave masks for)
+    for order, style in zip(sorted({r["order"] for r in results["rows"].values() if r["order"]}), ("--", ":", "-.")):
         for ax, key in ((ax_iou, "unet_iou_mean"), (ax_given, "unet_iou_given")):
-            unet = [(r["budget"], 100 * r[key]) for r in rows if r.get(key) is not None]
-            if unet:
-                ax.plot(*zip(*unet), linestyle="--", marker="x", color=colour,
-                        label=f"UNet on the same masks ({order})")
+            points = sorted({r["budget"]: 100 * r[key] for r in results["rows"].values()
+                             if r["order"] == order and r.get(key) is not None}.items())
+            if points:
+                ax.plot(*zip(*points), linestyle=style, marker="x", color="black",
+                        label=f"UNet on the same masks, {order} order" if ax is ax_iou else None)
     if base:
         for name, value in base["trivial"].items():
             if value is not None:
@@ -289,10 +292,9 @@ def figure(results: dict[str, Any], path: Path) -> None:
                title="Masks: every positive test image (flagged or missed: 0)")
     ax_given.set(xlabel="reviewed images", ylabel="mean IoU (%)", title="Masks: the images AAX gives one for")
     ax_acc.set(xlabel="reviewed images", ylabel="accuracy (%)", title="Classification")
-    ax_iou.legend(fontsize=7)
-    ax_given.legend(fontsize=7)
-    ax_acc.legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = ax_iou.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) + 1) // 2), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -313,3 +313,15 @@ def test_reviews_that_cannot_be_read_stop_training_with_the_folder_named(tiny_le
     assert main(["train", str(tiny_lesion_dir), "--out", str(tmp_path / "run"), "--reviews", str(empty)]) == 2
     assert f"{empty}: no annotations.sqlite here" in capsys.readouterr().err
     assert not (tmp_path / "run" / "aax.json").exists()
+
+
+def test_a_run_made_before_the_heads_refit_resumes_as_a_run_without_it(tmp_path):
+    from aax.models.runfiles import RunError
+    from aax.training.train import TrainConfig, _check_resumable
+
+    stored = TrainConfig().settings()
+    del stored["segmentation_epochs"], stored["segmentation_views"]  # written before they existed
+    (tmp_path / "aax.json").write_text(json.dumps({"training": stored}))
+    assert _check_resumable(tmp_path, TrainConfig(resume=True, segmentation_epochs=0, segmentation_views=0))
+    with pytest.raises(RunError, match="segmentation_epochs: run has 0, asked 60"):
+        _check_resumable(tmp_path, TrainConfig(resume=True))

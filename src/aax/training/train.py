@@ -68,7 +68,7 @@ CHANCE_MARGIN = 0.1
 (capped at half the distance to 1) is reported as not converged."""
 
 # Settings a run written before they existed had implicitly (see _check_resumable).
-LEGACY_DEFAULTS: dict[str, Any] = {"pretrained": None, "segmentation_views": 0}
+LEGACY_DEFAULTS: dict[str, Any] = {"pretrained": None, "segmentation_epochs": 0, "segmentation_views": 0}
 
 MIN_SEGMENTATION_MASKS = 10
 """Reviewed masks a run needs before its members get segmentation heads: with fewer, a
@@ -358,7 +358,8 @@ def _check_resumable(out: Path, config: TrainConfig) -> dict[str, Any] | None:
     stored = manifest.get("training", {})
     wanted = config.settings()
     # a setting added after the run was made is absent from it: the run had the default
-    # of its day (from-scratch runs predate ImageNet weights by default)
+    # of its day (from-scratch runs predate ImageNet weights by default, runs with heads
+    # predate their refit and its views)
     defaults = {**TrainConfig().settings(), **LEGACY_DEFAULTS}
     diffs = [f"{k}: run has {stored.get(k, defaults.get(k))!r}, asked {v!r}" for k, v in wanted.items()
              if _jsonish(stored.get(k, defaults.get(k))) != _jsonish(v)]
