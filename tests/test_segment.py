@@ -117,9 +117,9 @@ def test_the_refit_draws_fewer_views_when_there_are_many_masks(monkeypatch):
     member = build_member("efficientnet-lite0", 2)
     member.add_segmentation()
     n = 6
-    data = Cached(images=torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8),
+    data = Cached(images=torch.randint(0, 256, (n, 3, 128, 128), dtype=torch.uint8),  # the size MAX_VIEWS is for
                   labels=torch.ones(n, dtype=torch.long), indices=list(range(n)),
-                  masks=torch.zeros(n, 1, 32, 32, dtype=torch.uint8), has_mask=torch.ones(n, dtype=torch.bool))
+                  masks=torch.zeros(n, 1, 128, 128, dtype=torch.uint8), has_mask=torch.ones(n, dtype=torch.bool))
     args = (member, data, (0.5,) * 3, (0.25,) * 3)
     assert seg_refit.refit_seg_head(*args, seg_refit.RefitSettings(epochs=0, views=3))["views"] == 2 + 3
     assert seg_refit.refit_seg_head(*args, seg_refit.RefitSettings(epochs=0, views=3, mirror=False))["views"] == 1 + 3
@@ -127,6 +127,10 @@ def test_the_refit_draws_fewer_views_when_there_are_many_masks(monkeypatch):
     assert seg_refit.refit_seg_head(*args, seg_refit.RefitSettings(epochs=0, views=3))["views"] == 4
     monkeypatch.setattr(seg_refit, "MAX_VIEWS", 1)
     assert seg_refit.refit_seg_head(*args, seg_refit.RefitSettings(epochs=0, views=3))["views"] == 2
+    small = Cached(images=data.images[:, :, :64, :64], labels=data.labels, indices=data.indices,
+                   masks=data.masks[:, :, :64, :64], has_mask=data.has_mask)
+    monkeypatch.setattr(seg_refit, "MAX_VIEWS", n)  # a quarter of the pixels: four times the views
+    assert seg_refit.refit_seg_head(member, small, *args[2:], seg_refit.RefitSettings(epochs=0, views=3))["views"] == 4
 
 
 def test_segmentation_maps_are_registered_as_the_loss_registers_the_masks():

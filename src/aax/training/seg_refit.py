@@ -28,8 +28,9 @@ from aax.training.tensors import Cached
 
 
 MAX_VIEWS = 4096
-"""Cached views (images times views) at most: with many reviewed masks each gets fewer
-augmented views, so the cached step outputs stay within a few hundred MB."""
+"""Cached views (images times views) at most, at 128 x 128 (proportionally fewer for larger
+inputs): with many reviewed masks each gets fewer augmented views, so the cached step
+outputs and masks stay under about 1 GB."""
 
 
 @dataclass(frozen=True)
@@ -91,18 +92,24 @@ def refit_seg_head(member: Member, data: Cached, mean: tuple[float, ...], std: t
     idx = torch.nonzero(data.has_mask).flatten()
     x = data.images[idx].to(device).float().div_(255.0)
     masks = data.masks[idx].to(device).float().div_(255.0)
-    pairs = [(x, masks)] + ([(x.flip(-1), masks.flip(-1))] if settings.mirror else [])
     generator = torch.Generator().manual_seed(settings.seed)
     augment = Augment(hflip=settings.mirror)
-    n_views = max(0, min(settings.views, MAX_VIEWS // len(idx) - len(pairs)))
-    pairs += [augment(x, generator, masks=masks) for _ in range(n_views)]
+    fixed = 2 if settings.mirror else 1
+    cap = MAX_VIEWS * 128 * 128 // (x.shape[-2] * x.shape[-1])
+    n_views = max(0, min(settings.views, cap // len(idx) - fixed))
     shift = torch.tensor(mean, device=device).view(1, -1, 1, 1)
     scale = torch.tensor(std, device=device).view(1, -1, 1, 1)
     was_training = member.training
     member.eval()
     try:
-        views = [_steps(member, (img - shift) / scale, head.steps, 4 * settings.batch_size) for img, _ in pairs]
-        targets = [m for _, m in pairs]
+        views: list[list[torch.Tensor]] = []
+        targets: list[torch.Tensor] = []
+        # one view at a time, so only its step outputs and mask are kept, not its image
+        pairs = [(x, masks), (x.flip(-1), masks.flip(-1))][:fixed]
+        for v in range(fixed + n_views):
+            img, target = pairs[v] if v < fixed else augment(x, generator, masks=masks)
+            views.append(_steps(member, (img - shift) / scale, head.steps, 4 * settings.batch_size))
+            targets.append(target)
         losses: list[float] = []
         if settings.epochs > 0:
             optimizer = torch.optim.Adam(head.parameters(), lr=settings.lr)
