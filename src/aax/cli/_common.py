@@ -96,3 +96,27 @@ def add_ray_arguments(parser: argparse.ArgumentParser, what: str) -> None:
                         help="with --ray: how many run at once (default: annotate, one actor per GPU or per "
                              "4 CPUs; train, every member). --threads sets CPU threads per actor or task "
                              "(default: the cluster's CPUs shared evenly)")
+
+
+def add_review_learning_arguments(parser: argparse.ArgumentParser, run_default: bool = False) -> None:
+    """The options of learning from reviewed masks (docs/reviews.md), shared by ``aax train``
+    and ``aax retrain``; with ``run_default`` each defaults to the RUN's setting first."""
+
+    def default(value: str) -> str:
+        return f"default: RUN's, else {value}" if run_default else f"default {value}"
+
+    parser.add_argument("--localisation-weight", type=non_negative_float, default=None,
+                        help=f"weight of the localisation loss on reviewed masks ({default('0.1')})")
+    parser.add_argument("--localisation-loss", choices=["bce", "spatial"], default=None,
+                        help="its form: bce per cell, or spatial (where the map is high, not how high; "
+                             f"{default('bce')}; docs/reviews.md)")
+    parser.add_argument("--segmentation-weight", type=non_negative_float, default=None,
+                        help="weight of the segmentation heads' loss on reviewed masks: from 10 masks, every member "
+                             "gets a light segmentation head on its features and the run's masks come from the "
+                             f"heads' maps ({default('0.3')}; 0: masks from XGrad-CAM; docs/reviews.md)")
+    parser.add_argument("--segmentation-epochs", type=non_negative_int, default=None, metavar="N",
+                        help="then refit each segmentation head alone on the reviewed masks for N epochs over the "
+                             f"frozen member ({default('60')}; 0: none)")
+    parser.add_argument("--segmentation-views", type=non_negative_int, default=None, metavar="N",
+                        help="augmented views of each masked image the refit learns from, besides the image and "
+                             f"its mirror image ({default('14')}; 0: none)")

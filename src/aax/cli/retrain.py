@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from aax.cli._common import add_device_argument, non_negative_float, non_negative_int
+from aax.cli._common import add_device_argument, add_review_learning_arguments
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,20 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="the new RUN folder")
     p.add_argument("--data", default=None,
                    help="the dataset (default: the one RUN was trained on, as its manifest records)")
-    p.add_argument("--localisation-weight", type=non_negative_float, default=None,
-                   help="weight of the localisation loss on reviewed masks (default: RUN's, else 0.1)")
-    p.add_argument("--localisation-loss", choices=["bce", "spatial"], default=None,
-                   help="form of the localisation loss (default: RUN's, else bce; docs/reviews.md)")
-    p.add_argument("--segmentation-weight", type=non_negative_float, default=None,
-                   help="weight of the segmentation heads' loss on reviewed masks: from 10 masks, every member gets a "
-                        "light segmentation head on its features and the run's masks come from the heads' maps "
-                        "(default RUN's, else 0.3; 0: masks from XGrad-CAM; docs/reviews.md)")
-    p.add_argument("--segmentation-epochs", type=non_negative_int, default=None, metavar="N",
-                   help="then refit each segmentation head alone on the reviewed masks for N epochs over the frozen "
-                        "member (default RUN's, else 60; 0: none)")
-    p.add_argument("--segmentation-views", type=non_negative_int, default=None, metavar="N",
-                   help="augmented views of each masked image the refit learns from, besides the image and its "
-                        "mirror image (default RUN's, else 14; 0: none)")
+    add_review_learning_arguments(p, run_default=True)
     p.add_argument("--epochs", type=int, default=None, help="maximum epochs per member (default: RUN's)")
     p.add_argument("--warm-start", action="store_true",
                    help="start every member from RUN's instead of from its initial weights (ImageNet); "

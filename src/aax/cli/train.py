@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from aax.cli._common import (add_device_argument, add_label_map_argument, add_ray_arguments, dropout_float,
+from aax.cli._common import (add_device_argument, add_label_map_argument, add_ray_arguments,
+                             add_review_learning_arguments, dropout_float,
                              non_negative_float, non_negative_int, open_unit_float, positive_float, positive_int)
 
 
@@ -70,21 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="annotation folders whose reviews (aax import, aax serve --store) to learn from: "
                         "reviewed classes replace the dataset's, reviewed images always train, reviewed "
                         "masks teach the members where to look (docs/reviews.md)")
-    p.add_argument("--localisation-weight", type=non_negative_float, default=None,
-                   help="weight of the localisation loss on reviewed masks (default 0.1)")
-    p.add_argument("--localisation-loss", choices=["bce", "spatial"], default=None,
-                   help="its form: bce per cell, or spatial (where the map is high, not how high; "
-                        "default bce; docs/reviews.md)")
-    p.add_argument("--segmentation-weight", type=non_negative_float, default=None,
-                   help="weight of the segmentation heads' loss on reviewed masks: from 10 masks, every member gets a "
-                        "light segmentation head on its features and the run's masks come from the heads' maps "
-                        "(default 0.3; 0: masks from XGrad-CAM; docs/reviews.md)")
-    p.add_argument("--segmentation-epochs", type=non_negative_int, default=None, metavar="N",
-                   help="then refit each segmentation head alone on the reviewed masks for N epochs over the frozen "
-                        "member (default 60; 0: none)")
-    p.add_argument("--segmentation-views", type=non_negative_int, default=None, metavar="N",
-                   help="augmented views of each masked image the refit learns from, besides the image and its "
-                        "mirror image (default 14; 0: none)")
+    add_review_learning_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--novelty-images", default=None, metavar="PATH",
                    help="when calibrating at the end, set the novelty thresholds on these unlabelled "
