@@ -63,6 +63,8 @@ def test_members_get_heads_only_from_ten_reviewed_masks_and_a_weight():
     assert not TrainConfig(segmentation_weight=0.0).segments(SimpleNamespace(n_masks=500))
     with pytest.raises(ValueError, match="segmentation_weight"):
         TrainConfig(segmentation_weight=-1.0).validate()
+    with pytest.raises(ValueError, match="segmentation_views"):
+        TrainConfig(segmentation_views=-1).validate()
 
 
 def test_the_class_pass_gives_the_same_segmentation_maps_as_a_pass_of_their_own():

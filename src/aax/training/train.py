@@ -513,7 +513,9 @@ def prepare_run(data: Any, out: str | os.PathLike[str], config: TrainConfig | No
                                "localisation_loss": config.localisation_loss,
                                "segmentation_weight": config.segmentation_weight if segmentation else 0.0,
                                "segmentation_epochs": config.segmentation_epochs if segmentation else 0,
-                               "segmentation_views": config.segmentation_views if segmentation else 0}
+                               # the refit draws no views without the training augmentation
+                               "segmentation_views": (config.segmentation_views
+                                                      if segmentation and config.augment else 0)}
         _say(f"learning from {merged.record['n']} reviews ({merged.corrected} corrected labels, "
              f"{len(merged.added)} new images, {train_set.n_masks} masks at weight "
              f"{config.localisation_weight})")
