@@ -9,8 +9,8 @@ class it never saw (malignant). For the seen test images and the unseen ones:
 - the run's scores as ``aax annotate`` records them (MC Dropout ``u``, max softmax,
   energy, KNN, Mahalanobis, relative Mahalanobis on each member's fine-tuned pooled
   feature, and the 2-of-3 rule), AUROC of telling unseen from seen;
-- for each member and each step of its backbone (``Member.stages``: the stem up to
-  stride 8, then each later stage), the pooled feature of the frozen ImageNet backbone
+- for each member and each step of its backbone (``Member.stages``: the stem, up to
+  stride 4 or 8, then each later stage), the pooled feature of the frozen ImageNet backbone
   and of the run's fine-tuned one, each with a class-conditional, shrunk Mahalanobis
   score fit on the run's training images (:class:`aax.models.novelty.MahalanobisScore`);
 - the time of the extra pass a frozen backbone costs, up to each step, against the

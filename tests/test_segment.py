@@ -6,25 +6,53 @@ import pytest
 import torch
 
 from aax.models.members import MEMBERS, build_member
-from aax.models.members.segment import has_seg_head, segment_maps, segmentation_loss
+from aax.models.members.segment import (
+    LEGACY_STRIDES,
+    STRIDES,
+    fit_head_to,
+    has_seg_head,
+    saved_strides,
+    segment_maps,
+    segmentation_loss,
+)
 
 
 @pytest.mark.parametrize("name", sorted(MEMBERS))
-def test_every_member_segments_at_stride_8_and_its_head_survives_a_round_trip(name):
+def test_every_member_segments_at_its_finest_stride_and_its_head_survives_a_round_trip(name):
     member = build_member(name, 2).eval()
     seg = member.add_segmentation()
     assert member.add_segmentation() is seg  # one head, however often asked
+    finest = 8 if name == "densenet121" else 4  # DenseNet-121 has no step ending at stride 4
+    assert seg.strides.tolist() == [s for s in STRIDES if s >= finest]
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         maps = segment_maps(member, x)
-    assert maps.shape == (2, 8, 8) and float(maps.min()) >= 0.0 and float(maps.max()) <= 1.0
+    assert maps.shape == (2, 64 // finest, 64 // finest) and float(maps.min()) >= 0.0 and float(maps.max()) <= 1.0
     state = member.state_dict()
     assert has_seg_head(state) and not has_seg_head(build_member(name, 2).state_dict())
+    assert saved_strides(state) == tuple(seg.strides.tolist())
     again = build_member(name, 2)
-    again.add_segmentation()
-    again.load_state_dict(state, strict=True)
+    again.load_state_dict(fit_head_to(again, state), strict=True)
     with torch.no_grad():
         assert torch.allclose(segment_maps(again.eval(), x), maps)
+
+
+def test_a_head_saved_before_its_strides_were_recorded_loads_on_the_steps_it_was_trained_on():
+    member = build_member("efficientnet-lite0", 2).eval()
+    member.add_segmentation(LEGACY_STRIDES)
+    state = {k: v for k, v in member.state_dict().items() if k != "seg.strides"}
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        maps = segment_maps(member, x)
+    assert maps.shape == (2, 8, 8)
+    again = build_member("efficientnet-lite0", 2)
+    again.add_segmentation()  # a head of today's layout is replaced by the saved one's
+    again.load_state_dict(fit_head_to(again, state), strict=True)
+    assert saved_strides(state) == LEGACY_STRIDES and again.seg.strides.tolist() == list(LEGACY_STRIDES)
+    with torch.no_grad():
+        assert torch.equal(segment_maps(again.eval(), x), maps)
+    plain = build_member("efficientnet-lite0", 2).state_dict()
+    assert fit_head_to(build_member("efficientnet-lite0", 2), plain) is plain
 
 
 def test_segmentation_loss_rewards_the_mask_and_penalises_its_inverse():
@@ -119,19 +147,22 @@ def test_the_refit_draws_fewer_views_when_there_are_many_masks(monkeypatch):
     member = build_member("efficientnet-lite0", 2)
     member.add_segmentation()
     n = 6
-    data = Cached(images=torch.randint(0, 256, (n, 3, 128, 128), dtype=torch.uint8),  # the size MAX_VIEWS is for
+    data = Cached(images=torch.randint(0, 256, (n, 3, 128, 128), dtype=torch.uint8),
                   labels=torch.ones(n, dtype=torch.long), indices=list(range(n)),
                   masks=torch.zeros(n, 1, 128, 128, dtype=torch.uint8), has_mask=torch.ones(n, dtype=torch.bool))
     args = (member, data, (0.5,) * 3, (0.25,) * 3)
     assert seg_refit.refit_seg_head(*args, seg_refit.RefitSettings(epochs=0, views=3))["views"] == 2 + 3
     assert seg_refit.refit_seg_head(*args, seg_refit.RefitSettings(epochs=0, views=3, mirror=False))["views"] == 1 + 3
-    monkeypatch.setattr(seg_refit, "MAX_VIEWS", 4 * n)  # room for the image, its mirror and two more
+    with torch.no_grad():  # what one view of the six images caches: the head's step outputs and the masks
+        steps = member.eval().features_and_steps(torch.zeros(n, 3, 128, 128), member.seg.steps)[1]
+    view = sum(t.numel() * 4 for t in steps) + n * 128 * 128 * 4
+    monkeypatch.setattr(seg_refit, "MAX_CACHE_BYTES", 4 * view)  # room for the image, its mirror and two more
     assert seg_refit.refit_seg_head(*args, seg_refit.RefitSettings(epochs=0, views=3))["views"] == 4
-    monkeypatch.setattr(seg_refit, "MAX_VIEWS", 1)
+    monkeypatch.setattr(seg_refit, "MAX_CACHE_BYTES", 1)
     assert seg_refit.refit_seg_head(*args, seg_refit.RefitSettings(epochs=0, views=3))["views"] == 2
     small = Cached(images=data.images[:, :, :64, :64], labels=data.labels, indices=data.indices,
                    masks=data.masks[:, :, :64, :64], has_mask=data.has_mask)
-    monkeypatch.setattr(seg_refit, "MAX_VIEWS", n)  # a quarter of the pixels: four times the views
+    monkeypatch.setattr(seg_refit, "MAX_CACHE_BYTES", view)  # a quarter of the pixels: four views fit
     assert seg_refit.refit_seg_head(member, small, *args[2:], seg_refit.RefitSettings(epochs=0, views=3))["views"] == 4
 
 

@@ -21,7 +21,7 @@ from aax.models.device import default_channels_last, resolve_device
 from aax.models.maps import MapOptions
 from aax.models.mask_settings import parse_tau
 from aax.models.members import MEMBERS, Member, build_member
-from aax.models.members.segment import has_seg_head
+from aax.models.members.segment import fit_head_to
 from aax.models.runfiles import RunError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -63,10 +63,8 @@ def _load_member(run: Path, entry: dict[str, Any], manifest: dict[str, Any],
     member = build_member(name, len(manifest["classes"]), dropout, _train_stride(manifest))
     norm = manifest["normalisation"]
     member.set_input_normalisation((norm["mean"], norm["std"]))
-    if has_seg_head(ckpt["state_dict"]):
-        member.add_segmentation()
     try:
-        member.load_state_dict(ckpt["state_dict"], strict=True)
+        member.load_state_dict(fit_head_to(member, ckpt["state_dict"]), strict=True)
     except RuntimeError as exc:
         raise _fail(path, f"weights do not fit {name}: {exc}") from exc
     return member.to(device).eval()

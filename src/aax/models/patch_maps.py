@@ -8,8 +8,9 @@ classifier having learnt *where* the finding is, which a classifier trained from
 on a few hundred images rarely has (docs/quality.md measures both).
 
 Per member, the patch feature of a cell is the outputs of steps :data:`PATCH_STAGES` of
-:meth:`aax.models.members.Member.stages` (for ResNet-50 layer2 and layer3; for DenseNet-121 and
-EfficientNet-B0 the two steps before the last, at stride 16), the coarser upsampled to the finer grid,
+:meth:`aax.models.members.Member.stages`, the two steps before the last (for ResNet-50 layer2
+and layer3; for DenseNet-121 both at stride 16; for the EfficientNets the stages at strides 16
+and 32 before the head), the coarser upsampled to the finer grid,
 concatenated and averaged over 3 x 3 cells. The *bank* is a seeded random draw of at
 most :data:`BANK_SIZE` such patches from the negative training images, stored with the
 run (``RUN/patches.npz``, float16; ``aax calibrate RUN --map-sources cam patch`` makes it
@@ -36,8 +37,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from aax.models.ensemble import Ensemble
     from aax.models.members import Member
 
-PATCH_STAGES: tuple[int, int] = (2, 3)
-"""The steps of ``Member.stages()`` whose outputs form a patch feature."""
+PATCH_STAGES: tuple[int, int] = (-3, -2)
+"""The steps of ``Member.stages()`` whose outputs form a patch feature (counted from the end:
+the two before the last)."""
 BANK_SIZE = 1024
 """Patches kept per member: 1,024 did as well as 16,000 in the trial (docs/quality.md),
 and the nearest-patch search is most of the cost (1.6x stride 32 annotation at 1,024,
@@ -48,18 +50,20 @@ FILE = "patches.npz"
 def patch_features(member: Member, x: torch.Tensor) -> torch.Tensor:
     """Patch features ``[B, C, h, w]`` of a normalised batch ``x`` (at the member's
     current output stride; only the steps up to the last of :data:`PATCH_STAGES` run)."""
-    return combine(_run(member, x, max(PATCH_STAGES) + 1)[1])
+    steps = _steps(member)
+    return combine(member.features_and_steps(x, steps, max(steps) + 1)[1])
 
 
 def features_and_patches(member: Member, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``A`` (as ``member.features(x)``) and the patch features, from one pass: the class
     pass computes the steps the patch features come from anyway."""
-    a, outs = _run(member, x, None)
+    a, outs = member.features_and_steps(x, _steps(member))
     return a, combine(outs)
 
 
-def _run(member: Member, x: torch.Tensor, stop: int | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    return member.features_and_steps(x, PATCH_STAGES, stop)
+def _steps(member: Member) -> tuple[int, ...]:
+    n = len(member.stages())
+    return tuple(s % n for s in PATCH_STAGES)
 
 
 def combine(outs: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -27,10 +27,11 @@ from aax.models.members.segment import segmentation_loss
 from aax.training.tensors import Cached
 
 
-MAX_VIEWS = 4096
-"""Cached views (images times views) at most, at 128 x 128 (proportionally fewer for larger
-inputs): with many reviewed masks each gets fewer augmented views, so the cached step
-outputs and masks stay under about 1 GB."""
+MAX_CACHE_BYTES = 3 * 2**29
+"""The cached step outputs and masks of every view together stay under this (1.5 GiB):
+with many reviewed masks, large inputs or wide early steps (ResNet-50's layer1) each
+image gets fewer augmented views. An EfficientNet-Lite view of one 128 px image takes
+about 0.3 MB, so the cap leaves 14 views up to about 330 masks."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class RefitSettings:
         mirror: also learn from each image's left-right mirror image (off where sides differ).
         views: augmented views of each image (the training augmentation,
             :class:`~aax.data.augment.Augment`, flipping only with ``mirror``), drawn once;
-            fewer when there are so many masks that :data:`MAX_VIEWS` would be passed.
+            fewer when :data:`MAX_CACHE_BYTES` would be passed.
         seed: shuffling, the views drawn and the view of each batch.
     """
 
@@ -95,8 +96,6 @@ def refit_seg_head(member: Member, data: Cached, mean: tuple[float, ...], std: t
     generator = torch.Generator().manual_seed(settings.seed)
     augment = Augment(hflip=settings.mirror)
     fixed = 2 if settings.mirror else 1
-    cap = MAX_VIEWS * 128 * 128 // (x.shape[-2] * x.shape[-1])
-    n_views = max(0, min(settings.views, cap // len(idx) - fixed))
     shift = torch.tensor(mean, device=device).view(1, -1, 1, 1)
     scale = torch.tensor(std, device=device).view(1, -1, 1, 1)
     was_training = member.training
@@ -105,11 +104,17 @@ def refit_seg_head(member: Member, data: Cached, mean: tuple[float, ...], std: t
         views: list[list[torch.Tensor]] = []
         targets: list[torch.Tensor] = []
         # one view at a time, so only its step outputs and mask are kept, not its image
-        pairs = [(x, masks), (x.flip(-1), masks.flip(-1))][:fixed]
-        for v in range(fixed + n_views):
-            img, target = pairs[v] if v < fixed else augment(x, generator, masks=masks)
+        def add(img: torch.Tensor, target: torch.Tensor) -> None:
             views.append(_steps(member, (img - shift) / scale, head.steps, 4 * settings.batch_size))
             targets.append(target)
+
+        add(x, masks)
+        view_bytes = sum(t.numel() * t.element_size() for t in (*views[0], targets[0]))
+        n_views = max(0, min(settings.views, MAX_CACHE_BYTES // view_bytes - fixed))
+        if settings.mirror:
+            add(x.flip(-1), masks.flip(-1))
+        for _ in range(n_views):
+            add(*augment(x, generator, masks=masks))
         losses: list[float] = []
         if settings.epochs > 0:
             optimizer = torch.optim.Adam(head.parameters(), lr=settings.lr)

@@ -54,13 +54,14 @@ class Member(nn.Module):
         self.output_stride = 32
         self.seg: SegHead | None = None  # added by add_segmentation (aax retrain --segmentation-weight)
 
-    def add_segmentation(self) -> SegHead:
-        """Give the member a :class:`~aax.models.members.segment.SegHead` (if it has none yet)
-        on the device of its weights, and return it."""
+    def add_segmentation(self, strides: Sequence[int] | None = None) -> SegHead:
+        """Give the member a :class:`~aax.models.members.segment.SegHead` reading the steps at
+        ``strides`` (default :data:`~aax.models.members.segment.STRIDES`), on the device of its
+        weights, unless it has one already; return its head."""
         if self.seg is None:
             from aax.models.members.segment import build_seg_head
 
-            self.seg = build_seg_head(self).to(next(self.parameters()).device)
+            self.seg = build_seg_head(self, strides=strides).to(next(self.parameters()).device)
         return self.seg
 
     def features_and_steps(self, x: torch.Tensor, steps: Sequence[int],
@@ -303,7 +304,7 @@ class EfficientNetB0(Member):
             if stage[0]._depthwise_conv.stride[0] == 2:  # the build-time padder, to restore
                 stage[0]._aax_pad_s2 = stage[0]._depthwise_conv_padding
 
-    _first_dilated = {16: 3, 8: 1}
+    _first_dilated = {16: 4, 8: 2}
 
     def grid_origin(self, stride: int) -> float:
         # every stride-2 conv is padded TF-style (0 before, 1 after for 3x3; 1 and 2 for
@@ -313,7 +314,7 @@ class EfficientNetB0(Member):
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         n = self.net
         x = n._swish(n._bn0(n._conv_stem(n._conv_stem_padding(x))))
-        return n._blocks[2](n._blocks[1](n._blocks[0](x)))
+        return n._blocks[1](n._blocks[0](x))  # output stride 4
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         n = self.net
@@ -321,7 +322,9 @@ class EfficientNetB0(Member):
 
     def stages(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
         b = self.net._blocks
-        return [self._stem, b[3], b[4], b[5], self._head]
+        # strides 4, 8, 16, 16, 32, 32: a step ends at every stride, so a segmentation
+        # head can read a stride-4 map
+        return [self._stem, b[2], b[3], b[4], b[5], self._head]
 
     @property
     def target_layer(self) -> nn.Module:

@@ -3,11 +3,13 @@
 Image-level labels teach a classifier *what*; a reviewed mask says *where*. The
 localisation loss (:func:`aax.training.loop.localisation_loss`) asks the class activation
 map to follow the mask, but that map is the last feature map: 4 x 4 cells at 128 px, and
-the pooled logit must stay right. :class:`SegHead` instead reads three of the backbone's
-steps (:meth:`~aax.models.members.Member.stages`: the last at output stride 8, at 16 and
-at 32), projects each to :data:`WIDTH` channels, sums them on the finest grid and
-predicts a per-cell logit: a feature pyramid (Lin et al. 2017) reduced to its smallest
-form, about 55 k parameters on an EfficientNet-Lite backbone of 3.4-4.8 M. Trained with
+the pooled logit must stay right. :class:`SegHead` instead reads four of the backbone's
+steps (:meth:`~aax.models.members.Member.stages`: the last at output stride 4, 8, 16 and
+32; DenseNet-121 has none at 4), projects each to :data:`WIDTH` channels, sums them on the
+finest grid and predicts a per-cell logit: a feature pyramid (Lin et al. 2017) reduced to
+its smallest form, about 56 k parameters on an EfficientNet-Lite backbone of 3.4-4.8 M.
+The stride-4 step is what draws a lesion's edge: without it the heads' masks of sharp
+synthetic lesions stopped at 80 IoU, with it 88 (docs/reviews.md). Trained with
 the members (``aax retrain``, ``--segmentation-weight``), it shares their features, so the
 backbone learns from the masks too; its maps are a map source beside XGrad-CAM
 (``maps.source = "segmentation"``, :func:`segment_maps`) that the decision protocol
@@ -29,8 +31,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 WIDTH = 32
 """Channels of every projected step and of the decoder."""
-STRIDES: tuple[int, ...] = (8, 16, 32)
-"""The output strides whose last step the head reads."""
+STRIDES: tuple[int, ...] = (4, 8, 16, 32)
+"""The output strides whose last step a new head reads."""
+LEGACY_STRIDES: tuple[int, ...] = (8, 16, 32)
+"""What a head saved before its strides were recorded (no ``seg.strides`` key) reads."""
 _PROBE = 64  # side of the blank image the steps' strides are read from
 
 
@@ -41,13 +45,18 @@ class SegHead(nn.Module):
         steps: indices into ``member.stages()`` of the outputs it reads (ascending).
         channels: their channel counts.
         width: channels of the projections and of the decoder.
+        strides: the output stride of each step, kept with the weights (``seg.strides``), so
+            that a saved head is rebuilt on the same steps.
     """
 
-    def __init__(self, steps: Sequence[int], channels: Sequence[int], width: int = WIDTH) -> None:
+    def __init__(self, steps: Sequence[int], channels: Sequence[int], width: int = WIDTH,
+                 strides: Sequence[int] | None = None) -> None:
         super().__init__()
-        if not steps or len(steps) != len(channels):
-            raise ValueError(f"need one channel count per step, got steps {list(steps)} and channels {list(channels)}")
+        if not steps or len(steps) != len(channels) or (strides is not None and len(strides) != len(steps)):
+            raise ValueError(f"need one channel count (and stride) per step, got steps {list(steps)}, "
+                             f"channels {list(channels)} and strides {strides}")
         self.steps = tuple(int(s) for s in steps)
+        self.register_buffer("strides", torch.tensor([int(s) for s in strides or [0] * len(steps)]))
         self.lateral = nn.ModuleList(nn.Conv2d(int(c), width, 1) for c in channels)
         self.decode = nn.Sequential(nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
                                     nn.Conv2d(width, 1, 1))
@@ -65,10 +74,11 @@ class SegHead(nn.Module):
 
 
 @torch.no_grad()
-def build_seg_head(member: Member, width: int = WIDTH) -> SegHead:
-    """A fresh :class:`SegHead` for ``member``: which steps it reads and their channels are
-    read off one pass of a blank image at output stride 32 (the member's mode and stride
-    are restored)."""
+def build_seg_head(member: Member, width: int = WIDTH, strides: Sequence[int] | None = None) -> SegHead:
+    """A fresh :class:`SegHead` for ``member`` reading its last step at each of ``strides``
+    (default :data:`STRIDES`) that it has: the steps and their channels are read off one
+    pass of a blank image at output stride 32 (the member's mode and stride are restored)."""
+    wanted = tuple(STRIDES if strides is None else strides)
     was_training, was_stride = member.training, member.output_stride
     member.eval()
     member.set_output_stride(32)
@@ -78,20 +88,44 @@ def build_seg_head(member: Member, width: int = WIDTH) -> SegHead:
         for i, step in enumerate(member.stages()):
             x = step(x)
             stride = _PROBE // int(x.shape[-1])
-            if stride in STRIDES:
+            if stride in wanted:
                 found[stride] = (i, int(x.shape[1]))
     finally:
         member.set_output_stride(was_stride)
         member.train(was_training)
     if not found:
-        raise ValueError(f"{member.name}: no step at output stride {STRIDES} to segment from")
-    steps, channels = zip(*sorted(found.values()))
-    return SegHead(steps, channels, width)
+        raise ValueError(f"{member.name}: no step at output stride {wanted} to segment from")
+    order = sorted(found)
+    return SegHead([found[s][0] for s in order], [found[s][1] for s in order], width, order)
 
 
 def has_seg_head(state_dict: dict[str, torch.Tensor]) -> bool:
     """Whether a member's state dict holds a segmentation head (keys ``seg.*``)."""
     return any(k.startswith("seg.") for k in state_dict)
+
+
+def saved_strides(state_dict: dict[str, torch.Tensor]) -> tuple[int, ...] | None:
+    """The strides the head in ``state_dict`` reads (None: it holds no head); a head saved
+    before they were recorded reads :data:`LEGACY_STRIDES`."""
+    if not has_seg_head(state_dict):
+        return None
+    found = state_dict.get("seg.strides")
+    return LEGACY_STRIDES if found is None else tuple(int(s) for s in found.tolist())
+
+
+def fit_head_to(member: Member, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Give ``member`` a head laid out as the one in ``state_dict`` (replacing one of another
+    layout), and return ``state_dict`` ready to load: a head saved before its strides were
+    recorded gets them. A state dict without a head is returned as it is."""
+    strides = saved_strides(state_dict)
+    if strides is None:
+        return state_dict
+    if member.seg is not None and tuple(int(s) for s in member.seg.strides.tolist()) != strides:
+        member.seg = None
+    member.add_segmentation(strides)
+    if "seg.strides" not in state_dict:
+        state_dict = {**state_dict, "seg.strides": torch.tensor(strides)}
+    return state_dict
 
 
 def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
