@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -173,8 +174,8 @@ def test_retrain_learns_from_reviews_and_evaluation_refuses_them(trained_run, re
     assert "mean IoU" in (tmp_path / "ev" / "comparison.md").read_text()
 
 
-def test_segmentation_heads_learn_the_reviewed_masks_and_make_the_masks(trained_run, reviewed_out, tmp_path,
-                                                                       capsys):
+def test_segmentation_heads_learn_the_reviewed_masks_and_make_the_masks(trained_run, reviewed_out, lesion_dir,
+                                                                       tmp_path, capsys):
     from aax.annotation.annotate import annotate
     from aax.models.ensemble import Ensemble
 
@@ -208,6 +209,22 @@ def test_segmentation_heads_learn_the_reviewed_masks_and_make_the_masks(trained_
     assert main(["calibrate", str(run), "--map-sources", "cam", "segmentation", "--mc-passes", "4"]) == 0
     out = capsys.readouterr().out
     assert "cam maps: mean IoU" in out and "segmentation maps: mean IoU" in out
+
+    # benchmarks/seg_heads.py refits fresh heads of each layout on the same reviewed masks
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import seg_heads
+    finally:
+        sys.path.pop(0)
+    assert seg_heads.main(["--run", str(run), "--test", str(lesion_dir), "--negative-class", "healthy",
+                           "--strides", "8 16 32", "4 8 16 32", "--out", str(tmp_path / "heads.json")]) == 0
+    heads = json.loads((tmp_path / "heads.json").read_text())
+    assert heads["n_masks"] == manifest["reviews"]["n_masks_used"] and heads["n_test"] > 0
+    assert [r["strides"] for r in heads["results"]] == [[8, 16, 32], [4, 8, 16, 32]]
+    for row in heads["results"]:
+        assert set(row["members"]) == set(ensemble.members)
+        assert all(0.0 <= v <= 1.0 for v in [*row["members"].values(), row["mean_of_heads"]])
+    assert "| 4 8 16 32 |" in capsys.readouterr().out
 
 
 def test_a_reviewed_label_overrides_the_dataset_and_the_image_never_validates(trained_run, reviewed_out,

@@ -193,3 +193,23 @@ def test_segmentation_maps_are_registered_as_the_loss_registers_the_masks():
         raw, grids = saliency_maps(ensemble, x, [None], torch.ones(2, dtype=torch.long),
                                    MapOptions(source="segmentation"))
     assert grids[0] == Grid.centred((64, 64), raw.shape[-2:])
+
+
+def test_a_warm_start_keeps_a_head_of_the_same_layout_and_starts_one_of_another_afresh(tmp_path):
+    from aax.training.train import _warm_start
+
+    old = build_member("efficientnet-lite0", 2)
+    old.add_segmentation(LEGACY_STRIDES)
+    state = {k: v for k, v in old.state_dict().items() if k != "seg.strides"}  # saved before strides were kept
+    torch.save({"state_dict": state, "classes": ["healthy", "lesion"]}, tmp_path / "efficientnet-lite0.pt")
+
+    plain = build_member("efficientnet-lite0", 2)  # a run without heads takes the old head as it was
+    assert _warm_start(plain, "efficientnet-lite0", str(tmp_path), ["healthy", "lesion"]) == "warm start"
+    assert plain.seg.strides.tolist() == list(LEGACY_STRIDES)
+    assert torch.equal(plain.seg.lateral[0].weight, old.seg.lateral[0].weight)
+
+    segmenting = build_member("efficientnet-lite0", 2)
+    fresh = segmenting.add_segmentation()  # today's layout: the old head cannot fit, so it starts afresh
+    _warm_start(segmenting, "efficientnet-lite0", str(tmp_path), ["healthy", "lesion"])
+    assert segmenting.seg is fresh and fresh.strides.tolist() == list(STRIDES)
+    assert torch.equal(segmenting.head.fc.weight, old.head.fc.weight)  # the rest is the old member's

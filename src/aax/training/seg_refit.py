@@ -31,7 +31,7 @@ MAX_CACHE_BYTES = 3 * 2**29
 """The cached step outputs and masks of every view together stay under this (1.5 GiB):
 with many reviewed masks, large inputs or wide early steps (ResNet-50's layer1) each
 image gets fewer augmented views. An EfficientNet-Lite view of one 128 px image takes
-about 0.3 MB, so the cap leaves 14 views up to about 330 masks."""
+about 0.3 MB, so the cap leaves 14 views up to about 320 masks."""
 
 
 @dataclass(frozen=True)
