@@ -43,7 +43,7 @@ from aax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from aax.models import runfiles
 from aax.models.device import default_channels_last, resolve_device
 from aax.models.members import DEFAULT_MEMBERS, MEMBERS, Member, build_member
-from aax.models.members.segment import fit_head_to, saved_strides
+from aax.models.members.segment import fit_head_to
 from aax.models.runfiles import RunError
 from aax.training.init import zero_init_residuals
 from aax.training.loop import LoopSettings, MemberOutcome, train_member
@@ -637,13 +637,9 @@ def _warm_start(member: Member, name: str, run: str, classes: Sequence[str]) -> 
     if list(checkpoint.get("classes", [])) != list(classes):
         raise RunError(f"cannot warm-start {name} from {path}: its classes {checkpoint.get('classes')} are not "
                        f"the data's {list(classes)}")
-    state = checkpoint["state_dict"]
-    old_strides = saved_strides(state)
-    if old_strides is not None and member.seg is not None and tuple(member.seg.strides.tolist()) != old_strides:
-        state = {k: v for k, v in state.items() if not k.startswith("seg.")}  # another layout: start fresh
-    else:
-        state = fit_head_to(member, state)
-    # a segmentation head the old member lacks starts fresh; every other weight must fit
+    # a segmentation head the old member lacks, or has of another layout, starts fresh;
+    # every other weight must fit
+    state = fit_head_to(member, checkpoint["state_dict"], replace=False)
     missing, unexpected = member.load_state_dict(state, strict=False)
     misfits = [k for k in missing if not k.startswith("seg.")] + list(unexpected)
     if misfits:

@@ -44,19 +44,19 @@ class SegHead(nn.Module):
     Args:
         steps: indices into ``member.stages()`` of the outputs it reads (ascending).
         channels: their channel counts.
-        width: channels of the projections and of the decoder.
         strides: the output stride of each step, kept with the weights (``seg.strides``), so
             that a saved head is rebuilt on the same steps.
+        width: channels of the projections and of the decoder.
     """
 
-    def __init__(self, steps: Sequence[int], channels: Sequence[int], width: int = WIDTH,
-                 strides: Sequence[int] | None = None) -> None:
+    def __init__(self, steps: Sequence[int], channels: Sequence[int], strides: Sequence[int],
+                 width: int = WIDTH) -> None:
         super().__init__()
-        if not steps or len(steps) != len(channels) or (strides is not None and len(strides) != len(steps)):
-            raise ValueError(f"need one channel count (and stride) per step, got steps {list(steps)}, "
-                             f"channels {list(channels)} and strides {strides}")
+        if not steps or not len(steps) == len(channels) == len(strides):
+            raise ValueError(f"need one channel count and stride per step, got steps {list(steps)}, "
+                             f"channels {list(channels)} and strides {list(strides)}")
         self.steps = tuple(int(s) for s in steps)
-        self.register_buffer("strides", torch.tensor([int(s) for s in strides or [0] * len(steps)]))
+        self.register_buffer("strides", torch.tensor([int(s) for s in strides]))
         self.lateral = nn.ModuleList(nn.Conv2d(int(c), width, 1) for c in channels)
         self.decode = nn.Sequential(nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
                                     nn.Conv2d(width, 1, 1))
@@ -96,7 +96,7 @@ def build_seg_head(member: Member, width: int = WIDTH, strides: Sequence[int] | 
     if not found:
         raise ValueError(f"{member.name}: no step at output stride {wanted} to segment from")
     order = sorted(found)
-    return SegHead([found[s][0] for s in order], [found[s][1] for s in order], width, order)
+    return SegHead([found[s][0] for s in order], [found[s][1] for s in order], order, width)
 
 
 def has_seg_head(state_dict: dict[str, torch.Tensor]) -> bool:
@@ -113,14 +113,22 @@ def saved_strides(state_dict: dict[str, torch.Tensor]) -> tuple[int, ...] | None
     return LEGACY_STRIDES if found is None else tuple(int(s) for s in found.tolist())
 
 
-def fit_head_to(member: Member, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Give ``member`` a head laid out as the one in ``state_dict`` (replacing one of another
-    layout), and return ``state_dict`` ready to load: a head saved before its strides were
-    recorded gets them. A state dict without a head is returned as it is."""
+def fit_head_to(member: Member, state_dict: dict[str, torch.Tensor],
+                replace: bool = True) -> dict[str, torch.Tensor]:
+    """Give ``member`` a head laid out as the one in ``state_dict`` and return ``state_dict``
+    ready to load: a head saved before its strides were recorded gets them. A state dict
+    without a head is returned as it is.
+
+    A head the member already has, of another layout, is replaced; with ``replace=False``
+    it stays, and the saved head is left out of the returned state dict (a warm start into
+    a run whose heads are of today's layout starts them afresh).
+    """
     strides = saved_strides(state_dict)
     if strides is None:
         return state_dict
-    if member.seg is not None and tuple(int(s) for s in member.seg.strides.tolist()) != strides:
+    if member.seg is not None and tuple(member.seg.strides.tolist()) != strides:
+        if not replace:
+            return {k: v for k, v in state_dict.items() if not k.startswith("seg.")}
         member.seg = None
     member.add_segmentation(strides)
     if "seg.strides" not in state_dict:
