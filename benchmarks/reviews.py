@@ -14,7 +14,9 @@ A simulated reviewer answers with the data's ground truth:
    calibrated (on the reviewed masks too, from 10 of them).
 4. Every RUN is evaluated on TEST (``aax evaluate``): accuracy, kept accuracy, flag rate,
    AAX's and each member's mean IoU over all positives (a flag or a miss scores 0) and of
-   the masks given; the trivial masks (whole image, centred box) beside them.
+   the masks given, and over all positives with AAX's drafts counted on the flagged images
+   (what a person starts from on every image); the trivial masks (whole image, centred
+   box) beside them.
 5. The plain supervised baseline: a MONAI UNet trained on the same N reviewed masks alone
    (:mod:`_segbaseline`), mean IoU over the same positives.
 
@@ -113,7 +115,8 @@ def _scores(run: Path, test: Any) -> dict[str, Any]:
                                    if r.get("set") == "data" and r.get("status") == "ok" and r["decision"] in positive),
             "accuracy": e["accuracy"], "accuracy_kept": e["accuracy_kept"], "flag_rate": e["flag_rate"],
             "iou_mean": e.get("iou_mean"), "iou_mean_given": e.get("iou_mean_given"),
-            "n_masks_given": e.get("n_masks_given"),
+            "n_masks_given": e.get("n_masks_given"), "iou_mean_with_drafts": e.get("iou_mean_with_drafts"),
+            "iou_mean_drafts": e.get("iou_mean_drafts"), "n_drafts": e.get("n_drafts"),
             "members": {n: m.get("iou_mean") for n, m in result["members"].items()},
             "trivial": {n: m.get("iou_mean") for n, m in result["trivial"].items()}}
 
@@ -156,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     negative = config.negative_class or "normal"
 
     run0 = _trained(args.train, args.out / "run-0", config)
-    if "0" not in results["rows"]:
+    if "iou_mean_with_drafts" not in results["rows"].get("0", {}):  # new, or stored before drafts
         results["rows"]["0"] = {"budget": 0, "order": None, **_scores(run0, test)}
         path.write_text(json.dumps(results, indent=2))
     manifest = json.loads((run0 / "aax.json").read_text())
@@ -173,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         for order, entries in ranked.items():
             key = f"{order}:{n}{_setting(args)}"
             row = results["rows"].get(key)
-            if row is not None and (args.no_baseline or "unet_iou_given" in row):
+            if (row is not None and (args.no_baseline or "unet_iou_given" in row)
+                    and "iou_mean_with_drafts" in row):
                 continue
             reviews = _reviews(entries, n, truth, negative)
             if row is None:
@@ -188,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                                               and args.segmentation_epochs else 0),
                        "warm_start": args.warm_start, "epochs": retrain_config.epochs, **_scores(run, test)}
                 row["seconds"] = round(time.perf_counter() - t0, 1)  # retraining, calibration and scoring
-            elif "given_images" not in row:  # a row stored before they were kept: score its run again
+            elif "given_images" not in row or "iou_mean_with_drafts" not in row:
+                # a row stored before the given images or the drafts were kept: score its run again
                 row.update(_scores(args.out / f"run-{order}-{n}{_setting(args)}", test))
             if not args.no_baseline:  # also for a row stored without it
                 # the UNet sees only the reviews: one per order, budget and its own settings
@@ -239,14 +244,16 @@ def table(results: dict[str, Any]) -> str:
     rows = sorted(results["rows"].values(), key=lambda r: (r["order"] or "", _localisation(r), r["budget"]))
     base = results["rows"].get("0")
     lines = ["| reviews | order | localisation (w) | accuracy | kept accuracy | flagged | AAX IoU (all positives) | "
-             "IoU given (n) | UNet on the same masks: all positives | UNet: AAX's (n) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "IoU given (n) | AAX + drafts (all positives) | UNet on the same masks: all positives | "
+             "UNet: AAX's (n) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in ([base] if base else []) + [r for r in rows if r["budget"]]:
         loc = _localisation(r) if r["budget"] else "–"
         lines.append(f"| {r['budget']} | {r['order'] or '–'} | {loc} | {_pct(r['accuracy'])} | "
                      f"{_pct(r['accuracy_kept'])} | "
                      f"{_pct(r['flag_rate'])} | {_pct(r['iou_mean'])} | {_pct(r['iou_mean_given'])} "
-                     f"({r['n_masks_given']}) | {_pct(r.get('unet_iou_mean'))} | {_pct(r.get('unet_iou_given'))} |")
+                     f"({r['n_masks_given']}) | {_pct(r.get('iou_mean_with_drafts'))} | "
+                     f"{_pct(r.get('unet_iou_mean'))} | {_pct(r.get('unet_iou_given'))} |")
     if base:
         trivial = ", ".join(f"{n} {_pct(v)}" for n, v in base["trivial"].items())
         lines.append(f"\nTrivial masks, mean IoU over the same positives: {trivial}.")
@@ -275,6 +282,9 @@ def figure(results: dict[str, Any], path: Path) -> None:
         colour = line.get_color()  # one colour a setting in every panel
         ax_acc.plot(budgets, [100 * r["accuracy"] for r in rows], marker="o", color=colour)
         ax_given.plot(budgets, [100 * r["iou_mean_given"] for r in rows], marker="o", color=colour)
+        drafts = [(r["budget"], 100 * r["iou_mean_with_drafts"]) for r in rows if r.get("iou_mean_with_drafts") is not None]
+        if drafts:  # what a person starts from on every image: the flagged ones' drafts counted
+            ax_iou.plot(*zip(*drafts), marker="s", alpha=0.45, color=colour, label=f"{label}, drafts counted")
     # the UNet sees only the masks: one line an order (on the images each row gave masks for)
     for order, style in zip(sorted({r["order"] for r in results["rows"].values() if r["order"]}), ("--", ":", "-.")):
         for ax, key in ((ax_iou, "unet_iou_mean"), (ax_given, "unet_iou_given")):
@@ -289,7 +299,7 @@ def figure(results: dict[str, Any], path: Path) -> None:
                 ax_iou.axhline(100 * value, color="grey", linestyle=":", linewidth=1)
                 ax_iou.text(0, 100 * value, f" {name}", fontsize=8, color="grey", va="bottom")
     ax_iou.set(xlabel="reviewed images", ylabel="mean IoU (%)",
-               title="Masks: every positive test image (flagged or missed: 0)")
+               title="Masks: every positive test image (missed: 0;\nflagged: its draft (pale), else 0)")
     ax_given.set(xlabel="reviewed images", ylabel="mean IoU (%)", title="Masks: the images AAX gives one for")
     ax_acc.set(xlabel="reviewed images", ylabel="accuracy (%)", title="Classification")
     handles, labels = ax_iou.get_legend_handles_labels()

@@ -24,6 +24,7 @@ def box(top: int, left: int, bottom: int, right: int) -> np.ndarray:
 
 
 MODEL_MASKS = {"diseased/d0.png": box(4, 4, 20, 24), "diseased/d1.png": box(10, 10, 30, 30)}
+DRAFTS = {"diseased/d2.png": box(6, 8, 18, 20)}  # flagged, the members lean to "diseased"
 
 # name: (decision, reason, per-member p(diseased), per-member uncertainty)
 ROWS = {
@@ -57,6 +58,7 @@ def make_store(root: Path) -> tuple[Path, Path]:
         agreeing = [m.name for m in members if m.predicted == decision and m.uncertainty <= 0.1]
         store.add(AnnotationRecord(image=str(images / name), decision=decision, reason=reason,
                                    agreeing=agreeing if decision != "review" else [], members=members,
-                                   mask=MODEL_MASKS.get(name), size=(H, W)))
+                                   mask=MODEL_MASKS.get(name), size=(H, W), draft=DRAFTS.get(name),
+                                   draft_class="diseased" if name in DRAFTS else None))
     store.close()
     return images, out

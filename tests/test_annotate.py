@@ -108,6 +108,27 @@ def test_theta_zero_flags_everything_confident_never(ensemble, input_dir):
     assert all(r.decision == "review" and r.reason == "uncertain" for r in records)
 
 
+def test_flagged_images_the_members_lean_positive_on_get_their_mask_as_a_draft(ensemble, input_dir):
+    files = [f for f in image_files(input_dir) if f.parent.name != "broken"]
+    confident = list(ensemble.annotate(files, theta=1.0, workers=0))  # nothing is uncertain
+    flagged = list(ensemble.annotate(files, theta=-1.0, workers=0))  # everything is
+    negative = ensemble.negative_index
+    leaning = 0
+    for c, f in zip(confident, flagged):
+        assert c.draft is None and c.draft_class is None  # decided images get masks, not drafts
+        lean = np.mean([m.probs for m in f.members], axis=0)[negative] < 0.5
+        assert (f.draft is not None) == lean and f.mask is None
+        leaning += lean
+        if lean and c.mask is not None and len(c.agreeing) == len(ensemble.members):
+            # the same maps, fused and thresholded as the mask they make when the members agree
+            assert f.draft_class == c.decision and np.array_equal(f.draft, c.mask)
+    assert 0 < leaning < len(files)  # both kinds were seen
+
+
+def trained_classes(run: Path) -> list[str]:
+    return json.loads((Path(run) / "aax.json").read_text())["classes"]
+
+
 def run_cli(*args: str) -> int:
     return main(["annotate", *map(str, args)])
 
@@ -309,6 +330,12 @@ def test_review_list_names_flagged_images_most_uncertain_first(trained_run, inpu
     assert Path(first["path"]).is_file() and not Path(first["image"]).is_absolute()
     assert [m["name"] for m in first["members"]] == list(DEFAULT_MEMBERS)
     assert max(m["uncertainty"] for m in first["members"]) == first["max_uncertainty"]
+    # every flagged image the members lean positive on has its draft on disk, the others none
+    drafted = [e for e in listed["images"] if e["draft"]]
+    assert drafted and summary["drafts"] == len(drafted) and summary["masks"] == 0
+    assert all((out / e["draft"]).is_file() and e["draft"].startswith("drafts/") and e["p_positive"] > 0.5
+               and e["draft_class"] in trained_classes(trained_run) for e in drafted)
+    assert all(e["p_positive"] <= 0.5 for e in listed["images"] if not e["draft"])
     import csv
 
     rows = list(csv.DictReader(open(out / "review.csv")))

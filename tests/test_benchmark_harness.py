@@ -153,7 +153,7 @@ def test_reviews_benchmark_tables_each_localisation_setting_apart(tmp_path):
                                                         "segmentation_epochs": 60},
                         "uncertainty:50-seg1-refit60-views14": {**row(50, "uncertainty", 0.55),
                                                                 "segmentation_weight": 1.0, "segmentation_epochs": 60,
-                                                                "segmentation_views": 14,
+                                                                "segmentation_views": 14, "iou_mean_with_drafts": 0.58,
                                                                 "unet_iou_mean": 0.5, "unet_iou_given": 0.6}}}
     lines = reviews.table(results).splitlines()
     assert any("| 50 | uncertainty | bce 0.1 |" in line and "| 10.0 |" in line for line in lines)
@@ -162,6 +162,7 @@ def test_reviews_benchmark_tables_each_localisation_setting_apart(tmp_path):
     assert any("| bce 0.1 + segmentation head 1, no refit |" in line and "| 40.0 |" in line for line in lines)
     assert any("| bce 0.1 + segmentation head 1, refit 60 |" in line and "| 45.0 |" in line for line in lines)
     assert any("| bce 0.1 + segmentation head 1, refit 60 (14 views) |" in line
-               and line.endswith("| 55.0 (5) | 50.0 | 60.0 |") for line in lines)
+               and line.endswith("| 55.0 (5) | 58.0 | 50.0 | 60.0 |") for line in lines)
+    assert any("| 50 | uncertainty | bce 0.1 |" in line and "| 10.0 (5) | – |" in line for line in lines)  # no drafts stored
     reviews.figure(results, tmp_path / "reviews.png")
     assert (tmp_path / "reviews.png").stat().st_size > 10_000

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from aax.annotation.decide import Decision, decide, intersect, map_class, predicted_classes
+from aax.annotation.decide import Decision, decide, draft_members, intersect, map_class, predicted_classes
 from aax.models.mask_settings import tau_for
 
 H, D = [0.9, 0.1], [0.2, 0.8]  # healthy (index 0, negative) / diseased (index 1)
@@ -179,3 +179,16 @@ def test_mask_subset_narrows_the_agreeing_members_by_hand():
     assert mask_subset((1, 2), [0, 2]) == (2,)
     assert mask_subset((1,), [0, 2]) == (1,)  # no agreeing member is a mask member: all of them
     assert mask_subset((), [0, 2]) == ()
+
+
+def test_drafts_only_for_flagged_images_the_members_lean_positive_on():
+    leaning = np.array([[0.3, 0.7], [0.6, 0.4], [0.2, 0.8]])  # negative index 0; mean p(negative) 0.37
+    uncertain = Decision(None, True, "uncertain")
+    assert draft_members(uncertain, leaning, 0) == (0, 1, 2)
+    assert draft_members(Decision(None, True, "no-consensus"), leaning, 0, mask_members=[0, 2]) == (0, 2)
+    assert draft_members(Decision(None, True, "novel"), leaning, 0) == (0, 1, 2)  # the reason says why it is flagged
+    assert draft_members(Decision(1, False, "consensus", (0, 2)), leaning, 0) == ()  # decided: a mask, no draft
+    assert draft_members(uncertain, leaning[:, ::-1], 0) == ()  # the members lean negative
+    three = np.array([[0.5, 0.3, 0.2], [0.4, 0.1, 0.5], [0.5, 0.25, 0.25]])  # p(negative) 0.47: positives 0.53
+    assert draft_members(uncertain, three, 0) == (0, 1, 2)
+    assert draft_members(uncertain, np.array([[0.5, 0.5], [0.5, 0.5]]), 0) == ()  # an even split is no lean

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aax.annotation.decide import decide, intersect, predicted_classes
+from aax.annotation.decide import decide, draft_members, intersect, predicted_classes
 from aax.annotation.records import REVIEW, AnnotationRecord, MemberResult
 from aax.evaluation.evaluate import evaluate
 from aax.evaluation.inputs import open_images
@@ -111,12 +111,15 @@ class FakeEnsemble:
             dec = decide(np.array(probs), np.array(unc), theta, self.negative_index, self.quorum)
             fmaps = [np.asarray(m, dtype=np.float32) for m in maps]
             mask = intersect(np.stack([fmaps[i] for i in dec.agreeing]), tau) if dec.agreeing else None
+            drafted = draft_members(dec, np.array(probs), self.negative_index)
+            draft = intersect(np.stack([fmaps[i] for i in drafted]), tau) if drafted else None
             yield AnnotationRecord(
                 image=str(path), decision=REVIEW if dec.review else CLASSES[dec.label], reason=dec.reason,
                 agreeing=[NAMES[i] for i in dec.agreeing],
                 members=[MemberResult(n, list(p), u, None if k < 0 else CLASSES[k])
                          for n, p, u, k in zip(NAMES, probs, unc, predicted_classes(np.array(probs)))],
-                mask=mask, saliency=dict(zip(NAMES, fmaps)) if keep_saliency else None, size=(S, S), label=label,
+                mask=mask, draft=draft, draft_class=CLASSES[0] if drafted else None,
+                saliency=dict(zip(NAMES, fmaps)) if keep_saliency else None, size=(S, S), label=label,
                 regions=self.regions.get(name) if keep_saliency and keep_regions is not False else None,
                 preview=np.full((S, S, 3), 120, np.uint8),
             )
@@ -149,6 +152,10 @@ def test_ensemble_and_members_scored_by_hand(data, tmp_path):
     assert e["iou_micro"] == pytest.approx(1024 / 2048)
     # the masks it did give: A's only (B is flagged, so no mask)
     assert e["n_masks_given"] == 1 and e["iou_mean_given"] == pytest.approx(1.0)
+    # B's draft (all three maps agree on its lesion) is what a reviewer starts from: it
+    # counts beside the masks in their own figure, never in the paper's
+    assert e["n_drafts"] == 1 and e["iou_mean_drafts"] == pytest.approx(1.0)
+    assert e["iou_mean_with_drafts"] == pytest.approx(1.0)
 
     r = result["members"]["resnet50"]
     assert r["accuracy"] == pytest.approx(0.5) and r["flag_rate"] == pytest.approx(0.25)

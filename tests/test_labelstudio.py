@@ -9,11 +9,12 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
-from _stores import MODEL_MASKS, ROWS, box, make_store, short
+from _stores import DRAFTS, MODEL_MASKS, ROWS, H, W, box, make_store, short
 
 from aax.cli import main
 from aax.interop import brush
-from aax.interop.labelstudio import config_names, confidence, export_label_studio, label_config, local_files_url
+from aax.interop.labelstudio import (config_names, confidence, export_label_studio, label_config, local_files_url,
+                                    prediction)
 from aax.interop.review_import import import_file
 from aax.interop.reviews import ReviewImportError, load_mask
 
@@ -57,11 +58,28 @@ def test_tasks_carry_decision_mask_scores_and_member_fields(store, tmp_path):
     mask = regions["brushlabels"]
     assert (mask["original_height"], mask["original_width"]) == MODEL_MASKS["diseased/d0.png"].shape
     assert np.array_equal(brush.rle_to_mask(mask["value"]["rle"], 32, 40), MODEL_MASKS["diseased/d0.png"])
-    # no brush for negatives and flagged images; the flag's reason is kept
+    # no brush for negatives and for flagged images without a draft; the flag's reason is kept
     h2 = by_image["healthy/h2.png"]["predictions"][0]
     assert [r["type"] for r in h2["result"]] == ["choices", "textarea"]
     assert h2["result"][0]["value"]["choices"] == ["review"]
     assert h2["result"][1]["value"]["text"] == ["no-consensus"]
+
+
+def test_a_flagged_image_carries_its_draft_for_the_reviewer_and_stays_flagged(store, tmp_path):
+    _, out = store
+    result = export_label_studio(out, tmp_path / "ls")
+    assert (result["masks"], result["drafts"]) == (len(MODEL_MASKS), len(DRAFTS))
+    tasks = json.loads((tmp_path / "ls" / "tasks.json").read_text())
+    d2 = next(t for t in tasks if short(t["data"]["aax_image"]) == "diseased/d2.png")["predictions"][0]
+    regions = {r["type"]: r for r in d2["result"]}
+    assert regions["choices"]["value"]["choices"] == ["review"]
+    draft = regions["brushlabels"]
+    assert draft["id"] == "aax-draft" and draft["value"]["brushlabels"] == ["diseased"]
+    assert np.array_equal(brush.rle_to_mask(draft["value"]["rle"], 32, 40), DRAFTS["diseased/d2.png"])
+    # a decided image's prediction never shows a draft, even when handed one
+    decided = prediction("diseased", "consensus", None, (H, W), 0.9, "v", draft=DRAFTS["diseased/d2.png"],
+                         draft_class="diseased")
+    assert [r["type"] for r in decided["result"]] == ["choices", "textarea"]
 
 
 def test_flagged_images_score_lowest(store, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from aax.annotation.records import AnnotationRecord, MemberResult
-from aax.annotation.store import AnnotationStore, SettingsMismatch, relative_name
+from aax.annotation.store import SCHEMA, AnnotationStore, SettingsMismatch, relative_name
 
 SETTINGS = {"run": "r", "theta": 0.1, "tau": 0.5, "mc_passes": 30, "quorum": 2,
             "classes": ["diseased", "healthy"], "negative_class": "healthy"}
@@ -135,3 +135,46 @@ def test_mask_files_are_named_by_stem_and_never_collide(tmp_path):
     assert masks[1] == "masks/tb/tb0003.jpg.png"
     assert masks[2].startswith("masks/_external/") and masks[2].endswith("/z.png")
     assert len(set(masks)) == 3 and all((tmp_path / "out" / m).is_file() for m in masks)
+
+
+def test_drafts_are_stored_apart_from_masks_and_recovered_alike(tmp_path):
+    root = tmp_path / "in"
+    store = AnnotationStore(tmp_path / "out", SETTINGS, input_root=root)
+    draft = np.zeros((6, 8), bool)
+    draft[2:4, 1:6] = True
+    store.add(AnnotationRecord(image=str(root / "f.png"), decision="review", reason="uncertain", size=(6, 8),
+                               draft=draft, draft_class="diseased"))
+    store.add(positive(str(root / "p.png")))
+    store.close()
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "drafts" / "f.png")), draft)
+    assert not (tmp_path / "out" / "masks" / "f.png").exists()
+    store = AnnotationStore(tmp_path / "out", SETTINGS)
+    rows = {r["image"]: r for r in store.rows()}
+    assert (rows["f.png"]["mask"], rows["f.png"]["draft"], rows["f.png"]["draft_class"]) == (
+        None, "drafts/f.png", "diseased")
+    assert rows["p.png"]["draft"] is None and rows["p.png"]["draft_class"] is None
+    assert (store.summary()["masks"], store.summary()["drafts"]) == (1, 1)
+    store.close()
+    (tmp_path / "out" / "drafts" / "f.png").unlink()  # a lost draft file: the row is redone
+    (tmp_path / "out" / "drafts" / "orphan.png").write_bytes(b"x")
+    store = AnnotationStore(tmp_path / "out", SETTINGS)
+    assert store.done() == {"p.png"} and not (tmp_path / "out" / "drafts" / "orphan.png").exists()
+
+
+def test_a_folder_made_before_drafts_gains_the_columns(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    db = sqlite3.connect(out / "annotations.sqlite")
+    old = [line for line in SCHEMA.splitlines() if "draft" not in line]
+    db.executescript("\n".join(old).replace("created_at TEXT NOT NULL,", "created_at TEXT NOT NULL"))
+    db.execute("INSERT INTO annotations (image, status, decision, created_at) VALUES ('a.png', 'ok', 'healthy', 'now')")
+    db.commit()
+    db.close()
+    store = AnnotationStore(out, SETTINGS)
+    row = next(store.rows())
+    assert row["image"] == "a.png" and row["draft"] is None
+    store.add(AnnotationRecord(image="b.png", decision="review", reason="uncertain", size=(2, 2),
+                               draft=np.ones((2, 2), bool), draft_class="diseased"))
+    rows = list(store.rows())
+    store.close()
+    assert rows[1]["draft"].startswith("drafts/") and (out / rows[1]["draft"]).is_file()

@@ -4,7 +4,8 @@ Per batch and member, the backbone runs once. From its feature map ``A``:
 - MC Dropout re-runs only the head, K times, on the pooled features (``p_i``, ``u_i``);
 - XGrad-CAM weighs ``A`` with the head's gradient in closed form (``S_i``).
 The protocol (:mod:`aax.annotation.decide`) then turns the members' answers into a decision and,
-for positive decisions, the mask ``min_i S_i > tau`` at the image's own size.
+for positive decisions, the mask ``min_i S_i > tau`` at the image's own size (and for
+flagged images the members lean positive on, a draft made the same way, for the reviewer).
 
 Decoding and resizing run in DataLoader workers so that they overlap with compute, and
 so does the superpixel cut of runs that refine their masks (:mod:`aax.models.refine`).
@@ -28,7 +29,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from aax import runtime
-from aax.annotation.decide import NO_PREDICTION, decide, map_class, mask_subset, otsu_threshold, predicted_classes
+from aax.annotation.decide import (NO_PREDICTION, Decision, decide, draft_members, map_class, mask_subset, otsu_threshold,
+                                   predicted_classes)
 from aax.annotation.records import REVIEW, AnnotationRecord, MemberResult
 from aax.data.batches import Decoded, InputItem, collate
 from aax.models import runfiles
@@ -193,7 +195,8 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
     uncert_np = torch.stack(uncert, dim=1).cpu().numpy()  # [B, M]
 
     # Every member's map of an image shows the same class: the positive class in question.
-    cam_class = torch.tensor([map_class(p, ensemble.negative_index) for p in probs_np], device=device)
+    shown = [map_class(p, ensemble.negative_index) for p in probs_np]
+    cam_class = torch.tensor(shown, device=device)
     raw, grids = saliency_maps(ensemble, x, feats, cam_class, settings.maps, autocast, shared, patches,
                                segments)  # [B, M, h, w]
     shared.clear()
@@ -208,19 +211,25 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
     decisions = [decide(probs_np[b], uncert_np[b], settings.theta, ensemble.negative_index, settings.quorum,
                         None if novel is None else novel[b])
                  for b in range(len(sizes))]
-    taus = [settings.tau_for(classes[d.label]) if d.agreeing else 0.0 for d in decisions]
-    wanted = [b for b, d in enumerate(decisions) if keep_saliency or d.agreeing]
     mask_members = (None if settings.maps.mask_members is None
                     else [names.index(n) for n in settings.maps.mask_members])
+    drafts = [draft_members(d, probs_np[b], ensemble.negative_index, mask_members)
+              for b, d in enumerate(decisions)]
+    # a drafted image's maps are fused as a mask's are: all (mask) members in place of the agreeing ones
+    sources = [Decision(d.label, d.review, d.reason, drafts[b]) if drafts[b] else d
+               for b, d in enumerate(decisions)]
+    taus = [settings.tau_for(classes[d.label] if d.agreeing else classes[shown[b]]) if s.agreeing else 0.0
+            for b, (d, s) in enumerate(zip(decisions, sources))]
+    wanted = [b for b, s in enumerate(sources) if keep_saliency or s.agreeing]
     refine = settings.maps.refine == "superpixels"
     keep_regions = keep_saliency and (refine if keep_regions is None else keep_regions)
     # regions where masks are refined, and for every image when kept with the maps
-    cut = list(range(len(sizes))) if keep_regions else [b for b in wanted if refine and decisions[b].agreeing]
+    cut = list(range(len(sizes))) if keep_regions else [b for b in wanted if refine and sources[b].agreeing]
     if regions is not None:
         regions = {b: regions[b] for b in cut}
     else:
         regions = dict(zip(cut, input_superpixels(x[cut], *ensemble.normalisation))) if cut else {}
-    masks, maps = _maps_and_masks(raw, grids, sizes, wanted, decisions, taus, keep_saliency,
+    masks, maps = _maps_and_masks(raw, grids, sizes, wanted, sources, taus, keep_saliency,
                                   settings.maps.fusion, settings.quorum, mask_members,
                                   regions if refine else None,
                                   rescale=settings.maps.source != "segmentation")
@@ -241,7 +250,9 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
                                   novel=None if novel is None else bool(novel[b, i]),
                                   map_agreement=round(float(agreement[b, i]), 6))
                      for i, n in enumerate(names)],
-            mask=masks.get(b),
+            mask=masks.get(b) if decision.agreeing else None,
+            draft=masks.get(b) if drafts[b] else None,
+            draft_class=classes[shown[b]] if drafts[b] else None,
             saliency=dict(zip(names, maps[b])) if keep_saliency else None,
             regions=regions.get(b) if keep_regions else None,
             size=(h, w),
@@ -496,8 +507,9 @@ def annotate_to_folder(ensemble: Ensemble, source: str | os.PathLike, out: str |
                        save_saliency: bool = False, overwrite: bool = False,
                        workers: int | None = None, amp: bool = False,
                        progress: bool = True, novelty: bool = True) -> dict:
-    """Annotate ``source`` into ``out`` (``annotations.sqlite``, ``masks/``, ``summary.json``,
-    and ``saliency/`` with ``save_saliency``); return the summary.
+    """Annotate ``source`` into ``out`` (``annotations.sqlite``, ``masks/``, ``drafts/`` (the
+    flagged images' draft masks), ``summary.json``, and ``saliency/`` with
+    ``save_saliency``); return the summary.
 
     Interrupted runs resume: images that already have a row are skipped. A folder
     made with other settings is refused (:class:`aax.annotation.store.SettingsMismatch`) unless

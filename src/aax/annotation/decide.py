@@ -19,6 +19,13 @@ score map and thresholded. ``min`` is the paper's intersection (``min_i S_i > ta
 exceed tau. ``tau`` is a number in [0, 1], or ``"otsu"``: Otsu's threshold of each
 image's own fused map (a data-driven threshold for runs without ground-truth masks).
 
+Drafts (ours, :func:`draft_members`): a flagged image whose members together think a
+finding more likely than not (mean probability of the negative class below 0.5) gets a
+*draft* mask from all members' maps, fused and thresholded as a mask is. It stays a
+review: the draft is what the reviewer starts from, never an annotation. Novel images
+get one too: the novelty threshold is a quantile of ordinary images' scores, so it also
+flags a share of ordinary images, and on a truly foreign one a reviewer deletes it.
+
 Step 4 departs from the paper, whose pseudocode calls this case healthy: one uncertain
 member and two that disagree is not a consensus, so a person looks at it.
 A member predicts the class of its strictly highest mean probability; a member whose
@@ -112,6 +119,19 @@ def mask_subset(agreeing: Sequence[int], mask_members: Sequence[int] | None) -> 
     if mask_members is None:
         return agreeing
     return tuple(i for i in agreeing if i in mask_members) or agreeing
+
+
+def draft_members(decision: Decision, probs: np.ndarray, negative_index: int,
+                  mask_members: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The members whose maps form a flagged image's draft mask (see the module
+    docstring), or ``()`` for no draft: decided images, and flagged images that the
+    members' mean probabilities call negative."""
+    if not decision.review:
+        return ()
+    probs = np.asarray(probs, dtype=float)
+    if probs.mean(axis=0)[negative_index] >= 0.5:
+        return ()
+    return mask_subset(range(probs.shape[0]), mask_members)
 
 
 def intersect(maps: np.ndarray, tau: float) -> np.ndarray:

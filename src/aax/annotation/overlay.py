@@ -51,7 +51,8 @@ def _panel(image: np.ndarray, caption: str) -> np.ndarray:
 
 def render_record(record: AnnotationRecord, tau: float | str, theta: float | None = None) -> np.ndarray:
     """Side-by-side panels: input, each member's map, and the intersection of the
-    agreeing members' maps (the AAX mask) or, without a mask, the decision.
+    agreeing members' maps (the AAX mask), a flagged image's draft (in yellow) or else
+    the decision.
 
     Each member's caption gives its uncertainty ``u`` to four decimals (calibrated thetas
     are often a few hundredths) and, with ``theta``, whether it is over (``>``) or within
@@ -67,6 +68,9 @@ def render_record(record: AnnotationRecord, tau: float | str, theta: float | Non
     if record.mask is not None:
         caption = f"AAX mask (tau={tau if isinstance(tau, str) else format(tau, 'g')})\n{'+'.join(record.agreeing)}"
         panels.append(_panel(mask_overlay(image, record.mask), caption))
+    elif record.draft is not None:  # another colour: a suggestion for the reviewer, not a mask
+        panels.append(_panel(mask_overlay(image, record.draft, colour=(255, 200, 0)),
+                             f"draft for review\n{record.draft_class}"))
     else:
         panels.append(_panel(image, f"no mask\n{record.decision}"))
     return np.concatenate(panels, axis=1)

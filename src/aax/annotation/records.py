@@ -45,7 +45,9 @@ class AnnotationRecord:
     XGrad-CAM map in [0, 1] at the image's own size, kept only when asked for, and with
     them (when the run refines its masks, or when asked: ``keep_regions``) ``regions``:
     the image's superpixel labels (:func:`aax.models.refine.input_superpixels`), which
-    evaluation and calibration pool the maps over.
+    evaluation and calibration pool the maps over. ``draft`` is set only for flagged
+    images the members lean positive on (:func:`aax.annotation.decide.draft_members`):
+    a mask of ``draft_class`` for the reviewer to correct, never an annotation.
     """
 
     image: str
@@ -62,6 +64,9 @@ class AnnotationRecord:
     mask_path: str | None = None  # set by the store, relative to its folder
     preview: np.ndarray | None = None  # small uint8 RGB copy of the image, for overlays
     regions: np.ndarray | None = None  # superpixel labels [128, 128], see above
+    draft: np.ndarray | None = None  # flagged images only: a mask for the reviewer to start from
+    draft_class: str | None = None  # the positive class the draft shows
+    draft_path: str | None = None  # set by the store, relative to its folder
 
     @property
     def flagged(self) -> bool:

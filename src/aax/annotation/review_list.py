@@ -40,8 +40,9 @@ def review_entries(store: AnnotationStore, order: str = DEFAULT_ORDER, include_a
     order's score (maps' agreement was not stored) come after the others, by uncertainty.
 
     Each entry: ``image`` (the store's key: the path relative to the input root),
-    ``path`` (where the image is), ``reason``, ``max_uncertainty``, ``overlay`` (relative
-    to the store's folder, or None) and ``members``: each member's ``name``,
+    ``path`` (where the image is), ``reason``, ``max_uncertainty``, ``overlay`` and
+    ``draft`` (relative to the store's folder, or None; the draft's class in
+    ``draft_class``) and ``members``: each member's ``name``,
     ``predicted``, ``probability`` of that class, ``uncertainty`` and, when the run
     scores novelty, its novelty fields as stored; ``disagreement`` is the image's map
     disagreement (or None) and ``p_positive`` the members' mean probability of a
@@ -69,7 +70,8 @@ def review_entries(store: AnnotationStore, order: str = DEFAULT_ORDER, include_a
                         "max_uncertainty": max(uncertainties) if uncertainties else None,
                         "disagreement": disagreement([m.get("map_agreement") for m in members]),
                         "p_positive": _p_positive(row["members"], negative_index),
-                        "overlay": row["saliency"], "label": row["label"], "members": members})
+                        "overlay": row["saliency"], "draft": row.get("draft"), "draft_class": row.get("draft_class"),
+                        "label": row["label"], "members": members})
     return sort_entries(entries, order, seed)
 
 
@@ -129,8 +131,8 @@ def write_review_list(store: AnnotationStore, to: str | os.PathLike | None = Non
 
 def _write(entries: list[dict[str, Any]], target: Path) -> list[str]:
     rows = [_flat(e) for e in entries]
-    columns: list[str] = ["image", "reason", "decision", "max_uncertainty", "disagreement", "p_positive", "overlay", "path",
-                          "label"]
+    columns: list[str] = ["image", "reason", "decision", "max_uncertainty", "disagreement", "p_positive", "overlay",
+                          "draft", "draft_class", "path", "label"]
     for row in rows:
         columns += [k for k in row if k not in columns]
     csv_path, json_path = target / CSV_NAME, target / JSON_NAME

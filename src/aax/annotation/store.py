@@ -1,4 +1,4 @@
-"""Where annotations land: ``OUT/annotations.sqlite`` plus mask (and overlay) PNG files.
+"""Where annotations land: ``OUT/annotations.sqlite`` plus mask, draft (and overlay) PNG files.
 
 Crash safety comes from one ordering rule: an image's files are written first (to a
 temporary name, then renamed into place), its row second. A kill at any moment leaves
@@ -28,6 +28,7 @@ from aax.annotation.records import REVIEW, AnnotationRecord
 
 DB_NAME = "annotations.sqlite"
 MASK_DIR = "masks"
+DRAFT_DIR = "drafts"  # flagged images' draft masks: what a reviewer starts from, not annotations
 SALIENCY_DIR = "saliency"
 TMP_SUFFIX = ".tmp"
 REVIEW_FILES = ("review.csv", "review.json")  # the review list (aax.annotation.review_list)
@@ -48,7 +49,9 @@ CREATE TABLE IF NOT EXISTS annotations (
     label TEXT,
     height INTEGER,
     width INTEGER,
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    draft TEXT,
+    draft_class TEXT
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
@@ -175,14 +178,18 @@ class AnnotationStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        columns = {c[1] for c in self.db.execute("PRAGMA table_info(annotations)")}
+        for column in ("draft", "draft_class"):  # a folder made before drafts existed
+            if column not in columns:
+                self.db.execute(f"ALTER TABLE annotations ADD COLUMN {column} TEXT")
         if settings is not None:
             self._check_settings(settings)
         self.input_root = self._input_root(input_root)
         self.recover()
         # file paths taken, so that two images with one stem (a.png, a.jpg) never share a mask
         self._files: dict[str, str] = {}
-        for image, mask, saliency in self.db.execute("SELECT image, mask, saliency FROM annotations"):
-            self._files.update({p: image for p in (mask, saliency) if p})
+        for image, *paths in self.db.execute("SELECT image, mask, saliency, draft FROM annotations"):
+            self._files.update({p: image for p in paths if p})
         self._pending = 0
         self._last_commit = time.monotonic()
 
@@ -210,7 +217,7 @@ class AnnotationStore:
     def _wipe(self) -> None:
         for name in (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm", "summary.json", *REVIEW_FILES):
             (self.out / name).unlink(missing_ok=True)
-        for name in (MASK_DIR, SALIENCY_DIR):
+        for name in (MASK_DIR, SALIENCY_DIR, DRAFT_DIR):
             shutil.rmtree(self.out / name, ignore_errors=True)
 
     def _check_settings(self, settings: dict) -> None:
@@ -241,10 +248,10 @@ class AnnotationStore:
     def recover(self) -> dict[str, int]:
         """Make files and rows agree after a crash: delete temporary files and files
         without a row; delete rows whose mask file is missing (they are redone)."""
-        rows = self.db.execute("SELECT image, mask, saliency FROM annotations").fetchall()
-        known = {p for _, m, s in rows for p in (m, s) if p}
+        rows = self.db.execute("SELECT image, mask, saliency, draft FROM annotations").fetchall()
+        known = {p for _, *paths in rows for p in paths if p}
         removed_files = 0
-        for folder in (MASK_DIR, SALIENCY_DIR):
+        for folder in (MASK_DIR, SALIENCY_DIR, DRAFT_DIR):
             base = self.out / folder
             if not base.exists():
                 continue
@@ -252,8 +259,7 @@ class AnnotationStore:
                 if path.is_file() and path.relative_to(self.out).as_posix() not in known:
                     path.unlink()
                     removed_files += 1
-        missing = [image for image, m, s in rows
-                   if (m and not (self.out / m).is_file()) or (s and not (self.out / s).is_file())]
+        missing = [image for image, *paths in rows if any(p and not (self.out / p).is_file() for p in paths)]
         self.db.executemany("DELETE FROM annotations WHERE image = ?", [(i,) for i in missing])
         return {"files_removed": removed_files, "rows_removed": len(missing)}
 
@@ -269,31 +275,35 @@ class AnnotationStore:
         the overlay may come encoded already (:class:`EncodedPNG`)."""
         record.image = key = self.key(record.image)
         name = self._file_name(key)
-        mask_rel = saliency_rel = None
-        if record.mask is not None:
-            mask_rel = f"{MASK_DIR}/{name}.png"
+        mask_rel = saliency_rel = draft_rel = None
+        for folder, given in ((MASK_DIR, record.mask), (DRAFT_DIR, record.draft)):
+            if given is None:
+                continue
+            rel = f"{folder}/{name}.png"
             # 1-bit PNG: a quarter of the size of 8-bit 0/255 and 3x faster to encode;
             # viewers and OpenCV show it as 0/255, Pillow reads it as bool.
-            mask = record.mask if isinstance(record.mask, EncodedPNG) else np.asarray(record.mask, dtype=bool)
-            _write_png_atomically(self.out / mask_rel, mask)
-            self._files[mask_rel] = key
+            _write_png_atomically(self.out / rel, given if isinstance(given, EncodedPNG)
+                                  else np.asarray(given, dtype=bool))
+            self._files[rel] = key
+            mask_rel, draft_rel = (rel, draft_rel) if folder == MASK_DIR else (mask_rel, rel)
         if overlay is not None:
             saliency_rel = f"{SALIENCY_DIR}/{name}.png"
             _write_png_atomically(self.out / saliency_rel, overlay)
             self._files[saliency_rel] = key
-        record.mask_path = mask_rel
+        record.mask_path, record.draft_path = mask_rel, draft_rel
         if self._pending == 0:
             self.db.execute("BEGIN")
         self.db.execute(
             "INSERT OR REPLACE INTO annotations (image, status, error, decision, reason, agreeing, mask,"
-            " mask_area, saliency, members, label, height, width, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " mask_area, saliency, members, label, height, width, created_at, draft, draft_class)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (record.image, record.status, record.error, record.decision, record.reason,
              json.dumps(record.agreeing), mask_rel,
              _area(record.mask), saliency_rel,
              json.dumps([m.to_json() for m in record.members]), record.label,
              record.size[0] if record.size else None, record.size[1] if record.size else None,
-             datetime.now(timezone.utc).isoformat(timespec="seconds")))
+             datetime.now(timezone.utc).isoformat(timespec="seconds"), draft_rel,
+             record.draft_class if draft_rel else None))
         self._pending += 1
         if self._pending >= 64 or time.monotonic() - self._last_commit > 2.0:
             self.commit()
@@ -301,7 +311,7 @@ class AnnotationStore:
     def _file_name(self, key: str) -> PurePosixPath:
         """The image's stem path, or its whole name when another image has that stem."""
         name = file_stem_name(key)
-        taken = {self._files.get(f"{d}/{name}.png") for d in (MASK_DIR, SALIENCY_DIR)} - {None, key}
+        taken = {self._files.get(f"{d}/{name}.png") for d in (MASK_DIR, SALIENCY_DIR, DRAFT_DIR)} - {None, key}
         if taken:
             name = file_stem_name(key).with_name(PurePosixPath(key).name)
         return name
@@ -335,8 +345,9 @@ class AnnotationStore:
             "SELECT image, error FROM annotations WHERE status = 'error' ORDER BY id")]
         n = sum(counts.values())
         ok = n - len(errors)
-        masks = self.db.execute("SELECT COUNT(*) FROM annotations WHERE mask IS NOT NULL").fetchone()[0]
-        return {"images": n, "annotated": ok, "errors": len(errors), "masks": masks,
+        masks, drafts = self.db.execute(
+            "SELECT COUNT(mask), COUNT(draft) FROM annotations").fetchone()
+        return {"images": n, "annotated": ok, "errors": len(errors), "masks": masks, "drafts": drafts,
                 "decisions": counts, "flag_rate": counts.get(REVIEW, 0) / ok if ok else None,
                 "error_list": errors, "settings": self.settings}
 

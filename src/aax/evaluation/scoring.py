@@ -108,6 +108,9 @@ class Scorer:
         # the masks a method did give (the images it annotated), as a user receives them
         self.given: dict[str, MaskScores] = {n: MaskScores() for n in [ENSEMBLE, *names]}
         self.trivial: dict[str, MaskScores] = {n: MaskScores() for n in TRIVIAL_MASKS}
+        # AAX's masks with its drafts in place of nothing on the flagged images: what a
+        # person starts from on every image (a confident miss still scores 0)
+        self.with_drafts, self.drafts = MaskScores(), MaskScores()
         # the trivial masks on the images AAX gave a mask for: do the masks a reviewer
         # receives beat a box there? (a method that abstains scores 0 on what it flags)
         self.trivial_given: dict[str, MaskScores] = {n: MaskScores() for n in TRIVIAL_MASKS}
@@ -153,6 +156,9 @@ class Scorer:
                 ious[name] = self.masks[name].add(pred, gt)
                 if pred is not None:
                     self.given[name].add(pred, gt)
+            self.with_drafts.add(record.mask if record.mask is not None else record.draft, gt)
+            if record.draft is not None:
+                self.drafts.add(record.draft, gt)
             for name, scores in self.trivial.items():
                 box = trivial_mask(name, gt.shape)
                 scores.add(box, gt)
@@ -163,6 +169,7 @@ class Scorer:
             "set": "data", "image": record.image, "status": "ok", "error": None, "label": label,
             "decision": record.decision, "reason": record.reason, "agreeing": "+".join(record.agreeing),
             "correct": record.decision == label, "iou": ious.get(ENSEMBLE),
+            "draft_class": record.draft_class,
         }
         for i, m in enumerate(record.members):
             row[f"{m.name}_decision"] = decisions[m.name]
@@ -223,4 +230,8 @@ class Scorer:
             m.update(self.masks[name].result())
             given = self.given[name].result()
             m["iou_mean_given"], m["n_masks_given"] = given["iou_mean"], given["n_masks"]
+            if name == ENSEMBLE:
+                drafts = self.drafts.result()
+                m["iou_mean_with_drafts"] = self.with_drafts.result()["iou_mean"]
+                m["iou_mean_drafts"], m["n_drafts"] = drafts["iou_mean"], drafts["n_masks"]
         return m

@@ -102,6 +102,12 @@ def tables_markdown(result: dict[str, Any]) -> str:
                        f"| {_pct(m.get('pixel_precision'))} | {_pct(m.get('pixel_recall'))} | {_pct(m.get('pixel_f1'))} "
                        f"| {given} |")
         out.append("")
+        e = result["ensemble"]
+        if e.get("n_drafts"):
+            out += [f"Drafts: {e['n_drafts']} flagged positive images got a draft mask for the reviewer "
+                    f"(mean IoU {_pct(e['iou_mean_drafts'])}); with the drafts in place of nothing, AAX's "
+                    f"mean IoU over all positives is {_pct(e['iou_mean_with_drafts'])}. A draft is not an "
+                    "annotation: the image stays flagged.", ""]
     else:
         out += ["No ground-truth masks in this data: no IoU tables.", ""]
     u = result.get("unseen")
@@ -146,7 +152,8 @@ def per_image_csv(rows: Sequence[dict[str, Any]]) -> str:
 
 
 COMPARED = (("accuracy", "accuracy"), ("accuracy_kept", "kept accuracy"), ("flag_rate", "flag rate"),
-            ("iou_mean", "mean IoU, all positives"), ("iou_mean_given", "mean IoU of the masks given"))
+            ("iou_mean", "mean IoU, all positives"), ("iou_mean_given", "mean IoU of the masks given"),
+            ("iou_mean_with_drafts", "mean IoU, all positives, drafts counted"))
 
 
 def comparison_markdown(before: Mapping[str, Any], after: Mapping[str, Any],

@@ -4,7 +4,10 @@ annotations back.
 A task's prediction holds a ``decision`` Choices region (every class and ``review``),
 a ``reason`` TextArea region (why: ``consensus``, ``uncertain``, ``no-consensus``,
 ``novel``) and, for positive decisions, a ``mask`` BrushLabels region in Label Studio's
-brush RLE (:mod:`aax.interop.brush`) at the image's own size. Its ``score`` is the ensemble's
+brush RLE (:mod:`aax.interop.brush`) at the image's own size; a flagged image with a
+draft (:func:`aax.annotation.decide.draft_members`) gets its draft in that region instead,
+labelled with the class the members lean to, for the reviewer to correct or delete (the
+decision stays ``review``). Its ``score`` is the ensemble's
 confidence (:func:`confidence`): flagged images score below 0.5 and decided ones above,
 so Label Studio's uncertainty sampling (lowest score first) serves flagged images first.
 The members' probabilities, uncertainties and any novelty scores are in the task's
@@ -133,19 +136,27 @@ def config_names(config: str | None) -> dict[str, str]:
 
 
 def prediction(decision: str, reason: str | None, mask: np.ndarray | None, size: tuple[int, int] | None,
-               score: float, version: str, names: dict[str, str] | None = None) -> dict:
+               score: float, version: str, names: dict[str, str] | None = None,
+               draft: np.ndarray | None = None, draft_class: str | None = None) -> dict:
     """One Label Studio prediction: decision, reason and (when given) the mask, under
-    the control names ``names`` (:func:`config_names`; AAX's own by default)."""
+    the control names ``names`` (:func:`config_names`; AAX's own by default). A flagged
+    image's ``draft`` of ``draft_class`` fills the mask region (id ``aax-draft``)."""
     n = names or config_names(None)
     result = [{"id": "aax-decision", "from_name": n["decision"], "to_name": n["image"], "type": "choices",
                "value": {"choices": [decision]}, "origin": "prediction"},
               {"id": "aax-reason", "from_name": n["reason"], "to_name": n["image"], "type": "textarea",
                "value": {"text": [reason or ""]}, "origin": "prediction"}]
-    if mask is not None and size is not None and decision != REVIEW:
+    region = None
+    if mask is not None and decision != REVIEW:
+        region = ("aax-mask", mask, decision)
+    elif draft is not None and draft_class and decision == REVIEW:
+        region = ("aax-draft", draft, draft_class)
+    if region is not None and size is not None:
         h, w = size
-        result.append({"id": "aax-mask", "from_name": n["mask"], "to_name": n["image"], "type": "brushlabels",
+        rid, layer, label = region
+        result.append({"id": rid, "from_name": n["mask"], "to_name": n["image"], "type": "brushlabels",
                        "original_width": int(w), "original_height": int(h), "image_rotation": 0,
-                       "value": {"format": "rle", "rle": brush.mask_to_rle(mask), "brushlabels": [decision]},
+                       "value": {"format": "rle", "rle": brush.mask_to_rle(layer), "brushlabels": [label]},
                        "origin": "prediction"})
     return {"model_version": version, "score": round(float(score), 6), "result": result}
 
@@ -214,14 +225,17 @@ def export_label_studio(out: str | os.PathLike, to: str | os.PathLike, *, image_
             continue
         score = 1.0 if row["reviewed"] else confidence(row["decision"], row["members"], row["agreeing"], classes)
         mask = load_mask(Path(out) / row["mask"]) if row["mask"] else None
+        draft = load_mask(Path(out) / row["draft"]) if row.get("draft") else None
         size = (row["height"], row["width"])
         tasks.append({"data": task_data(row, classes, url, score),
                       "predictions": [prediction(row["decision"], row["reason"], mask, size, score,
-                                                 version + ("+reviewed" if row["reviewed"] else ""))]})
+                                                 version + ("+reviewed" if row["reviewed"] else ""),
+                                                 draft=draft, draft_class=row.get("draft_class"))]})
     store.close()
     _write_json(target / "tasks.json", tasks)
     (target / "config.xml").write_text(label_config(classes, negative))
-    return {"tasks": len(tasks), "masks": sum(len(t["predictions"][0]["result"]) > 2 for t in tasks),
+    regions = [r["id"] for t in tasks for r in t["predictions"][0]["result"]]
+    return {"tasks": len(tasks), "masks": regions.count("aax-mask"), "drafts": regions.count("aax-draft"),
             "flagged": sum(t["data"]["aax_decision"] == REVIEW for t in tasks), "errors": errors,
             "tasks_file": str(target / "tasks.json"), "config": str(target / "config.xml")}
 
@@ -325,5 +339,6 @@ def predictions_for_records(records: Iterable, classes: Sequence[str], version: 
             continue
         members = [m.to_json() for m in record.members]
         score = confidence(record.decision, members, record.agreeing, classes)
-        out.append(prediction(record.decision, record.reason, record.mask, record.size, score, version, names))
+        out.append(prediction(record.decision, record.reason, record.mask, record.size, score, version, names,
+                              draft=record.draft, draft_class=record.draft_class))
     return out

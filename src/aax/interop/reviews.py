@@ -197,7 +197,9 @@ def reviewed_rows(store: AnnotationStore) -> Iterator[dict]:
             yield row
             continue
         model = {k: row[k] for k in ("decision", "reason", "agreeing", "mask", "mask_area")}
+        model["draft"], model["draft_class"] = row.get("draft"), row.get("draft_class")
         row.update(decision=review["decision"], reason=REVIEWED, agreeing=[], mask=review["mask"],
+                   draft=None, draft_class=None,
                    mask_area=review["mask_area"], reviewed=True, model=model,
                    review_note=review["note"], reviewer=review["reviewer"])
         yield row

@@ -111,7 +111,7 @@ class Annotator:
 
 
 def _shippable(record: AnnotationRecord, spec: ActorSpec) -> tuple[AnnotationRecord, EncodedPNG | None]:
-    """The record as the store needs it, its mask and overlay encoded here (the overlay
+    """The record as the store needs it, its mask, draft and overlay encoded here (the overlay
     rendered as the single-process writer renders it): PNG encoding is most of what
     storing costs, and the one driver stores every record of the cluster. An encoded
     mask also travels in a fraction of its array's bytes."""
@@ -125,6 +125,8 @@ def _shippable(record: AnnotationRecord, spec: ActorSpec) -> tuple[AnnotationRec
         overlay = EncodedPNG.encode(render_record(record, tau_for(spec.tau, record.decision), spec.theta))
     if record.mask is not None:
         record.mask = EncodedPNG.encode(np.asarray(record.mask, dtype=bool))
+    if record.draft is not None:
+        record.draft = EncodedPNG.encode(np.asarray(record.draft, dtype=bool))
     record.saliency = record.preview = record.regions = None
     return record, overlay
 
