@@ -234,6 +234,8 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
                                   regions if refine else None,
                                   rescale=settings.maps.source != "segmentation")
 
+    # a draft with no pixel set offers the reviewer nothing: none is given
+    drafts = [d if d and masks[b].any() else () for b, d in enumerate(drafts)]
     records = []
     for b, (h, w) in enumerate(sizes):
         decision = decisions[b]
