@@ -55,6 +55,8 @@ def test_report_content(evaluated):
     assert html.count('class="tag correct"') == 2
     assert html.count('class="tag flagged"') == 1
     assert html.count('class="tag wrong"') == 1
+    # the flagged b.png shows its draft (all three maps on its lesion) where a mask would be
+    assert html.count("draft, IoU 1.00") == 1 and 'alt="AAX draft for the reviewer"' in html
     assert "<td>AAX (fused maps of the agreeing members)</td>" in html
     assert "AAX&#x27;s masks: min fusion of the agreeing members&#x27; maps." in html  # how masks were made
     assert "A member alone is flagged when its own u &gt; theta" in html  # how members were scored

@@ -158,7 +158,7 @@ class Scorer:
                     self.given[name].add(pred, gt)
             self.with_drafts.add(record.mask if record.mask is not None else record.draft, gt)
             if record.draft is not None:
-                self.drafts.add(record.draft, gt)
+                ious["draft"] = self.drafts.add(record.draft, gt)
             for name, scores in self.trivial.items():
                 box = trivial_mask(name, gt.shape)
                 scores.add(box, gt)
@@ -169,7 +169,7 @@ class Scorer:
             "set": "data", "image": record.image, "status": "ok", "error": None, "label": label,
             "decision": record.decision, "reason": record.reason, "agreeing": "+".join(record.agreeing),
             "correct": record.decision == label, "iou": ious.get(ENSEMBLE),
-            "draft_class": record.draft_class,
+            "draft_class": record.draft_class, "draft_iou": ious.get("draft"),
         }
         for i, m in enumerate(record.members):
             row[f"{m.name}_decision"] = decisions[m.name]
@@ -203,6 +203,7 @@ class Scorer:
             member_uncertainty={m.name: m.uncertainty for m in record.members},
             mask=None if record.mask is None else shrink_mask(record.mask),
             iou=ious.get(ENSEMBLE), member_iou={n: ious.get(n) for n in self.names},
+            draft=None if record.draft is None else shrink_mask(record.draft), draft_iou=ious.get("draft"),
         ))
 
     def examples(self) -> list[Example]:

@@ -27,3 +27,5 @@ class Example:
     mask: np.ndarray | None
     iou: float | None = None
     member_iou: dict[str, float | None] = field(default_factory=dict)
+    draft: np.ndarray | None = None  # a flagged image's draft for the reviewer
+    draft_iou: float | None = None

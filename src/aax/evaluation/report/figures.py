@@ -17,6 +17,7 @@ import numpy as np
 THUMB = 112  # longest side of a grid tile, pixels: keeps the report small
 MASK_RGB = (255, 48, 48)  # predicted mask tint
 GT_RGB = (40, 220, 40)  # ground-truth outline
+DRAFT_RGB = (255, 200, 0)  # a flagged image's draft: a suggestion, not a mask
 
 
 # --------------------------------------------------------------------------------------

@@ -151,11 +151,17 @@ def example_grid(examples: Sequence[Example], names: Sequence[str], tau: Tau, ne
             cells.append(_cell(figures.mask_tile(image, m, ex.gt_mask),
                                "no mask" if m is None else (f"IoU {iou:.2f}" if iou is not None else ""),
                                f"{n} mask"))
-        cap = "no mask" if ex.mask is None else (f"IoU {ex.iou:.2f}" if ex.iou is not None else "")
-        cells.append(_cell(figures.mask_tile(image, ex.mask, ex.gt_mask), cap, "AAX mask"))
+        if ex.mask is None and ex.draft is not None:  # flagged: the draft the reviewer starts from, in yellow
+            cap = "draft" + (f", IoU {ex.draft_iou:.2f}" if ex.draft_iou is not None else "")
+            cells.append(_cell(figures.mask_tile(image, ex.draft, ex.gt_mask, colour=figures.DRAFT_RGB), cap,
+                               "AAX draft for the reviewer"))
+        else:
+            cap = "no mask" if ex.mask is None else (f"IoU {ex.iou:.2f}" if ex.iou is not None else "")
+            cells.append(_cell(figures.mask_tile(image, ex.mask, ex.gt_mask), cap, "AAX mask"))
         rows.append("<tr>" + "".join(cells) + "</tr>")
     legend = ('<p class="legend note"><span><span class="swatch" style="background:rgb(255,48,48)"></span>'
-              'predicted mask</span><span><span class="swatch" style="background:rgb(40,220,40)"></span>'
+              'predicted mask</span><span><span class="swatch" style="background:rgb(255,200,0)"></span>'
+              'draft (flagged images)</span><span><span class="swatch" style="background:rgb(40,220,40)"></span>'
               f'ground truth (outlined over masks)</span><span>maps: {MAP_NAMES.get(source, escape(source))}, jet colours; '
               f'masks: map &gt; tau = {escape(tau_text(tau))} '
               "(a member's mask only when it alone predicts a positive class with u &le; theta)</span></p>")
