@@ -148,6 +148,16 @@ def test_resume_continues_and_matches_an_uninterrupted_run(tiny_lesion_dir: Path
         train(tiny_lesion_dir, part, TrainConfig(**FAST, epochs=5, patience=10, resume=True))
     with pytest.raises(RunError, match="not finished"):
         Ensemble.load(part)
+    # a state that does not fit the member (e.g. written by a version with another head) is
+    # refused by name, not with a bare loading error
+    last = part / "efficientnet-b0.last.pt"
+    good = runfiles.load_torch(last)
+    bad = {**good, "model": {k: v for k, v in good["model"].items() if not k.startswith("head.")}}
+    runfiles.save_torch(last, bad)
+    with pytest.raises(RunError, match=r"efficientnet-b0\.last\.pt: the interrupted state of efficientnet-b0 "
+                                       r"does not fit.*delete that file"):
+        train(tiny_lesion_dir, part, TrainConfig(**FAST, epochs=4, patience=10, resume=True))
+    runfiles.save_torch(last, good)
 
     seen: list[int] = []
     train(tiny_lesion_dir, part, TrainConfig(**FAST, epochs=4, patience=10, resume=True),

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from aax import runtime
 from aax.models.members.backbones import Member
 from aax.models.members.segment import segmentation_loss
-from aax.models.runfiles import load_torch, save_torch
+from aax.models.runfiles import RunError, load_torch, save_torch
 from aax.models.uncertainty import mc_probabilities, variance_penalty
 from aax.training.tensors import Cached
 
@@ -348,8 +348,13 @@ def train_member(member: Member, train: Cached, val: Cached, settings: LoopSetti
     if last_path.is_file():
         # On the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest.
         saved = load_torch(last_path, map_location="cpu")
-        member.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
+        try:
+            member.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:  # another layout: e.g. an older version's head
+            reason = str(exc).strip().splitlines()[0]
+            raise RunError(f"{last_path}: the interrupted state of {member.name} does not fit the member this "
+                           f"run trains ({reason}); delete that file to train {member.name} afresh") from None
         scheduler.load_state_dict(saved["scheduler"])
         _set_rng_state(saved["rng"], generator, device)
         state = saved["loop"]
