@@ -323,7 +323,8 @@ def test_review_list_names_flagged_images_most_uncertain_first(trained_run, inpu
     # theta 0: every member is uncertain, so every readable image is flagged
     assert run_cli(trained_run, input_dir, "--out", out, "--workers", "0", "--mc-passes", "6",
                    "--theta", "0", "--tau", "0.1", "--save-saliency") == 1  # (a low tau: drafts with pixels)
-    assert "review list (10 flagged images" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "review list (10 flagged images" in err and f"drafts for the reviewer: {out}/drafts/" in err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["review_list"] == [str(out / "review.csv"), str(out / "review.json")]
     listed = json.loads((out / "review.json").read_text())

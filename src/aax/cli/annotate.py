@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"\naax annotate: interrupted; {_stored(args.out)} images are stored in {args.out}. "
               "Run the same command again to resume: nothing stored is done twice.", file=sys.stderr)
         return 130
-    shown = {k: summary[k] for k in ("images", "annotated", "errors", "masks", "decisions", "flag_rate")}
+    shown = {k: summary.get(k) for k in ("images", "annotated", "errors", "masks", "drafts", "decisions", "flag_rate")}
     print(json.dumps(shown, indent=2))
     for err in summary["error_list"]:
         print(f"error: {err['image']}: {err['error']}", file=sys.stderr)
@@ -112,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
     if quality.get("warning"):
         print(f"WARNING: {quality['warning']}", file=sys.stderr)
     flagged = summary["decisions"].get("review", 0)
-    print(f"annotations: {args.out}/annotations.sqlite, masks: {args.out}/masks/", file=sys.stderr)
+    drafts = f", drafts for the reviewer: {args.out}/drafts/" if summary.get("drafts") else ""
+    print(f"annotations: {args.out}/annotations.sqlite, masks: {args.out}/masks/{drafts}", file=sys.stderr)
     print(f"review list ({flagged} flagged images, most uncertain first): {summary['review_list'][0]}",
           file=sys.stderr)
     return 1 if summary["errors"] else 0
