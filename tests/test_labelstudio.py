@@ -240,6 +240,8 @@ def test_review_stats(store, tmp_path, capsys):
     assert stats["mask_iou_mean"] == pytest.approx(280 / 320)
     # flagged: d2 (ensemble answer diseased, kept), h2 (answer healthy, overturned): one hard
     assert (stats["flagged_reviewed"], stats["flagged_hard"]) == (2, 1)
+    # d2's draft (rows 6-18, columns 8-20) and the reviewer's mask (rows 0-8, columns 0-8) do not meet
+    assert (stats["drafts_compared"], stats["draft_iou_mean"], stats["drafts_dropped"]) == (1, 0.0, 0)
     assert stats["confusion"]["diseased -> healthy"] == 1
 
 

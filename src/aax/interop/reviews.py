@@ -222,6 +222,9 @@ def review_stats(store: AnnotationStore) -> dict:
       annotating instead of flagging would have been wrong; ``flagged_hard_rate`` is
       their share of the reviewed flagged images, ``unflagged_error_rate`` the
       matching share among decided images (1 - ``decision_accuracy``);
+    - ``drafts_compared`` / ``draft_iou_mean``: IoU of a flagged image's draft (what the
+      reviewer started from) and the reviewed mask, over flagged images with both;
+      ``drafts_dropped``: flagged images with a draft that the reviewer left without a mask;
     - ``confusion``: counts of (model decision, reviewed decision) pairs.
     """
     classes = store.settings.get("classes", [])
@@ -229,7 +232,8 @@ def review_stats(store: AnnotationStore) -> dict:
     n = kept = decided = flagged = hard = 0
     ious: list[float] = []
     inter_total = union_total = 0
-    only_model = only_reviewer = 0
+    only_model = only_reviewer = drafts_dropped = 0
+    draft_ious: list[float] = []
     confusion: dict[str, int] = {}
     by_reason: dict[str, dict[str, int]] = {}
     for row in store.rows():
@@ -248,6 +252,11 @@ def review_stats(store: AnnotationStore) -> dict:
             answer = classes[int(np.argmax(probs))] if probs is not None and classes else None
             hard += answer != human
             reason["kept"] += answer == human
+            if row.get("draft") and review["mask"]:
+                i, u = _iou(load_mask(store.out / row["draft"]), load_mask(store.out / review["mask"]))
+                draft_ious.append(i / u if u else 1.0)
+            elif row.get("draft"):
+                drafts_dropped += 1
             continue
         decided += 1
         kept += model == human
@@ -276,6 +285,9 @@ def review_stats(store: AnnotationStore) -> dict:
         "flagged_reviewed": flagged,
         "flagged_hard": hard,
         "flagged_hard_rate": hard / flagged if flagged else None,
+        "drafts_compared": len(draft_ious),
+        "draft_iou_mean": float(np.mean(draft_ious)) if draft_ious else None,
+        "drafts_dropped": drafts_dropped,
         "by_reason": by_reason,
         "confusion": dict(sorted(confusion.items())),
     }
