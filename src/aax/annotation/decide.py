@@ -21,11 +21,11 @@ image's own fused map (a data-driven threshold for runs without ground-truth mas
 
 Drafts (ours, :func:`draft_members`): a flagged image whose members together think a
 finding more likely than not (mean probability of the negative class below 0.5) gets a
-*draft* mask from all members' maps, fused and thresholded as a mask is (none when
-no pixel passes). It stays a
-review: the draft is what the reviewer starts from, never an annotation. Novel images
-get one too: the novelty threshold is a quantile of ordinary images' scores, so it also
-flags a share of ordinary images, and on a truly foreign one a reviewer deletes it.
+*draft* mask from all members' maps, fused and thresholded as a mask is (none when no
+pixel passes). It stays a review: the draft is what the reviewer starts from, never an
+annotation. Novel images get one too: the novelty threshold is a quantile of ordinary
+images' scores, so it also flags a share of ordinary images, and on a truly foreign one
+a reviewer deletes it.
 
 Step 4 departs from the paper, whose pseudocode calls this case healthy: one uncertain
 member and two that disagree is not a consensus, so a person looks at it.

@@ -196,8 +196,7 @@ def reviewed_rows(store: AnnotationStore) -> Iterator[dict]:
             row["reviewed"] = False
             yield row
             continue
-        model = {k: row[k] for k in ("decision", "reason", "agreeing", "mask", "mask_area")}
-        model["draft"], model["draft_class"] = row.get("draft"), row.get("draft_class")
+        model = {k: row.get(k) for k in ("decision", "reason", "agreeing", "mask", "mask_area", "draft", "draft_class")}
         row.update(decision=review["decision"], reason=REVIEWED, agreeing=[], mask=review["mask"],
                    draft=None, draft_class=None,
                    mask_area=review["mask_area"], reviewed=True, model=model,
