@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml
 LS_VENV := .venv-ls
 DM_VENV := .venv-dm
 LABEL_STUDIO_PIN ?= label-studio==1.23.2
+# Label Studio 1.23 passes sentry_sdk.init options that sentry-sdk 3 no longer accepts: its
+# server then exits at start-up
+LABEL_STUDIO_CONSTRAINTS ?= sentry-sdk<3
 DATUMARO_PIN ?= datumaro==1.13.12
 LS_STAMP := $(LS_VENV)/.installed-$(subst ==,-,$(LABEL_STUDIO_PIN))
 DM_STAMP := $(DM_VENV)/.installed-$(subst ==,-,$(DATUMARO_PIN))
@@ -33,7 +36,7 @@ interop: $(LS_STAMP) $(DM_STAMP)
 $(LS_STAMP):
 	test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV)
 	$(LS_VENV)/bin/python -m pip install -q --upgrade pip
-	$(LS_VENV)/bin/python -m pip install -q "$(LABEL_STUDIO_PIN)"
+	$(LS_VENV)/bin/python -m pip install -q "$(LABEL_STUDIO_PIN)" "$(LABEL_STUDIO_CONSTRAINTS)"
 	touch $@
 
 $(DM_STAMP):
