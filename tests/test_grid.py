@@ -100,7 +100,7 @@ def test_members_maps_are_resized_on_their_own_grids() -> None:
     raw[0, :, 1, 1] = 1.0
     raw[0, :, 3, 3] = 0.5  # (so min-max normalisation keeps the peak at 1)
     decision = Decision(label=0, review=False, reason="", agreeing=tuple(range(len(members))))
-    _, kept = _maps_and_masks(raw, grids, [(64, 64)], [0], [decision], [0.5], keep=True)
+    _, kept = _maps_and_masks(raw, grids, [(64, 64)], [0], [decision.agreeing], [0.5], keep=True)
     for i, member in enumerate(members):
         peak = np.unravel_index(int(kept[0][i].argmax()), (64, 64))
         expected = round(member.grid_origin(16) + 16)

@@ -214,7 +214,7 @@ def test_mask_members_narrow_the_maps_a_mask_fuses() -> None:
 
     def mask(agreeing, members):
         decision = Decision(label=0, review=False, reason="", agreeing=agreeing)
-        masks, _ = _maps_and_masks(raw, grids, [(4, 4)], [0], [decision], [0.5], keep=False,
+        masks, _ = _maps_and_masks(raw, grids, [(4, 4)], [0], [decision.agreeing], [0.5], keep=False,
                                    fusion="min", mask_members=members)
         return {tuple(int(v) for v in p) for p in np.argwhere(masks[0])}
 
@@ -237,7 +237,7 @@ def test_probability_maps_keep_their_scale_and_saliency_maps_are_stretched() -> 
     decision = Decision(label=0, review=False, reason="", agreeing=(0, 1))
 
     def masks_and_maps(rescale):
-        masks, maps = _maps_and_masks(raw, grids, [(4, 4)], [0], [decision], [0.5], keep=True, fusion="mean",
+        masks, maps = _maps_and_masks(raw, grids, [(4, 4)], [0], [decision.agreeing], [0.5], keep=True, fusion="mean",
                                       rescale=rescale)
         return masks[0], maps[0]
 

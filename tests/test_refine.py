@@ -127,12 +127,12 @@ def test_masks_follow_the_regions():
     raw = torch.from_numpy(np.stack([blob, blob]))[None]  # [1, 2, s, s]: two members, same map
     grids = [Grid.pixels((s, s))] * 2  # the maps are already at the image's size
     decision = Decision(0, False, "consensus", (0, 1))
-    plain, _ = _maps_and_masks(raw, grids, [(s, s)], [0], [decision], [0.5], False)
-    refined, _ = _maps_and_masks(raw, grids, [(s, s)], [0], [decision], [0.5], False, regions={0: square})
+    plain, _ = _maps_and_masks(raw, grids, [(s, s)], [0], [decision.agreeing], [0.5], False)
+    refined, _ = _maps_and_masks(raw, grids, [(s, s)], [0], [decision.agreeing], [0.5], False, regions={0: square})
     assert plain[0].sum() > (square == 1).sum()  # the blob spills over the square
     np.testing.assert_array_equal(refined[0], square == 1)
     # regions at the model's input size are resized to the image's own
-    refined2, _ = _maps_and_masks(raw, grids, [(s, s)], [0], [decision], [0.5], False,
+    refined2, _ = _maps_and_masks(raw, grids, [(s, s)], [0], [decision.agreeing], [0.5], False,
                                   regions={0: square[::2, ::2]})
     np.testing.assert_array_equal(refined2[0], resize_labels(square[::2, ::2], (s, s)) == 1)
 

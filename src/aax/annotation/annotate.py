@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from aax import runtime
-from aax.annotation.decide import (NO_PREDICTION, Decision, decide, draft_members, map_class, mask_subset, otsu_threshold,
+from aax.annotation.decide import (NO_PREDICTION, decide, draft_members, map_class, mask_subset, otsu_threshold,
                                    predicted_classes)
 from aax.annotation.records import REVIEW, AnnotationRecord, MemberResult
 from aax.data.batches import Decoded, InputItem, collate
@@ -215,21 +215,20 @@ def annotate_batch(ensemble: Ensemble, x: torch.Tensor, sizes: Sequence[tuple[in
                     else [names.index(n) for n in settings.maps.mask_members])
     drafts = [draft_members(d, probs_np[b], ensemble.negative_index, mask_members)
               for b, d in enumerate(decisions)]
-    # a drafted image's maps are fused as a mask's are: all (mask) members in place of the agreeing ones
-    sources = [Decision(d.label, d.review, d.reason, drafts[b]) if drafts[b] else d
-               for b, d in enumerate(decisions)]
-    taus = [settings.tau_for(classes[d.label] if d.agreeing else classes[shown[b]]) if s.agreeing else 0.0
-            for b, (d, s) in enumerate(zip(decisions, sources))]
-    wanted = [b for b, s in enumerate(sources) if keep_saliency or s.agreeing]
+    # the members whose maps each image's mask (the agreeing ones) or draft fuses; none for the rest
+    fused = [d.agreeing or drafts[b] for b, d in enumerate(decisions)]
+    taus = [settings.tau_for(classes[d.label] if d.agreeing else classes[shown[b]]) if fused[b] else 0.0
+            for b, d in enumerate(decisions)]
+    wanted = [b for b in range(len(sizes)) if keep_saliency or fused[b]]
     refine = settings.maps.refine == "superpixels"
     keep_regions = keep_saliency and (refine if keep_regions is None else keep_regions)
     # regions where masks are refined, and for every image when kept with the maps
-    cut = list(range(len(sizes))) if keep_regions else [b for b in wanted if refine and sources[b].agreeing]
+    cut = list(range(len(sizes))) if keep_regions else [b for b in wanted if refine and fused[b]]
     if regions is not None:
         regions = {b: regions[b] for b in cut}
     else:
         regions = dict(zip(cut, input_superpixels(x[cut], *ensemble.normalisation))) if cut else {}
-    masks, maps = _maps_and_masks(raw, grids, sizes, wanted, sources, taus, keep_saliency,
+    masks, maps = _maps_and_masks(raw, grids, sizes, wanted, fused, taus, keep_saliency,
                                   settings.maps.fusion, settings.quorum, mask_members,
                                   regions if refine else None,
                                   rescale=settings.maps.source != "segmentation")
@@ -279,12 +278,13 @@ def map_budget(device: torch.device) -> int:
 
 def _maps_and_masks(raw: torch.Tensor, grids: Sequence[Grid], sizes: Sequence[tuple[int, int]],
                     wanted: Sequence[int],
-                    decisions: Sequence, taus: Sequence[float | str], keep: bool,
+                    fused: Sequence[Sequence[int]], taus: Sequence[float | str], keep: bool,
                     fusion: str = "min", votes: int = 2, mask_members: Sequence[int] | None = None,
                     regions: Mapping[int, np.ndarray] | None = None, rescale: bool = True,
                     ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
-    """Masks (the agreeing members' maps fused, ``> tau``, as :func:`aax.annotation.decide.fuse` and
-    :func:`aax.annotation.decide.binarise`; only those among ``mask_members`` when any is) and, with
+    """Masks (the maps of each image's ``fused`` members, i.e. its agreeing members or its draft's,
+    fused, ``> tau``, as :func:`aax.annotation.decide.fuse` and :func:`aax.annotation.decide.binarise`;
+    only those among ``mask_members`` when any is; none where ``fused`` is empty) and, with
     ``keep``, every member's map, at each image's original size, each resized on its
     member's :class:`~aax.models.explain.Grid`. With ``regions`` (image -> superpixel labels),
     an image's fused score is averaged over its regions first
@@ -311,7 +311,7 @@ def _maps_and_masks(raw: torch.Tensor, grids: Sequence[Grid], sizes: Sequence[tu
             if rescale:
                 up = normalise(up, inplace=True)
             for j, b in enumerate(chunk):
-                agreeing = list(mask_subset(decisions[b].agreeing, mask_members))
+                agreeing = list(mask_subset(fused[b], mask_members))
                 if agreeing:
                     # all members agree most of the time: a view then, not a gathered copy
                     chosen = up[j] if len(agreeing) == m else up[j, agreeing]
